@@ -1,0 +1,19 @@
+"""sparseseg: dense 3D segmentation from a few annotated slices.
+
+Imports stay light: torch is only imported when a model is loaded.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model"]
+
+
+def load_model(path, device="cpu"):
+    """Load a checkpoint as an eval-mode torch module.
+
+    The module maps raw float32 intensities (N, C, Z, Y, X) to class logits; it applies the
+    checkpoint's normalization itself, so an exported graph is self-contained.
+    """
+    from sparseseg.trainer.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, device=device).model

@@ -1,0 +1,266 @@
+"""Command line: `sparseseg <sub>` and the `sparseseg-<sub>` console scripts.
+
+Options are parsed here, once, into frozen configs; library functions take explicit
+arguments. Every user error becomes `error: <one line>` and exit status 1 (2 for usage).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from sparseseg import __version__
+from sparseseg.errors import SparsesegError
+
+log = logging.getLogger("sparseseg")
+
+
+def _setup_logging(verbose: bool = False):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def user_errors(fn):
+    """Turn user errors into one line and a non-zero exit; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SparsesegError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory (use smaller blocks, tiles or volumes)", err=True)
+            sys.exit(1)
+        except OSError as e:
+            click.echo(f"error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def parse_triple(value, name, cast=int):
+    if value is None:
+        return None
+    try:
+        parts = tuple(cast(v) for v in str(value).split(","))
+    except ValueError:
+        raise SparsesegError(f"{name} must be three comma-separated numbers Z,Y,X, got {value!r}") from None
+    if len(parts) != 3 or any(p <= 0 for p in parts):
+        raise SparsesegError(f"{name} must be three positive numbers Z,Y,X, got {value!r}")
+    return parts
+
+
+# ------------------------------------------------------------------ shared training options
+
+def training_options(fn):
+    opts = [
+        click.option("--preset", type=click.Choice(["small", "paper"]), default="small", show_default=True),
+        click.option("--iterations", type=click.IntRange(1), default=1000, show_default=True),
+        click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True),
+        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True),
+        click.option("--patch", help="training patch output size Z,Y,X (default: from preset and volume)"),
+        click.option("--padding", type=click.Choice(["valid", "same"]), default="valid", show_default=True),
+        click.option("--ndim", type=click.Choice(["2", "3"]), default="3", show_default=True,
+                     help="2: the 2D network applied per xy slice (the paper's 2D baseline)"),
+        click.option("--base-width", type=click.IntRange(1), help="channels of the first convolution"),
+        click.option("--depth", type=click.IntRange(1, 8), help="resolution levels"),
+        click.option("--batchnorm/--no-batchnorm", default=None, help="default: the preset's"),
+        click.option("--num-classes", type=click.IntRange(2, 255), help="default: largest label + 1"),
+        click.option("--class-names", help="comma-separated, one per class"),
+        click.option("--class-weights", help="comma-separated per-class loss weights (default: balanced)"),
+        click.option("--dice-weight", type=float, default=0.0, show_default=True, help="soft Jaccard loss term"),
+        click.option("--ignore-label", type=click.IntRange(0, 255), default=255, show_default=True),
+        click.option("--voxel-size", help="Z,Y,X voxel size (default: from file metadata, else from shape)"),
+        click.option("--no-augment", is_flag=True, help="switch off all augmentation"),
+        click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,
+                     help="fraction of annotated tiles held out for periodic validation IoU"),
+        click.option("--val-every", type=click.IntRange(1), default=100, show_default=True),
+        click.option("--checkpoint-every", type=click.IntRange(0), default=500, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--no-amp", is_flag=True, help="no mixed precision on GPU"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build_configs(vols, o: dict):
+    """ModelConfig and TrainConfig from the parsed options and the data."""
+    from dataclasses import replace
+
+    from sparseseg.trainer.config import AugmentConfig, TrainConfig, plan_model
+    from sparseseg.trainer.data import check_pair, infer_num_classes
+
+    ignore = o["ignore_label"]
+    k = o["num_classes"] or infer_num_classes(vols, ignore)
+    for v in vols:
+        check_pair(v.image, v.labels, k, ignore, v.name)
+    names = o["class_names"].split(",") if o["class_names"] else [f"class {i}" for i in range(k)]
+    if len(names) != k:
+        raise SparsesegError(f"--class-names has {len(names)} names for {k} classes")
+    voxel = parse_triple(o["voxel_size"], "--voxel-size", float) or next(
+        (v.voxel_size for v in vols if v.voxel_size), None)
+    smallest = tuple(min(v.labels.shape[a] for v in vols) for a in range(3))
+    mcfg = plan_model(o["preset"], vols[0].image.shape[0], k, ndim=int(o["ndim"]), padding=o["padding"],
+                      batchnorm=o["batchnorm"], base_width=o["base_width"], depth=o["depth"],
+                      voxel_size=voxel, shape=smallest)
+    weights = ()
+    if o["class_weights"]:
+        try:
+            weights = tuple(float(w) for w in o["class_weights"].split(","))
+        except ValueError:
+            raise SparsesegError(f"--class-weights must be numbers, got {o['class_weights']!r}") from None
+    aug = AugmentConfig()
+    if o["no_augment"]:
+        aug = replace(aug, elastic=False, rotate=False, scale=(), flip=False, gray=False, probability=0.0)
+    tcfg = TrainConfig(
+        preset=o["preset"], iterations=o["iterations"], batch_size=o["batch_size"], optimizer=o["optimizer"],
+        lr=o["lr"], patch_output=parse_triple(o["patch"], "--patch") or (), class_weights=weights,
+        dice_weight=o["dice_weight"], ignore_label=ignore, seed=o["seed"], device=o["device"],
+        amp=not o["no_amp"], val_fraction=o["val_fraction"], val_every=o["val_every"],
+        checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug)
+    return mcfg, tcfg, names
+
+
+def _train_options_only(kwargs):
+    keys = ("preset iterations batch_size lr optimizer patch padding ndim base_width depth batchnorm num_classes "
+            "class_names class_weights dice_weight ignore_label voxel_size no_augment val_fraction val_every "
+            "checkpoint_every seed device no_amp").split()
+    return {k: kwargs[k] for k in keys}
+
+
+def _refuse_existing(path, force: bool, flag: str = "--force"):
+    p = Path(path)
+    if p.exists() and not force:
+        raise SparsesegError(f"{p} exists; pass {flag} to replace it")
+    if not p.parent.exists():
+        raise SparsesegError(f"output directory does not exist: {p.parent}")
+
+
+# ------------------------------------------------------------------ commands
+
+@click.command("train")
+@click.option("--image", "images", multiple=True, required=True, help="training image (repeatable)")
+@click.option("--labels", "labels", multiple=True, required=True, help="its sparse labels (repeatable)")
+@click.option("--out", default="model.pt", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--resume", type=click.Path(dir_okay=False), help="continue from this checkpoint")
+@click.option("--force", is_flag=True, help="replace an existing --out")
+@training_options
+@user_errors
+def train_cmd(images, labels, out, resume, force, **kwargs):
+    """Train the U-Net on sparsely annotated volumes (fully automated use case)."""
+    _setup_logging()
+    from sparseseg.trainer.data import load_pairs
+    from sparseseg.trainer.train import train
+
+    if not resume or Path(resume).resolve() != Path(out).resolve():
+        _refuse_existing(out, force)
+    vols = load_pairs(images, labels, kwargs["ignore_label"])
+    mcfg, tcfg, names = build_configs(vols, _train_options_only(kwargs))
+    res = train(vols, mcfg, tcfg, names, out_path=out, resume=resume)
+    click.echo(f"trained {res.iterations} iterations in {res.seconds:.1f} s, final loss {res.final_loss:.4f}; "
+               f"checkpoint: {res.checkpoint}")
+
+
+@click.command("densify")
+@click.argument("image")
+@click.argument("labels")
+@click.option("--out", required=True, help="dense segmentation, OME-Zarr (.zarr)")
+@click.option("--model-out", type=click.Path(dir_okay=False), help="also keep the trained checkpoint here")
+@click.option("--tile", help="prediction tile output size Z,Y,X")
+@click.option("--overwrite", is_flag=True, help="replace existing outputs")
+@training_options
+@user_errors
+def densify_cmd(image, labels, out, model_out, tile, overwrite, **kwargs):
+    """Train on one volume's own sparse labels and write its dense segmentation (semi-automated)."""
+    _setup_logging()
+    from sparseseg.pipeline import densify
+
+    _refuse_existing(out, overwrite, "--overwrite")
+    if model_out:
+        _refuse_existing(model_out, overwrite, "--overwrite")
+    summary = densify(image, labels, out, _train_options_only(kwargs), model_out=model_out,
+                      tile=parse_triple(tile, "--tile"), overwrite=overwrite)
+    click.echo(f"dense segmentation written to {summary['output']} ({summary['train_seconds']:.1f} s training, "
+               f"{summary['predict_seconds']:.1f} s prediction)")
+
+
+@click.command("eval")
+@click.argument("pred")
+@click.argument("labels")
+@click.option("--ignore-label", type=click.IntRange(0, 255), default=255, show_default=True)
+@click.option("--num-classes", type=click.IntRange(2, 255), help="default: from the data")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON object")
+@click.option("--figure", type=click.Path(dir_okay=False), help="write orthogonal-slice figure (PNG)")
+@click.option("--image", help="image to draw under the figure")
+@user_errors
+def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image):
+    """IoU per class on annotated voxels: TP / (TP + FP + FN), and the foreground mean."""
+    import numpy as np
+
+    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.volume import open_volume
+
+    p = open_volume(pred).read_labels()
+    lab = open_volume(labels).read_labels()
+    if p.shape != lab.shape:
+        raise SparsesegError(f"prediction shape {p.shape} and label shape {lab.shape} differ")
+    if not (lab != ignore_label).any():
+        raise SparsesegError(f"{labels}: no annotated voxel (every voxel is {ignore_label})")
+    k = num_classes or int(max(lab[lab != ignore_label].max(), p.max())) + 1
+    res = iou_per_class(p, lab, k, ignore_label)
+    if figure:
+        from sparseseg.trainer.figure import draw_figure
+
+        img = open_volume(image).read(dtype=np.float32) if image else None
+        draw_figure(figure, p, lab, ignore_label, img, title=f"mean foreground IoU {res['mean_foreground_iou']:.3f}")
+        res["figure"] = figure
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        for c, v in enumerate(res["iou"]):
+            click.echo(f"class {c}: IoU {'n/a' if v is None else f'{v:.4f}'}")
+        mf = res["mean_foreground_iou"]
+        click.echo(f"mean foreground IoU: {'n/a' if mf is None else f'{mf:.4f}'} over {res['voxels']} voxels")
+
+
+@click.command("demo")
+@click.option("--workdir", default="sparseseg-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--iterations", type=click.IntRange(1), default=None, help="training iterations (default: demo's)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def demo_cmd(workdir, iterations, seed):
+    """Synthetic tubules, 3+3+2 annotated slices, train, densify, evaluate: all on CPU in minutes."""
+    _setup_logging()
+    from sparseseg.demo import run_demo
+
+    summary = run_demo(workdir, iterations=iterations, seed=seed)
+    click.echo(f"mean foreground IoU on unannotated voxels: {summary['mean_foreground_iou']:.3f} "
+               f"(per class {', '.join(f'{v:.3f}' for v in summary['iou'])}); total {summary['seconds_total']:.0f} s")
+    click.echo(f"outputs in {Path(workdir).resolve()}: " + ", ".join(summary["files"]))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="sparseseg")
+def main():
+    """sparseseg: dense 3D segmentation from a few annotated slices."""
+
+
+for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd):
+    main.add_command(_cmd)
+
+
+if __name__ == "__main__":
+    main()

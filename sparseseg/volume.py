@@ -1,0 +1,282 @@
+"""One reader for every volume the trainer and the engine touch: zarr arrays, OME-Zarr
+multiscale groups, TIFF and .npy, with axes (Z, Y, X) or (C, Z, Y, X); and one writer for
+OME-Zarr (NGFF 0.5, zarr v3) outputs.
+
+Reading is lazy where the format allows (zarr, .npy memory maps), so the engine can read
+one block with its halo from a terabyte store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparseseg.errors import SparsesegError
+
+SUPPORTED_DTYPES = {
+    np.dtype(t) for t in ("bool", "uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
+                          "float64")
+}
+
+
+@dataclass
+class Volume:
+    """A lazily read volume with explicit axes.
+
+    `array` is indexable with (C, Z, Y, X) slices when `has_channels`, else (Z, Y, X).
+    """
+
+    array: object
+    has_channels: bool
+    voxel_size: tuple[float, float, float] | None
+    source: str
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape (Z, Y, X)."""
+        return tuple(int(s) for s in self.array.shape[-3:])
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[0]) if self.has_channels else 1
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.array.dtype)
+
+    def read(self, region=None, dtype=None) -> np.ndarray:
+        """Read a spatial region (tuple of 3 slices) as (C, z, y, x)."""
+        region = tuple(region) if region is not None else (slice(None),) * 3
+        if self.has_channels:
+            out = np.asarray(self.array[(slice(None),) + region])
+        else:
+            out = np.asarray(self.array[region])[None]
+        return out.astype(dtype, copy=False) if dtype is not None else out
+
+    def read_labels(self) -> np.ndarray:
+        """Whole volume as a single-channel (Z, Y, X) array (labels have no channel axis)."""
+        if self.has_channels:
+            if self.channels != 1:
+                raise SparsesegError(f"{self.source}: labels must have one channel, found {self.channels}")
+            return np.asarray(self.array[0])
+        return np.asarray(self.array[...])
+
+
+def split_store_path(path: str) -> tuple[str, str | None]:
+    """`store.zarr:sub/path` -> ("store.zarr", "sub/path"); plain paths have no inner part."""
+    s = str(path)
+    # A Windows drive letter ("C:\\...") is not an inner path.
+    if ":" in s and not (len(s) > 1 and s[1] == ":" and s.count(":") == 1):
+        store, inner = s.rsplit(":", 1)
+        return store, inner or None
+    return s, None
+
+
+def _multiscales(attrs) -> list | None:
+    attrs = dict(attrs)
+    if "ome" in attrs and isinstance(attrs["ome"], dict):  # NGFF 0.5
+        return attrs["ome"].get("multiscales")
+    return attrs.get("multiscales")  # NGFF <= 0.4
+
+
+def _scale_of(ms: dict, dataset_path: str) -> list | None:
+    for ds in ms.get("datasets", []):
+        if str(ds.get("path")) == dataset_path:
+            for t in ds.get("coordinateTransformations", []):
+                if t.get("type") == "scale":
+                    return list(t["scale"])
+    return None
+
+
+def _open_zarr(store: str, inner: str | None, source: str) -> Volume:
+    import zarr
+
+    try:
+        node = zarr.open(store, mode="r", path=inner or "")
+    except Exception as e:  # zarr raises several unrelated types for missing/corrupt stores
+        raise SparsesegError(f"cannot open zarr store {source}: {type(e).__name__}: {e}".splitlines()[0]) from None
+    axes_names = None
+    scale = None
+    if isinstance(node, zarr.Group):
+        ms = _multiscales(node.attrs)
+        if not ms:
+            arrays = sorted(k for k, _ in node.arrays())
+            raise SparsesegError(
+                f"{source} is a zarr group without OME-Zarr multiscales metadata; name an array inside it "
+                f"as {store}:NAME (arrays: {', '.join(arrays) or 'none'})")
+        ms = ms[0]
+        level = str(ms["datasets"][0]["path"])
+        axes_names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])] or None
+        scale = _scale_of(ms, level)
+        node = node[level]
+    else:
+        # An array inside a multiscales group: take the scale from its parent's metadata.
+        parent_path, _, name = (inner or "").rpartition("/")
+        if inner:
+            try:
+                parent = zarr.open_group(store, mode="r", path=parent_path)
+                ms = _multiscales(parent.attrs)
+                if ms:
+                    axes_names = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])] or None
+                    scale = _scale_of(ms[0], name)
+            except Exception:
+                pass  # no parent group: a bare array has no scale
+    return _wrap(node, axes_names, scale, source)
+
+
+def _wrap(arr, axes_names, scale, source) -> Volume:
+    if np.dtype(arr.dtype) not in SUPPORTED_DTYPES:
+        raise SparsesegError(f"{source}: unsupported dtype {arr.dtype} (use integer or float data)")
+    nd = len(arr.shape)
+    voxel = None
+    if axes_names and len(axes_names) == nd:
+        names = [str(a).lower() for a in axes_names]
+        if names[-3:] != ["z", "y", "x"]:
+            raise SparsesegError(f"{source}: spatial axes must end in z, y, x (found {names})")
+        lead = names[:-3]
+        # Drop a singleton time axis; keep a channel axis.
+        if "t" in lead:
+            ti = lead.index("t")
+            if arr.shape[ti] != 1:
+                raise SparsesegError(f"{source}: time series with {arr.shape[ti]} points are not supported")
+            idx = tuple(0 if i == ti else slice(None) for i in range(nd))
+            arr = _Sliced(arr, idx)
+            lead = [n for n in lead if n != "t"]
+            if scale:
+                scale = [s for i, s in enumerate(scale) if i != ti]
+        nd = len(arr.shape)
+        if scale and len(scale) >= 3:
+            voxel = tuple(float(s) for s in scale[-3:])
+    if nd == 3:
+        return Volume(arr, False, voxel, source)
+    if nd == 4:
+        return Volume(arr, True, voxel, source)
+    if nd == 5 and arr.shape[0] == 1:
+        return Volume(_Sliced(arr, (0,)), True, voxel, source)
+    raise SparsesegError(f"{source}: expected axes (Z, Y, X) or (C, Z, Y, X), got shape {tuple(arr.shape)}")
+
+
+class _Sliced:
+    """A lazy fixed index into an array (drops singleton leading axes without reading)."""
+
+    def __init__(self, arr, index):
+        self._arr, self._index = arr, index
+        probe = [s for i, s in enumerate(arr.shape) if i >= len(index) or isinstance(index[i], slice)]
+        self.shape = tuple(probe)
+        self.dtype = arr.dtype
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        full, k = [], iter(key)
+        for i in range(len(self._arr.shape)):
+            if i < len(self._index) and not isinstance(self._index[i], slice):
+                full.append(self._index[i])
+            else:
+                full.append(next(k, slice(None)))
+        return self._arr[tuple(full)]
+
+
+def _tiff_voxel_size(tif) -> tuple[float, float, float] | None:
+    try:
+        ij = tif.imagej_metadata or {}
+        page = tif.pages[0]
+        xr = page.tags.get("XResolution")
+        yr = page.tags.get("YResolution")
+        if "spacing" not in ij or xr is None or yr is None:
+            return None
+        x = xr.value[1] / xr.value[0]
+        y = yr.value[1] / yr.value[0]
+        return (float(ij["spacing"]), float(y), float(x))
+    except Exception:
+        return None  # metadata is optional; a malformed tag just means "unknown"
+
+
+def open_volume(path) -> Volume:
+    """Open a volume lazily. `path` may be `store.zarr`, `store.zarr:inner/array`, `.tif`, `.npy`."""
+    source = str(path)
+    store, inner = split_store_path(source)
+    p = Path(store)
+    if not p.exists():
+        raise SparsesegError(f"no such file or directory: {store}")
+    suffix = p.suffix.lower()
+    if p.is_dir() or suffix in (".zarr", ".zr3"):
+        return _open_zarr(store, inner, source)
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(store) as tif:
+                arr = tif.asarray()
+                voxel = _tiff_voxel_size(tif)
+        except Exception as e:
+            raise SparsesegError(f"cannot read TIFF {store}: {e}".splitlines()[0]) from None
+        vol = _wrap(arr, None, None, source)
+        vol.voxel_size = voxel
+        return vol
+    if suffix == ".npy":
+        try:
+            arr = np.load(store, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise SparsesegError(f"cannot read {store}: {e}".splitlines()[0]) from None
+        return _wrap(arr, None, None, source)
+    raise SparsesegError(f"{store}: unknown volume format (use .zarr, OME-Zarr, .tif/.tiff or .npy)")
+
+
+def check_finite(data: np.ndarray, what: str) -> None:
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        raise SparsesegError(f"{what} contains NaN or Inf values")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def ngff_attrs(name: str, voxel_size, ndim_lead: int = 0) -> dict:
+    """NGFF 0.5 `ome` attributes for a single-scale image with axes ([c,] z, y, x)."""
+    axes = ([{"name": "c", "type": "channel"}] if ndim_lead else []) + [
+        {"name": a, "type": "space"} for a in ("z", "y", "x")]
+    scale = ([1.0] if ndim_lead else []) + [float(s) for s in (voxel_size or (1.0, 1.0, 1.0))]
+    return {"ome": {"version": "0.5", "multiscales": [{
+        "name": name, "axes": axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+    }]}}
+
+
+def create_ome_zarr(path, shape, dtype, chunks, voxel_size=None, name="labels", extra_attrs=None):
+    """Create an OME-Zarr (zarr v3, NGFF 0.5) image group with one level `0`; returns the array."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    attrs = ngff_attrs(name, voxel_size, ndim_lead=len(shape) - 3)
+    if extra_attrs:
+        attrs.update(extra_attrs)
+    group.attrs.update(attrs)
+    return group.create_array("0", shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), fill_value=0)
+
+
+def write_ome_zarr(path, data: np.ndarray, voxel_size=None, chunks=None, name="labels", overwrite=False):
+    """Write a whole array as an OME-Zarr image, atomically: a temporary sibling is renamed into
+    place, so an interrupted write never leaves a half-written store under the final name."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SparsesegError(f"{path} exists (pass --overwrite to replace it)")
+    if not path.parent.exists():
+        raise SparsesegError(f"output directory does not exist: {path.parent}")
+    if not os.access(path.parent, os.W_OK):
+        raise SparsesegError(f"output directory is not writable: {path.parent}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        chunks = chunks or tuple(min(s, 128) for s in data.shape)
+        arr = create_ome_zarr(tmp, data.shape, data.dtype, chunks, voxel_size, name)
+        arr[...] = data
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+

@@ -1,0 +1,31 @@
+"""Small synthetic data and networks shared by tests."""
+
+import numpy as np
+
+from sparseseg.trainer.config import TrainConfig, plan_model
+
+
+def blobs(shape=(24, 40, 40), seed=0):
+    """One channel with two classes: bright balls (1) on a dark noisy background (0)."""
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.indices(shape)
+    labels = np.zeros(shape, np.uint8)
+    for _ in range(4):
+        c = rng.uniform(0.2, 0.8, 3) * np.array(shape)
+        r = rng.uniform(4, 7)
+        labels[((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < r * r] = 1
+    image = (labels * 2.0 + rng.normal(scale=0.3, size=shape)).astype(np.float32)[None] * 50 + 100
+    return image, labels
+
+
+def tiny_config(ndim=3, padding="valid", in_channels=1, classes=2, depth=2, width=4):
+    return plan_model("small", in_channels, classes, ndim=ndim, padding=padding, base_width=width, depth=depth)
+
+
+def fast_train_config(**kw):
+    from sparseseg.trainer.config import AugmentConfig
+
+    aug = AugmentConfig(elastic=False, rotate=False, scale=(), flip=False, gray=False, probability=0.0)
+    base = dict(iterations=60, lr=1e-2, device="cpu", checkpoint_every=0, augment=aug)
+    base.update(kw)
+    return TrainConfig(**base)

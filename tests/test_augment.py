@@ -1,0 +1,62 @@
+import numpy as np
+import torch
+
+from sparseseg.trainer.augment import Augmenter, bspline_matrix, elastic_field
+from sparseseg.trainer.config import AugmentConfig
+
+
+def test_bspline_interpolates_control_values():
+    m = bspline_matrix(97, 32.0)
+    v = np.random.default_rng(0).normal(size=m.shape[1])
+    assert np.allclose((m @ v)[[0, 32, 64, 96]], v[1:5], atol=1e-4)
+
+
+def test_elastic_field_statistics_and_smoothness():
+    g = torch.Generator().manual_seed(0)
+    f = elastic_field((64, 64, 64), (4, 4, 0), (32, 32, 32), g, "cpu")
+    assert f[2].abs().max() == 0                       # sigma 0 axis does not move
+    assert 2.0 < float(f[0].std()) < 6.0               # ~ N(0, 4) between control points
+    assert float((f[0, 1:] - f[0, :-1]).abs().max()) < 1.5   # smooth: no jumps between neighbours
+
+
+def _sample(cfg, image, labels, start, in_shape, out_off, out_shape, seed=0):
+    aug = Augmenter(cfg, None, False, [image.mean()], [image.std() + 1e-6], seed, "cpu")
+    return aug.sample(image, labels, start, in_shape, out_off, out_shape, 255)
+
+
+def test_identity_augmentation_is_a_crop():
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 20, 30, 30)).astype(np.float32)
+    labels = rng.integers(0, 3, (20, 30, 30)).astype(np.uint8)
+    cfg = AugmentConfig(elastic=False, rotate=False, scale=(), flip=False, gray=False, probability=1.0)
+    x, y = _sample(cfg, image, labels, (2, 3, 4), (10, 12, 14), (1, 2, 3), (8, 8, 8))
+    assert np.allclose(x.numpy()[0], image[0, 2:12, 3:15, 4:18], atol=1e-5)
+    assert np.array_equal(y.numpy(), labels[3:11, 5:13, 7:15])
+
+
+def test_labels_stay_labels_and_outside_is_ignored():
+    rng = np.random.default_rng(1)
+    image = rng.random((1, 16, 40, 40)).astype(np.float32)
+    labels = np.full((16, 40, 40), 255, np.uint8)
+    labels[8] = rng.integers(0, 3, (40, 40))             # one annotated slice
+    cfg = AugmentConfig(probability=1.0, scale=(1.3, 1.3))
+    for seed in range(5):
+        # patch at the corner: rotation/scale pull in points from outside the volume
+        x, y = _sample(cfg, image, labels, (0, 0, 0), (16, 40, 40), (0, 0, 0), (16, 40, 40), seed)
+        vals = set(np.unique(y.numpy()).tolist())
+        assert vals <= {0, 1, 2, 255}                    # nearest: no blended label values
+        # labelled voxels come only from the annotated slice: at most slab-sized share
+        assert (y.numpy() != 255).mean() < 0.25
+        assert torch.isfinite(x).all()
+
+
+def test_2d_planar_augmentation_keeps_slice():
+    image = np.zeros((1, 5, 32, 32), np.float32)
+    image[0, 2] = 1.0
+    labels = np.full((5, 32, 32), 255, np.uint8)
+    labels[2] = 1
+    aug = Augmenter(AugmentConfig(probability=1.0, gray=False), None, True, [0.5], [0.5], 0, "cpu")
+    x, y = aug.sample(image, labels, (2, 0, 0), (1, 32, 32), (0, 0, 0), (1, 32, 32), 255)
+    # no z motion: the slice read is still slice 2 wherever the point lands in the volume
+    assert set(np.unique(x.numpy()).round(4).tolist()) <= {1.0}
+    assert set(np.unique(y.numpy()).tolist()) <= {1, 255}

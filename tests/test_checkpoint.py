@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+import sparseseg
+from sparseseg.errors import CheckpointError
+from sparseseg.trainer.checkpoint import load_checkpoint, save_checkpoint
+from sparseseg.trainer.config import TrainConfig
+from sparseseg.trainer.model import SegmentationModel
+from tests.helpers import tiny_config
+
+
+def test_round_trip(tmp_path):
+    cfg = tiny_config(in_channels=2, classes=3)
+    torch.manual_seed(0)
+    model = SegmentationModel(cfg, mean=[1.0, 2.0], std=[3.0, 4.0])
+    path = save_checkpoint(tmp_path / "m.pt", model, TrainConfig(iterations=7), ["a", "b", "c"], 255, 7,
+                           voxel_size=(2.0, 1.0, 1.0))
+    ck = load_checkpoint(path)
+    assert ck.model_config == cfg and ck.class_names == ["a", "b", "c"] and ck.iteration == 7
+    assert ck.train_config.iterations == 7 and ck.voxel_size == [2.0, 1.0, 1.0]
+    assert ck.normalization == {"mean": [1.0, 2.0], "std": [3.0, 4.0]}
+    x = torch.randn(1, 2, *cfg.geometry.min_input)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), sparseseg.load_model(path)(x))
+    assert not sparseseg.load_model(path).training
+
+
+def test_opening_never_runs_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('%s', 'w').write('pwned')" % (tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "sparseseg-checkpoint", "payload": Evil()}, path)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04garbage"])
+def test_corrupt_files(tmp_path, content):
+    p = tmp_path / "bad.pt"
+    p.write_bytes(content)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(p)
+
+
+def test_foreign_and_future_checkpoints(tmp_path):
+    p = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, p)
+    with pytest.raises(CheckpointError, match="not a sparseseg checkpoint"):
+        load_checkpoint(p)
+    cfg = tiny_config()
+    good = save_checkpoint(tmp_path / "m.pt", SegmentationModel(cfg), None, ["a", "b"], 255)
+    payload = torch.load(good, weights_only=True)
+    payload["format_version"] = 99
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="upgrade"):
+        load_checkpoint(tmp_path / "future.pt")
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "trunc.pt")

@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sparseseg.cli import main
+from sparseseg.volume import open_volume, write_ome_zarr
+from tests.helpers import blobs
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+@pytest.fixture
+def data(tmp_path):
+    image, labels = blobs(shape=(20, 36, 36))
+    np.save(tmp_path / "img.npy", image)
+    sparse = np.full_like(labels, 255)
+    sparse[6:14] = labels[6:14]
+    np.save(tmp_path / "lab.npy", sparse)
+    return tmp_path
+
+
+FAST = ["--depth", "2", "--base-width", "4", "--iterations", "2", "--device", "cpu", "--no-augment"]
+
+
+def test_train_eval_densify(data):
+    code, out = run("train", "--image", data / "img.npy", "--labels", data / "lab.npy", "--out", data / "m.pt", *FAST)
+    assert code == 0, out
+    assert (data / "m.pt").exists()
+    code, out = run("train", "--image", data / "img.npy", "--labels", data / "lab.npy", "--out", data / "m.pt", *FAST)
+    assert code == 1 and "exists" in out and out.count("\n") == 1
+    code, out = run("densify", data / "img.npy", data / "lab.npy", "--out", data / "d.zarr", *FAST)
+    assert code == 0, out
+    pred = open_volume(data / "d.zarr").read_labels()
+    assert pred.shape == (20, 36, 36) and pred.dtype == np.uint8
+    code, out = run("eval", data / "d.zarr", data / "lab.npy", "--json", "--figure", data / "f.png")
+    assert code == 0, out
+    res = json.loads(out)
+    assert len(res["iou"]) == 2 and (data / "f.png").stat().st_size > 1000
+
+
+def _err(code, out, text):
+    assert code == 1, out
+    assert out.startswith("error: ") and text in out and "Traceback" not in out and out.count("\n") == 1, out
+
+
+def test_bad_inputs(data):
+    t = ["train", "--out", data / "new.pt", *FAST]
+    _err(*run(*t, "--image", data / "nope.npy", "--labels", data / "lab.npy"), "no such file")
+    np.save(data / "small_lab.npy", np.zeros((20, 36, 35), np.uint8))
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "small_lab.npy"), "differ")
+    np.save(data / "empty.npy", np.full((20, 36, 36), 255, np.uint8))
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "empty.npy"), "no annotated voxel")
+    lab = np.load(data / "lab.npy")
+    lab[10, 0, 0] = 7
+    np.save(data / "lab7.npy", lab)
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab7.npy", "--num-classes", "2"), ">= number of classes")
+    img = np.load(data / "img.npy")
+    img[0, 3, 3, 3] = np.nan
+    np.save(data / "nan.npy", img)
+    _err(*run(*t, "--image", data / "nan.npy", "--labels", data / "lab.npy"), "NaN")
+    np.save(data / "tiny.npy", np.load(data / "img.npy")[:, :12, :12, :12])
+    np.save(data / "tiny_lab.npy", lab[:12, :12, :12] % 2)
+    _err(*run(*t, "--image", data / "tiny.npy", "--labels", data / "tiny_lab.npy", "--depth", "3"), "too small")
+    (data / "corrupt.pt").write_bytes(b"garbage")
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab.npy", "--resume", data / "corrupt.pt"),
+         "not a readable sparseseg checkpoint")
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab.npy", "--patch", "1,2"), "--patch")
+    write_ome_zarr(data / "exists.zarr", np.zeros((2, 2, 2), np.uint8))
+    _err(*run("densify", data / "img.npy", data / "lab.npy", "--out", data / "exists.zarr", *FAST), "exists")
+    assert open_volume(data / "exists.zarr").shape == (2, 2, 2)      # untouched
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sparseseg.cli", "eval", str(tmp_path / "a.npy"), str(tmp_path / "b.npy")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: no such file") and "Traceback" not in r.stderr

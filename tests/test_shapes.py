@@ -1,0 +1,86 @@
+import pytest
+
+from sparseseg.errors import SparsesegError
+from sparseseg.trainer.config import ModelConfig, patch_output_size, plan_model
+from sparseseg.trainer.shapes import NetGeometry, axis_rule
+
+
+def test_paper_geometry():
+    g = ModelConfig(3, 3).geometry
+    assert g.output_for_input((116, 132, 132)) == (28, 44, 44)
+    assert g.input_for_output((28, 44, 44)) == (116, 132, 132)
+    assert g.context == (44, 44, 44)
+    assert g.step == (8, 8, 8)
+    # valid output sizes are 4 mod 8 (PERF.md); neighbours are invalid
+    assert g.x.output_for_input(148) == 60 and g.x.output_for_input(144) is None
+    assert g.x.min_output == 4 and g.x.min_input == 92
+    assert g.x.nearest_inputs(130) == [124, 132]
+
+
+def test_rule_matches_brute_force():
+    # Forward simulation of sizes through the network vs the closed form.
+    kernels, pools = [3, 1, 3], [2, 3]
+
+    def simulate(n):
+        sizes = []
+        for lvl, k in enumerate(kernels):
+            n -= 2 * (k - 1)
+            if n < 1:
+                return None
+            sizes.append(n)
+            if lvl < len(pools):
+                if n % pools[lvl]:
+                    return None
+                n //= pools[lvl]
+        for lvl in range(len(pools) - 1, -1, -1):
+            n = n * pools[lvl] - 2 * (kernels[lvl] - 1)
+            if n < 1:
+                return None
+        return n
+
+    rule = axis_rule(kernels, pools, valid=True)
+    for n in range(1, 200):
+        assert rule.output_for_input(n) == simulate(n), n
+
+
+def test_same_padding_and_2d():
+    g = plan_model("small", 1, 2, padding="same").geometry
+    assert g.context == (0, 0, 0) and g.output_for_input((8, 12, 16)) == (8, 12, 16)
+    assert g.output_for_input((8, 12, 18)) is None
+    g2 = plan_model("small", 1, 2, ndim=2).geometry
+    assert g2.z.step == 1 and g2.z.context == 0 and g2.output_for_input((3, 92, 92)) == (3, 52, 52)
+
+
+def test_geometry_roundtrip():
+    g = plan_model("paper", 1, 2, voxel_size=(50, 4, 4)).geometry
+    assert NetGeometry.from_dict(g.to_dict()) == g
+
+
+def test_anisotropic_planning_from_voxel_size():
+    cfg = plan_model("paper", 1, 2, voxel_size=(50, 4, 4))
+    assert [k[0] for k in cfg.kernel_sizes] == [1, 1, 1, 3]
+    assert all(p[0] == 1 for p in cfg.pool_sizes) and all(p[1:] == (2, 2) for p in cfg.pool_sizes)
+
+
+def test_thin_stack_planning_from_shape():
+    # 20 sections of 1024x1024 with no voxel size: the small preset must fit without flags.
+    shape = (20, 1024, 1024)
+    cfg = plan_model("small", 1, 2, shape=shape)
+    assert cfg.geometry.z.min_input <= 10
+    assert cfg.pool_sizes[0][0] == 1
+    out = patch_output_size(cfg, "small", shape)
+    inp = cfg.geometry.input_for_output(out)
+    assert inp is not None and inp[0] <= 20
+
+
+def test_too_small_volume_message():
+    cfg = ModelConfig(1, 2)
+    with pytest.raises(SparsesegError, match="too small for one valid patch"):
+        patch_output_size(cfg, "paper", (30, 40, 40))
+
+
+def test_bad_config():
+    with pytest.raises(SparsesegError):
+        ModelConfig(1, 2, kernel_sizes=((2, 2, 2),) * 4)
+    with pytest.raises(SparsesegError):
+        ModelConfig(1, 2, padding="full")

@@ -1,0 +1,58 @@
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from sparseseg.errors import SparsesegError
+from sparseseg.volume import open_volume, write_ome_zarr
+
+
+def test_formats_round_trip(tmp_path):
+    data = np.arange(2 * 3 * 4 * 5, dtype=np.uint16).reshape(2, 3, 4, 5)
+    np.save(tmp_path / "a.npy", data)
+    tifffile.imwrite(tmp_path / "a.tif", data[0])
+    zarr.save_array(str(tmp_path / "a.zarr"), data)
+    write_ome_zarr(tmp_path / "ome.zarr", data[0], voxel_size=(50.0, 4.0, 4.0))
+    assert np.array_equal(open_volume(tmp_path / "a.npy").read(), data)
+    assert np.array_equal(open_volume(tmp_path / "a.tif").read(), data[:1])
+    v = open_volume(tmp_path / "a.zarr")
+    assert v.channels == 2 and v.shape == (3, 4, 5)
+    assert np.array_equal(v.read((slice(1, 3), slice(0, 2), slice(None))), data[:, 1:3, 0:2])
+    ome = open_volume(tmp_path / "ome.zarr")
+    assert ome.voxel_size == (50.0, 4.0, 4.0) and np.array_equal(ome.read_labels(), data[0])
+    inner = open_volume(f"{tmp_path / 'ome.zarr'}:0")
+    assert inner.voxel_size == (50.0, 4.0, 4.0)
+    attrs = json.loads((tmp_path / "ome.zarr" / "zarr.json").read_text())["attributes"]
+    assert attrs["ome"]["version"] == "0.5"
+
+
+def test_ome_tczyx(tmp_path):
+    g = zarr.open_group(str(tmp_path / "t.zarr"), mode="w")
+    g.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n} for n in "tczyx"],
+                               "datasets": [{"path": "s0", "coordinateTransformations": [
+                                   {"type": "scale", "scale": [1, 1, 3.0, 2.0, 2.0]}]}]}]
+    g.create_array("s0", shape=(1, 2, 4, 5, 6), dtype="float32")
+    v = open_volume(tmp_path / "t.zarr")
+    assert v.channels == 2 and v.shape == (4, 5, 6) and v.voxel_size == (3.0, 2.0, 2.0)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(SparsesegError, match="no such file"):
+        open_volume(tmp_path / "missing.zarr")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(SparsesegError, match="unknown volume format"):
+        open_volume(tmp_path / "x.txt")
+    np.save(tmp_path / "c.npy", np.zeros((2, 2), complex))
+    with pytest.raises(SparsesegError, match="unsupported dtype"):
+        open_volume(tmp_path / "c.npy")
+    np.save(tmp_path / "2d.npy", np.zeros((4, 4)))
+    with pytest.raises(SparsesegError, match="expected axes"):
+        open_volume(tmp_path / "2d.npy")
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(SparsesegError, match="bad.tif"):
+        open_volume(tmp_path / "bad.tif")
+    write_ome_zarr(tmp_path / "o.zarr", np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(SparsesegError, match="exists"):
+        write_ome_zarr(tmp_path / "o.zarr", np.zeros((2, 2, 2), np.uint8))
