@@ -252,13 +252,39 @@ def demo_cmd(workdir, iterations, seed):
     click.echo(f"outputs in {Path(workdir).resolve()}: " + ", ".join(summary["files"]))
 
 
+@click.command("export")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="default: MODEL with .onnx suffix")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+              help="ONNX: fp32 (default) or fp16; plans: fp16 (default), fp32, bf16, int8")
+@click.option("--tile", "tiles", multiple=True, help="plan: output tile Z,Y,X to optimize for (repeatable)")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="plan: largest batch")
+@click.option("--workspace", type=click.FloatRange(0.1), default=4.0, show_default=True, help="plan: GB")
+@click.option("--calibration", help="volume for a real-tile check (and INT8 calibration)")
+@click.option("--version-compatible", is_flag=True, help="plan: runnable on newer TensorRT and Ampere+ GPUs")
+@click.option("--no-verify", is_flag=True, help="keep the export even if the parity check fails")
+@click.option("--no-simplify", is_flag=True, help="skip onnxslim/onnxsim even when installed")
+@click.option("--force", is_flag=True, help="replace existing outputs")
+@user_errors
+def export_cmd(model, onnx_path, plan_path, precision, tiles, batch, workspace, calibration, version_compatible,
+               no_verify, no_simplify, force):
+    """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
+    _setup_logging()
+    from sparseseg.export.cli import run_export
+
+    for line in run_export(model, onnx_path, plan_path, precision, [parse_triple(t, "--tile") for t in tiles], batch,
+                           workspace, calibration, version_compatible, not no_verify, not no_simplify, force):
+        click.echo(line)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="sparseseg")
 def main():
     """sparseseg: dense 3D segmentation from a few annotated slices."""
 
 
-for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd):
+for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd, export_cmd):
     main.add_command(_cmd)
 
 

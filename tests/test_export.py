@@ -1,0 +1,223 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sparseseg.cli import main
+from sparseseg.errors import SparsesegError
+from sparseseg.export.contract import read_contract, sidecar_path
+from sparseseg.export.onnx_export import fold_batchnorm, ort_session
+from sparseseg.export.tensorrt import (
+    check_plan_compatible,
+    default_plan_tile,
+    plan_contract,
+    profile_shapes,
+)
+from sparseseg.trainer.checkpoint import file_sha256, load_checkpoint, save_checkpoint
+from sparseseg.trainer.config import ModelConfig
+from sparseseg.trainer.data import TrainingVolume
+from sparseseg.trainer.model import SegmentationModel
+from sparseseg.trainer.train import train
+from tests.helpers import blobs, fast_train_config, tiny_config
+
+
+def run(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def trained_checkpoint(path, ndim=3, padding="valid"):
+    image, labels = blobs(seed=4)
+    cfg = tiny_config(ndim=ndim, padding=padding, depth=2, width=4)
+    patch = (1, 8, 8) if ndim == 2 else (4, 8, 8)
+    # A few iterations so that BatchNorm running statistics are not the identity.
+    train([TrainingVolume(image, labels, "toy")], cfg, fast_train_config(iterations=3, patch_output=patch),
+          ["bg", "fg"], out_path=path, progress=False)
+    return path
+
+
+def test_fold_batchnorm_is_exact():
+    cfg = tiny_config(depth=2, width=4)
+    model = SegmentationModel(cfg)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    model.eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    x = torch.randn(2, 1, *cfg.geometry.input_for_output((4, 6, 8)))
+    with torch.no_grad():
+        assert torch.allclose(model(x), folded(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("ndim,padding", [(3, "valid"), (3, "same"), (2, "valid"), (2, "same")])
+def test_train_export_onnxruntime_round_trip(tmp_path, ndim, padding):
+    ck = trained_checkpoint(tmp_path / "m.pt", ndim, padding)
+    code, out = run("export", ck)
+    assert code == 0, out
+    assert "max |logit diff|" in out and "argmax agreement 100.000%" in out
+    onnx_path = tmp_path / "m.onnx"
+    model = load_checkpoint(ck).model
+    sess = ort_session(onnx_path)
+    geom = model.cfg.geometry
+    # dynamic batch and spatial axes: two different valid sizes, batch 1 and 3
+    for batch, out_size in ((1, (4, 8, 12)), (3, (12, 4, 16))):
+        shape = geom.input_for_output(tuple(r.output_at_least(s) for r, s in zip(geom.axes, out_size)))
+        x = (np.random.default_rng(batch).normal(size=(batch, 1) + shape) * 30 + 100).astype(np.float32)
+        got = sess.run(None, {"image": x})[0]
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        assert got.shape == ref.shape and np.abs(got - ref).max() <= 1e-4
+
+
+def test_metadata_round_trip_and_fp16(tmp_path):
+    ck = trained_checkpoint(tmp_path / "m.pt")
+    np.save(tmp_path / "cal.npy", blobs(seed=5)[0])
+    code, out = run("export", ck, "--onnx", tmp_path / "h.onnx", "--precision", "fp16", "--calibration",
+                    tmp_path / "cal.npy")
+    assert code == 0, out
+    assert "random and real tiles" in out
+    c = read_contract(tmp_path / "h.onnx")
+    ckpt = load_checkpoint(ck)
+    assert c["precision"] == "fp16" and c["checkpoint_sha256"] == file_sha256(ck)
+    assert c["class_names"] == ["bg", "fg"] and c["ignore_label"] == 255 and c["in_channels"] == 1
+    assert c["geometry"] == ckpt.model_config.geometry.to_dict()
+    assert c["normalization"] == ckpt.normalization
+    assert ModelConfig.from_dict(c["model_config"]) == ckpt.model_config
+    proto = onnx.load(str(tmp_path / "h.onnx"))
+    assert proto.opset_import[0].version >= 17
+    # the .pt engine speaks the same contract
+    assert read_contract(ck)["geometry"] == c["geometry"]
+
+
+def test_export_error_paths(tmp_path):
+    def err(args, text):
+        code, out = run("export", *args)
+        assert code == 1 and out.startswith("error: ") and text in out and out.count("\n") == 1, out
+
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    err([tmp_path / "x.pt"], "not a readable sparseseg checkpoint")
+    err([tmp_path / "none.pt"], "no such checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    err([tmp_path / "foreign.pt"], "not a sparseseg checkpoint")
+    ck = trained_checkpoint(tmp_path / "m.pt")
+    data = ck.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 3])
+    err([tmp_path / "trunc.pt"], "checkpoint")
+    payload = torch.load(ck, weights_only=True)
+    payload["format_version"] = 42
+    torch.save(payload, tmp_path / "future.pt")
+    err([tmp_path / "future.pt"], "upgrade sparseseg")
+    err([ck, "--plan", tmp_path / "p.plan", "--tile", "5,5,5"], "TensorRT is not installed")
+    err([ck, "--precision", "int8"], "for --plan")
+    (tmp_path / "m.onnx").write_text("keep me")
+    err([ck], "exists; pass --force")
+    assert (tmp_path / "m.onnx").read_text() == "keep me"
+    err([ck, "--onnx", tmp_path / "missing_dir" / "m.onnx"], "does not exist")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if not os.access(ro, os.W_OK):      # root ignores permissions
+            err([ck, "--onnx", ro / "m.onnx"], "not writable")
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def test_invalid_tile_lists_nearest_valid_sizes(tmp_path):
+    from sparseseg.engine.tiling import check_tile
+
+    geom = ModelConfig(3, 3).geometry
+    with pytest.raises(SparsesegError, match=r"nearest valid: 36, 44"):
+        check_tile(geom, (28, 40, 44))
+
+
+def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
+    import sparseseg.export.onnx_export as ox
+
+    ck = trained_checkpoint(tmp_path / "m.pt")
+    monkeypatch.setattr(ox, "FP32_ATOL", -1.0)        # impossible bound: verification must fail
+    code, out = run("export", ck)
+    assert code == 1 and "verification failed" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    code, out = run("export", ck, "--no-verify")
+    assert code == 0 and "verification skipped" in out and (tmp_path / "m.onnx").exists()
+
+
+# ------------------------------------------------------------------ TensorRT: pure parts
+
+
+def test_profile_shapes_from_geometry():
+    geom = ModelConfig(3, 3).geometry
+    assert default_plan_tile(geom) == (28, 44, 44)
+    p = profile_shapes(geom, 3, [(28, 44, 44), (60, 60, 60)], batch=4)
+    assert p["min"] == [1, 3, 116, 132, 132]
+    assert p["opt"] == [4, 3, 116, 132, 132]
+    assert p["max"] == [4, 3, 148, 148, 148]
+    with pytest.raises(SparsesegError, match="nearest valid"):
+        profile_shapes(geom, 3, [(30, 44, 44)], 1)
+    with pytest.raises(SparsesegError):
+        profile_shapes(geom, 3, [(28, 44, 44)], 0)
+
+
+def _sidecar(**kw):
+    base = dict(precision="fp16", profile={}, trt_version="10.3.0", gpu_name="NVIDIA H100 80GB HBM3",
+                compute_capability=(9, 0), version_compatible=False, workspace_gb=4.0)
+    base.update(kw)
+    return plan_contract({"format": "sparseseg-engine", "contract_version": 1}, **base)
+
+
+def test_plan_compatibility_rules():
+    side = _sidecar()
+    check_plan_compatible(side, "10.3.0", "NVIDIA H100 80GB HBM3", (9, 0))
+    with pytest.raises(SparsesegError, match="not portable"):
+        check_plan_compatible(side, "10.4.0", "NVIDIA H100 80GB HBM3", (9, 0))
+    with pytest.raises(SparsesegError, match="built on NVIDIA H100"):
+        check_plan_compatible(side, "10.3.0", "NVIDIA A100-SXM4-40GB", (8, 0))
+    vc = _sidecar(version_compatible=True)
+    check_plan_compatible(vc, "10.5.1", "NVIDIA A100-SXM4-40GB", (8, 0))     # newer TRT, other Ampere+ GPU
+    with pytest.raises(SparsesegError, match="same or newer"):
+        check_plan_compatible(vc, "10.1.0", "NVIDIA H100 80GB HBM3", (9, 0))
+    with pytest.raises(SparsesegError, match="Ampere"):
+        check_plan_compatible(vc, "10.3.0", "Tesla T4", (7, 5))
+
+
+def test_plan_sidecar_is_read_back(tmp_path):
+    plan = tmp_path / "u.plan"
+    plan.write_bytes(b"\0")
+    with pytest.raises(SparsesegError, match="missing"):
+        read_contract(plan)
+    sidecar_path(plan).write_text(json.dumps(_sidecar()))
+    assert read_contract(plan)["tensorrt_version"] == "10.3.0"
+    sidecar_path(plan).write_text("{")
+    with pytest.raises(SparsesegError, match="not valid JSON"):
+        read_contract(plan)
+
+
+# ------------------------------------------------------------------ TensorRT: end to end
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_plan_end_to_end(tmp_path, precision):
+    from sparseseg.export.tensorrt import load_plan, run_plan
+
+    ck = trained_checkpoint(tmp_path / "m.pt")
+    code, out = run("export", ck, "--plan", tmp_path / "u.plan", "--precision", precision, "--tile", "4,8,8",
+                    "--batch", "2")
+    assert code == 0, out
+    assert "vs onnxruntime" in out
+    engine, side = load_plan(tmp_path / "u.plan")
+    assert side["precision"] == precision and side["profile"]["opt"][0] == 2
+    x = np.random.default_rng(0).normal(size=[2] + side["profile"]["opt"][1:]).astype(np.float32)
+    ref = ort_session(tmp_path / "m.onnx").run(None, {"image": x})[0]
+    got = run_plan(engine, x)
+    assert (ref.argmax(1) == got.argmax(1)).mean() > 0.99
+    assert Path(str(tmp_path / "u.plan") + ".json").exists()
