@@ -23,6 +23,9 @@ log = logging.getLogger("sparseseg")
 def _setup_logging(verbose: bool = False):
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Dask's own INFO lines (scheduler/nanny start and stop) would drown ours.
+    for name in ("distributed", "dask"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def user_errors(fn):
@@ -278,13 +281,52 @@ def export_cmd(model, onnx_path, plan_path, precision, tiles, batch, workspace, 
         click.echo(line)
 
 
+@click.command("infer")
+@click.option("--engine", required=True, help="unet.plan (TensorRT), unet.onnx (onnxruntime) or model.pt (PyTorch)")
+@click.argument("input_path", metavar="INPUT")
+@click.option("--output", help="OME-Zarr output (default: INPUT_segmentation.zarr beside the input)")
+@click.option("--workers", type=click.IntRange(0), help="local Dask worker processes (0: run in this process)")
+@click.option("--scheduler", help="address of an existing Dask scheduler to join")
+@click.option("--block", help="write block (= output chunk) size Z,Y,X")
+@click.option("--tile", help="network output tile size Z,Y,X (default: from the engine and block)")
+@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="tiles per forward pass")
+@click.option("--overlap", type=click.FloatRange(0, 0.9), default=0.5, show_default=True,
+              help="tile overlap for same-padding networks (valid networks need none)")
+@click.option("--probabilities", "probabilities", type=click.Choice(["uint8", "float16"]), default=None,
+              help="also write per-class probabilities (uint8: p*255)")
+@click.option("--resume", is_flag=True, help="continue an interrupted run: compute only unfinished blocks")
+@click.option("--overwrite", is_flag=True, help="replace an existing output")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help=".pt engines on CUDA")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@user_errors
+def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch, overlap, probabilities, resume,
+              overwrite, device, precision, as_json):
+    """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable."""
+    _setup_logging()
+    from sparseseg.engine.run import run_inference
+
+    if workers is not None and scheduler:
+        raise SparsesegError("--workers and --scheduler exclude each other")
+    s = run_inference(engine, input_path, output, workers=workers, scheduler=scheduler,
+                      block=parse_triple(block, "--block"), tile=parse_triple(tile, "--tile"), batch=batch,
+                      overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
+                      device=device, precision=precision)
+    click.echo(f"{s['voxels_computed']} voxels in {s['seconds']:.1f} s ({s['voxels_per_second']:.4g} voxels/s), "
+               f"{s['blocks_computed']} blocks computed, {s['blocks_skipped']} skipped, {s['backend']} on "
+               f"{s['device']}: {s['output']}")
+    if as_json:
+        click.echo(json.dumps(s))
+
+
 @click.group()
 @click.version_option(__version__, prog_name="sparseseg")
 def main():
     """sparseseg: dense 3D segmentation from a few annotated slices."""
 
 
-for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd, export_cmd):
+for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd, export_cmd, infer_cmd):
     main.add_command(_cmd)
 
 

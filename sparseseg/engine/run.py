@@ -1,0 +1,237 @@
+"""`sparseseg-infer`: validate everything cheap first, create (or resume) the output store, then
+hand one small task per group of blocks to Dask (or run them in this process)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sparseseg.engine.backends import BackendSpec
+from sparseseg.engine.blocks import block_size, make_blocks
+from sparseseg.engine.tiling import check_tile, default_tile_output
+from sparseseg.engine.worker import DONE_DIR, BlockJob, is_done, process_blocks
+from sparseseg.errors import SparsesegError
+
+log = logging.getLogger("sparseseg.infer")
+
+RUN_KEY = "sparseseg_run"
+
+
+def default_output(input_path: str) -> Path:
+    from sparseseg.volume import split_store_path
+
+    store = Path(split_store_path(input_path)[0])
+    return store.with_name(store.name.split(".")[0] + "_segmentation.zarr")
+
+
+def _run_record(contract, engine_sha, geometry, block, tile, overlap, halo, shape, probabilities) -> dict:
+    return {"engine_sha256": engine_sha, "checkpoint_sha256": contract.get("checkpoint_sha256"),
+            "geometry": geometry.to_dict(), "block": list(block), "tile": list(tile), "overlap": overlap,
+            "halo": list(halo), "input_shape": list(shape), "probabilities": probabilities,
+            "class_names": contract["class_names"]}
+
+
+def _prepare_output(out: Path, record: dict, voxel_size, num_classes, resume: bool, overwrite: bool) -> None:
+    import zarr
+
+    from sparseseg.volume import ngff_attrs
+
+    if out.exists():
+        if resume:
+            try:
+                attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+            except Exception:
+                raise SparsesegError(f"{out} exists but is not a sparseseg output; cannot resume into it") from None
+            old = attrs.get(RUN_KEY)
+            if old is None:
+                raise SparsesegError(f"{out} was not written by sparseseg-infer; cannot resume into it")
+            for key, what in (("engine_sha256", "engine"), ("geometry", "network geometry"), ("block", "--block"),
+                              ("tile", "--tile"), ("overlap", "overlap"), ("input_shape", "input shape"),
+                              ("probabilities", "--probabilities")):
+                if old.get(key) != record[key]:
+                    raise SparsesegError(f"cannot resume {out}: it was written with a different {what} "
+                                         f"({old.get(key)} vs {record[key]}); use --overwrite to start again")
+            return
+        if not overwrite:
+            raise SparsesegError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
+        shutil.rmtree(out)
+    if not out.parent.is_dir():
+        raise SparsesegError(f"output directory does not exist: {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise SparsesegError(f"output directory is not writable: {out.parent}")
+    import numcodecs  # noqa: F401  (zarr's default codecs; imported so a missing install fails here)
+
+    shape = tuple(record["input_shape"])
+    group = zarr.open_group(str(out), mode="w", zarr_format=3)
+    attrs = ngff_attrs("segmentation", voxel_size)
+    attrs[RUN_KEY] = record
+    group.attrs.update(attrs)
+    group.create_array("0", shape=shape, dtype="uint8", chunks=tuple(record["block"]), fill_value=0)
+    if record["probabilities"]:
+        group.create_array("probabilities", shape=(num_classes,) + shape, dtype=record["probabilities"],
+                           chunks=(1,) + tuple(record["block"]), fill_value=0,
+                           attributes={"sparseseg": {"axes": "czyx", "class_names": record["class_names"],
+                                                     "scale": "p*255" if record["probabilities"] == "uint8" else
+                                                     "probability"}})
+    (out / DONE_DIR).mkdir()
+
+
+def _local_cluster(workers: int | None, device: str):
+    """A local Dask cluster: one worker per GPU (dask-cuda pins each to its GPU), else CPU
+    workers sharing the cores."""
+    from dask.distributed import Client, LocalCluster
+
+    gpus = 0
+    if device != "cpu":
+        try:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        except ImportError:
+            gpus = 0
+    if gpus > 1 and device != "cpu":
+        try:
+            from dask_cuda import LocalCUDACluster
+
+            return Client(LocalCUDACluster(n_workers=workers or gpus, threads_per_worker=1)), 1
+        except ImportError:
+            log.warning("%d GPUs but dask-cuda is not installed: using one GPU worker", gpus)
+            workers = 1
+    cores = os.cpu_count() or 1
+    n = workers or (1 if gpus else max(1, cores // 4))
+    threads = max(1, cores // n) if not gpus else 1
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    return Client(cluster), threads
+
+
+def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=1,
+                  overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
+                  group_size=None, progress=None) -> dict:
+    from sparseseg.export.contract import geometry_of_contract, read_contract
+    from sparseseg.trainer.checkpoint import file_sha256
+    from sparseseg.volume import open_volume
+
+    if resume and overwrite:
+        raise SparsesegError("--resume and --overwrite exclude each other")
+    t_start = time.time()
+    contract = read_contract(engine)
+    engine_sha = file_sha256(engine)
+    vol = open_volume(input_path)
+    if vol.channels != contract["in_channels"]:
+        raise SparsesegError(f"{input_path} has {vol.channels} channel(s), the engine expects {contract['in_channels']}")
+    if np.dtype(vol.dtype).kind not in "biuf":
+        raise SparsesegError(f"{input_path}: unsupported dtype {vol.dtype}")
+    geometry = geometry_of_contract(contract)
+    shape = vol.shape
+    blk = block_size(geometry, block, shape)
+    tile = check_tile(geometry, tile or default_tile_output(geometry, blk))
+    halo = (0, 0, 0)
+    if geometry.padding == "same":
+        # Same-padding networks see past their tile: blend over a halo of half a tile per side
+        # (rounded to the grid step) so blocks join without seams, never over the whole volume.
+        halo = tuple(min(n, math.ceil(t / 2 / r.step) * r.step) for t, r, n in zip(tile, geometry.axes, shape))
+    out = Path(output) if output else default_output(input_path)
+    record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, halo, shape, probabilities)
+    _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite)
+
+    blocks = make_blocks(shape, blk)
+    todo = [b for b in blocks if not (resume and is_done(out, b))]
+    skipped = len(blocks) - len(todo)
+    spec = BackendSpec(str(Path(engine).resolve()), device, precision)
+    job = BlockJob(str(Path(input_path).resolve()) if ":" not in str(input_path) else str(input_path),
+                   str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, halo, probabilities)
+    voxels_total = sum(b.voxels for b in todo)
+    log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, backend %s", input_path, len(blocks),
+             blk, len(todo), skipped, tile, Path(engine).suffix)
+
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm import tqdm
+
+    bar = tqdm(total=voxels_total, disable=not show, unit="vox", unit_scale=True, desc="infer")
+    done_blocks, done_vox, t0 = 0, 0, time.time()
+
+    def advance(results):
+        nonlocal done_blocks, done_vox
+        for _, vox, _ in results:
+            done_blocks += 1
+            done_vox += vox
+            bar.update(vox)
+        if not show:
+            rate = done_vox / max(time.time() - t0, 1e-9)
+            eta = (voxels_total - done_vox) / max(rate, 1e-9)
+            log.info("blocks %d/%d, %.3g voxels/s, ETA %.0f s", done_blocks, len(todo), rate, eta)
+
+    backend_name, backend_device = Path(engine).suffix.lstrip("."), device
+    if todo:
+        if workers == 0 and scheduler is None:
+            backend_name, backend_device = _in_process(job, todo, advance)
+        else:
+            backend_name, backend_device = _with_dask(job, todo, advance, workers, scheduler, device, group_size)
+    bar.close()
+    seconds = time.time() - t_start
+    return {"output": str(out), "voxels": int(np.prod(shape)), "voxels_computed": voxels_total,
+            "seconds": round(seconds, 3), "voxels_per_second": round(voxels_total / max(time.time() - t0, 1e-9), 1),
+            "blocks": len(blocks), "blocks_computed": len(todo), "blocks_skipped": skipped,
+            "backend": backend_name, "device": backend_device}
+
+
+def _in_process(job, todo, advance):
+    from sparseseg.engine.backends import cached_backend
+
+    backend = cached_backend(job.backend)
+    for b in todo:
+        advance(process_blocks(job, [b]))
+    return backend.name, backend.device
+
+
+def _backend_info(job):
+    from sparseseg.engine.backends import cached_backend
+
+    b = cached_backend(job.backend)
+    return b.name, b.device
+
+
+def _with_dask(job, todo, advance, workers, scheduler, device, group_size):
+    from dask.distributed import as_completed
+
+    if scheduler:
+        from dask.distributed import Client
+
+        try:
+            client = Client(scheduler, timeout=10)
+        except (OSError, TimeoutError) as e:
+            raise SparsesegError(f"cannot reach the Dask scheduler at {scheduler}: {e}".splitlines()[0]) from None
+        threads = 0
+    else:
+        client, threads = _local_cluster(workers, device)
+    try:
+        if threads:
+            from dataclasses import replace
+
+            job = replace(job, backend=replace(job.backend, threads=threads))
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        # Small tasks, several per worker: good balance, and a lost worker loses little work.
+        size = group_size or max(1, min(8, len(todo) // (4 * n_workers)))
+        groups = [todo[i:i + size] for i in range(0, len(todo), size)]
+        futures = [client.submit(process_blocks, job, g, pure=False) for g in groups]
+        info = client.submit(_backend_info, job, pure=False)
+        try:
+            for fut in as_completed(futures):
+                advance(fut.result())
+        except BaseException:
+            client.cancel(futures)
+            raise
+        return info.result()
+    finally:
+        cluster = None if scheduler else client.cluster
+        client.close()
+        if cluster is not None:
+            cluster.close()

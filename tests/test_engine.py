@@ -1,0 +1,291 @@
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+
+from sparseseg.cli import main
+from sparseseg.engine.blocks import Block, block_size, make_blocks, read_plan
+from sparseseg.engine.run import run_inference
+from sparseseg.engine.tiling import pad_region, predict_array, torch_forward
+from sparseseg.trainer.checkpoint import load_checkpoint, save_checkpoint
+from sparseseg.trainer.model import SegmentationModel
+from sparseseg.volume import open_volume
+from tests.helpers import tiny_config
+
+ODD = (61, 75, 83)
+
+
+def make_engine(tmp_path, padding="valid", depth=3, name="m.pt"):
+    torch.manual_seed(0)
+    cfg = tiny_config(padding=padding, depth=depth, width=4, classes=3)
+    model = SegmentationModel(cfg, mean=[100.0], std=[30.0])
+    return save_checkpoint(tmp_path / name, model, None, ["a", "b", "c"], 255)
+
+
+def volume(tmp_path, shape=ODD, name="vol.npy", seed=0):
+    rng = np.random.default_rng(seed)
+    data = (rng.random(shape) * 200).astype(np.float32)
+    np.save(tmp_path / name, data)
+    return tmp_path / name, data
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """A .pt engine and its exported .onnx twin (onnxruntime is several times faster on CPU)."""
+    d = tmp_path_factory.mktemp("engines")
+    ck = make_engine(d)
+    assert CliRunner().invoke(main, ["export", str(ck)]).exit_code == 0
+    return ck, d / "m.onnx"
+
+
+def whole_pass(ckpt_path, data):
+    model = load_checkpoint(ckpt_path).model
+    g = model.cfg.geometry
+    outs = [r.output_at_least(n) for r, n in zip(g.axes, data.shape)]
+    padded = pad_region(data[None], g.context, [o - n + c for o, n, c in zip(outs, data.shape, g.context)])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(padded[None]))[0].numpy()
+    return logits[(slice(None),) + tuple(slice(0, n) for n in data.shape)]
+
+
+def assert_matches_whole_pass(labels, logits):
+    ref = logits.argmax(0)
+    agree = (labels == ref).mean()
+    assert agree >= 0.9999, agree
+    if agree < 1:
+        top2 = np.sort(logits, axis=0)[-2:]
+        margin = (top2[1] - top2[0])[labels != ref]
+        assert (margin <= 1e-4).all()
+
+
+def test_blocks_tile_the_volume():
+    geom = tiny_config(depth=3).geometry
+    blk = block_size(geom, (10, 30, 17), ODD)
+    assert all(b % s == 0 for b, s in zip(blk, geom.step))
+    blocks = make_blocks(ODD, blk)
+    cover = np.zeros(ODD, int)
+    for b in blocks:
+        cover[b.slices] += 1
+    assert (cover == 1).all()
+
+
+def test_read_plan_reflects_like_whole_volume_padding():
+    geom = tiny_config(depth=3).geometry
+    data = np.random.default_rng(1).random((1, 9, 11, 13)).astype(np.float32)
+    block = Block((0, 0, 0), (0, 4, 8), (9, 7, 5))
+    plan = read_plan(block, data.shape[1:], geom, (4, 4, 4), 0.5)
+    from sparseseg.engine.blocks import assemble
+
+    got = assemble(data[(slice(None),) + plan.region], plan)
+    big = np.pad(data, [(0, 0)] + [(60, 60)] * 3, mode="reflect")
+    starts = [s - c + 60 for s, c in zip(block.start, geom.context)]
+    want = big[(slice(None),) + tuple(slice(s, s + n) for s, n in zip(starts, got.shape[1:]))]
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("engine_kind", ["pt", "onnx"])
+def test_valid_network_equals_one_pass_any_block_and_tile(tmp_path, engines, engine_kind):
+    ck, onnx_engine = engines
+    path, data = volume(tmp_path)
+    logits = whole_pass(ck, data)
+    engine = ck if engine_kind == "pt" else onnx_engine
+    configs = [((16, 32, 24), (4, 8, 12)), ((64, 80, 88), None), ((8, 40, 16), (8, 20, 12))]
+    for i, (block, tile) in enumerate(configs if engine_kind == "onnx" else configs[1:2]):
+        out = tmp_path / f"o{i}.zarr"
+        s = run_inference(engine, path, out, workers=0, block=block, tile=tile, progress=False)
+        assert s["blocks_computed"] == s["blocks"] > 0
+        assert_matches_whole_pass(open_volume(out).read_labels(), logits)
+
+
+def test_dask_workers_give_the_same_result(tmp_path, engines):
+    ck, onnx_engine = engines
+    path, data = volume(tmp_path)
+    s = run_inference(onnx_engine, path, tmp_path / "o.zarr", workers=2, block=(16, 40, 40), tile=(8, 20, 20),
+                      progress=False, probabilities="uint8")
+    assert s["blocks_computed"] == 24 and s["backend"] == "onnxruntime"
+    assert_matches_whole_pass(open_volume(tmp_path / "o.zarr").read_labels(), whole_pass(ck, data))
+    g = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    probs = g["probabilities"][...]
+    assert probs.shape == (3,) + ODD and probs.dtype == np.uint8
+    assert np.abs(probs.astype(int).sum(0) - 255).max() <= 2
+
+
+def test_ome_zarr_output_metadata(tmp_path):
+    ck = make_engine(tmp_path)
+    path, _ = volume(tmp_path, shape=(20, 30, 40))
+    run_inference(ck, path, tmp_path / "o.zarr", workers=0, block=(8, 16, 16), progress=False)
+    g = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    assert g.metadata.zarr_format == 3
+    ms = g.attrs["ome"]["multiscales"][0]
+    assert g.attrs["ome"]["version"] == "0.5" and [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    arr = g[ms["datasets"][0]["path"]]
+    assert arr.dtype == np.uint8 and arr.shape == (20, 30, 40) and arr.chunks == (8, 16, 16)
+    assert g.attrs["sparseseg_run"]["engine_sha256"]
+
+
+def test_same_padding_blends_per_block(tmp_path):
+    ck = make_engine(tmp_path, padding="same", depth=2)
+    path, data = volume(tmp_path, shape=(30, 37, 41))
+    run_inference(ck, path, tmp_path / "o.zarr", workers=0, block=(16, 16, 16), tile=(8, 16, 16), progress=False)
+    got = open_volume(tmp_path / "o.zarr").read_labels()
+    model = load_checkpoint(ck).model
+    ref, _ = predict_array(torch_forward(model), data[None], model.cfg.geometry, tile_out=(8, 16, 16))
+    assert got.shape == ref.shape and (got == ref).mean() > 0.99
+
+
+def _cli(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "sparseseg.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+
+
+def test_resume_after_kill_recomputes_only_unfinished_blocks(tmp_path):
+    ck = make_engine(tmp_path)
+    path, _ = volume(tmp_path, shape=(24, 48, 48))
+    args = ["infer", "--engine", ck, path, "--block", "8,16,16", "--workers", "0", "--json"]
+    ref = _cli(*args, "--output", tmp_path / "ref.zarr")
+    assert ref.wait(120) == 0, ref.stderr.read()
+    p = _cli(*args, "--output", tmp_path / "o.zarr", env={"SPARSESEG_BLOCK_DELAY": "0.3"})
+    done_dir = tmp_path / "o.zarr" / ".sparseseg-done"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 4):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    finished = len(list(done_dir.iterdir()))
+    assert 4 <= finished < 27
+    r = _cli(*args, "--output", tmp_path / "o.zarr")          # no --resume: refused, untouched
+    assert r.wait(60) == 1 and "--resume" in r.stderr.read()
+    assert len(list(done_dir.iterdir())) == finished
+    r = _cli(*args, "--output", tmp_path / "o.zarr", "--resume")
+    assert r.wait(120) == 0
+    summary = json.loads(r.stdout.read().strip().splitlines()[-1])
+    assert summary["blocks_skipped"] == finished and summary["blocks_computed"] == 27 - finished
+    assert np.array_equal(open_volume(tmp_path / "o.zarr").read_labels(), open_volume(tmp_path / "ref.zarr").read_labels())
+
+
+def test_worker_killed_mid_run_loses_nothing(tmp_path, monkeypatch):
+    import threading
+
+    import psutil
+
+    ck = make_engine(tmp_path)
+    path, data = volume(tmp_path, shape=(24, 48, 48))
+    monkeypatch.setenv("SPARSESEG_BLOCK_DELAY", "0.4")
+    result = {}
+
+    def go():
+        result["s"] = run_inference(ck, path, tmp_path / "o.zarr", workers=2, block=(8, 16, 16), progress=False,
+                                    group_size=1)
+
+    t = threading.Thread(target=go)
+    t.start()
+    done_dir = tmp_path / "o.zarr" / ".sparseseg-done"
+    deadline = time.time() + 90
+    while time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 3):
+        time.sleep(0.05)
+    # worker processes are spawned children of this process (the nannies run in it)
+    workers = [c for c in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(c.cmdline())]
+    assert workers, "no dask worker process found"
+    os.kill(workers[0].pid, signal.SIGKILL)
+    t.join(180)
+    assert result["s"]["blocks_computed"] == 27
+    assert_matches_whole_pass(open_volume(tmp_path / "o.zarr").read_labels(), whole_pass(ck, data))
+
+
+MAKE_ZARR = """
+import sys, numpy as np, zarr
+shape = tuple(int(v) for v in sys.argv[2].split(","))
+a = zarr.create_array(sys.argv[1], shape=shape, chunks=(16, 128, 128), dtype="float32")
+rng = np.random.default_rng(0)
+for z in range(0, shape[0], 16):
+    a[z:z + 16] = rng.random((min(16, shape[0] - z),) + shape[1:], dtype=np.float32) * 200
+"""
+
+MEASURE = """
+import resource, sys
+from sparseseg.engine.backends import BackendSpec, cached_backend
+from sparseseg.engine.run import run_inference
+cached_backend(BackendSpec(sys.argv[1], "auto", "fp32"))          # imports and engine load: the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run_inference(sys.argv[1], sys.argv[2], sys.argv[3], workers=0, block=(32, 128, 128), progress=False)
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_does_not_grow_with_volume(tmp_path):
+    """Same blocks, 4x the voxels (8 M -> 32 M, 32 -> 128 MB of float32 input): peak RSS stays
+    within 1.3x, and so does its growth above the baseline (imports and engine), which a run
+    that held the volume in memory would multiply."""
+    # A one-level network: the test is about memory, not about the network.
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=1, width=2), mean=[100.0], std=[30.0])
+    ck = save_checkpoint(tmp_path / "cheap.pt", model, None, ["a", "b"], 255)
+    assert CliRunner().invoke(main, ["export", str(ck)]).exit_code == 0
+    onnx_engine = tmp_path / "cheap.onnx"
+    peaks, growth = [], []
+    for shape in ("32,512,512", "128,512,512"):
+        store = tmp_path / f"v{shape.split(',')[0]}.zarr"
+        subprocess.run([sys.executable, "-c", MAKE_ZARR, str(store), shape], check=True, timeout=300)
+        r = subprocess.run([sys.executable, "-c", MEASURE, str(onnx_engine), str(store), str(store) + ".out.zarr"],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        before, peak = map(int, r.stdout.split()[-2:])
+        peaks.append(peak)
+        growth.append(peak - before)
+    print("peak RSS KiB", peaks, "growth above baseline KiB", growth)
+    assert peaks[1] <= 1.3 * peaks[0], peaks
+    assert growth[1] <= 1.3 * growth[0] + 16_000, growth      # KiB; 16 MB slack for allocator noise
+
+
+def test_infer_error_paths(tmp_path):
+    ck = make_engine(tmp_path)
+    path, data = volume(tmp_path, shape=(12, 20, 20))
+
+    def err(args, text):
+        r = CliRunner().invoke(main, ["infer", *map(str, args)])
+        assert r.exit_code == 1 and r.output.startswith("error: ") and text in r.output, r.output
+        assert r.output.count("\n") == 1, r.output
+
+    base = ["--workers", "0"]
+    err(["--engine", ck, tmp_path / "missing.zarr", *base], "no such file")
+    (tmp_path / "corrupt.zarr").mkdir()
+    (tmp_path / "corrupt.zarr" / "zarr.json").write_text("{not json")
+    err(["--engine", ck, tmp_path / "corrupt.zarr", *base], "cannot open zarr store")
+    np.save(tmp_path / "two.npy", np.zeros((2, 12, 20, 20), np.float32))
+    err(["--engine", ck, tmp_path / "two.npy", *base], "engine expects 1")
+    np.save(tmp_path / "cplx.npy", np.zeros((12, 20, 20), np.complex64))
+    err(["--engine", ck, tmp_path / "cplx.npy", *base], "unsupported dtype")
+    bad = data.copy()
+    bad[11, 19, 19] = np.inf
+    np.save(tmp_path / "inf.npy", bad)
+    err(["--engine", ck, tmp_path / "inf.npy", "--block", "8,16,16", *base], "NaN or Inf in the input of block 0_0_0 (z 0:8")
+    (tmp_path / "fake.onnx").write_bytes(b"garbage")
+    err(["--engine", tmp_path / "fake.onnx", path, *base], "not a readable ONNX model")
+    (tmp_path / "fake.pt").write_bytes(b"garbage")
+    err(["--engine", tmp_path / "fake.pt", path, *base], "checkpoint")
+    err(["--engine", tmp_path / "x.txt", path, *base], "no such engine")
+    (tmp_path / "x.txt").write_text("x")
+    err(["--engine", tmp_path / "x.txt", path, *base], "unknown engine type")
+    out = tmp_path / "o.zarr"
+    r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--output", str(out), *base])
+    assert r.exit_code == 0, r.output
+    before = open_volume(out).read_labels()
+    err(["--engine", ck, path, "--output", out, *base], "exists")
+    other = make_engine(tmp_path, depth=2, name="other.pt")
+    err(["--engine", other, path, "--output", out, "--resume", *base], "different engine")
+    err(["--engine", ck, path, "--output", out, "--resume", "--block", "4,8,8", *base], "different --block")
+    assert np.array_equal(open_volume(out).read_labels(), before)
+    err(["--engine", ck, path, "--output", tmp_path / "o2.zarr", "--scheduler", "tcp://127.0.0.1:9"],
+        "cannot reach the Dask scheduler")
+    err(["--engine", ck, path, "--tile", "5,5,5", *base], "nearest valid")
