@@ -20,19 +20,25 @@ def predict_volume(model, image: np.ndarray, tile=None, batch: int = 1, device="
 
 
 def densify(image_path, labels_path, out, options: dict, model_out=None, tile=None, overwrite=False) -> dict:
+    """Train on the volume's own sparse labels, then predict it with the engine (in this
+    process): the same blocked, exact path as `sparseseg-infer`, so any volume size works."""
+    import tempfile
+    from pathlib import Path
+
     from sparseseg.cli import build_configs
+    from sparseseg.engine.run import run_inference
     from sparseseg.trainer.data import load_pairs
-    from sparseseg.trainer.train import resolve_device, train
-    from sparseseg.volume import write_ome_zarr
+    from sparseseg.trainer.train import train
 
     vols = load_pairs([image_path], [labels_path], options["ignore_label"])
     mcfg, tcfg, names = build_configs(vols, options)
-    res = train(vols, mcfg, tcfg, names, out_path=model_out)
-    t0 = time.time()
-    device = resolve_device(options["device"])
-    labels, _ = predict_volume(res.model, vols[0].image, tile=tile, device=device)
-    predict_seconds = time.time() - t0
-    write_ome_zarr(out, labels, voxel_size=vols[0].voxel_size, overwrite=overwrite)
+    with tempfile.TemporaryDirectory(prefix="sparseseg-densify-") as tmp:
+        ckpt = Path(model_out) if model_out else Path(tmp) / "model.pt"
+        res = train(vols, mcfg, tcfg, names, out_path=ckpt)
+        del vols                                  # the engine reads the volume block by block
+        t0 = time.time()
+        summary = run_inference(ckpt, image_path, out, workers=0, tile=tile, overwrite=overwrite,
+                                device=options["device"])
     log.info("wrote %s", out)
-    return {"output": str(out), "train_seconds": res.seconds, "predict_seconds": predict_seconds,
-            "model": res.model, "labels": labels}
+    return {"output": summary["output"], "train_seconds": res.seconds, "predict_seconds": time.time() - t0,
+            "model": res.model}

@@ -76,27 +76,55 @@ def reflect_index(coords: np.ndarray, n: int) -> np.ndarray:
 @dataclass(frozen=True)
 class ReadPlan:
     """How to build a block's padded input: read `region` from the store, then index each axis
-    with `take[a]` (positions inside the region) to get the reflect-padded input."""
+    with `take[a]` (positions inside the region) to get the reflect-padded input. The tiles
+    predict `out_shape` voxels starting `offset` voxels before the block (0 for valid nets)."""
 
     region: tuple[slice, slice, slice]
     take: tuple[np.ndarray, np.ndarray, np.ndarray]
     identity: bool                   # no padding needed: the region is the input as it is
+    out_shape: tuple[int, int, int]
+    offset: tuple[int, int, int]
 
 
-def read_plan(block: Block, volume_shape, geometry, tile_out, overlap: float, halo=(0, 0, 0)) -> ReadPlan:
-    """The input a block needs: from `start - context - halo` over the tile layout's extent."""
-    out_shape = tuple(n + 2 * h for n, h in zip(block.shape, halo))
+def _same_tiles(start: int, size: int, n: int, tile: int, stride: int) -> tuple[int, int]:
+    """First and last index k of the global tiles [k*stride, k*stride + tile) that touch
+    [start, start + size), for a volume of n voxels covered by tiles k = 0 .. k_max."""
+    k_max = math.ceil(max(n - tile, 0) / stride)
+    first = max(0, -((tile - 1 - start) // stride))       # ceil((start - tile + 1) / stride)
+    last = min(k_max, (start + size - 1) // stride)
+    return first, last
+
+
+def read_plan(block: Block, volume_shape, geometry, tile_out, overlap: float) -> ReadPlan:
+    """The input a block needs.
+
+    Valid networks: the block itself from `start - context` over the tile layout's extent.
+    Same-padding networks: all tiles of the *global* grid (offsets k * stride) that touch the
+    block, so every voxel is blended from exactly the tiles and weights a whole-volume pass
+    would give it: seamless, with only the tiles at block borders computed twice.
+    """
+    from sparseseg.engine.tiling import tile_stride
+
+    if geometry.padding == "same":
+        stride = tile_stride(geometry, tile_out, overlap)
+        spans = [_same_tiles(s, b, n, t, st) for s, b, n, t, st in
+                 zip(block.start, block.shape, volume_shape, tile_out, stride)]
+        first = tuple(f * st for (f, _), st in zip(spans, stride))
+        out_shape = tuple((last - f) * st + t for (f, last), st, t in zip(spans, stride, tile_out))
+        offset = tuple(s - f for s, f in zip(block.start, first))
+    else:
+        first, out_shape, offset = block.start, block.shape, (0, 0, 0)
     _, _, extent = tile_layout(geometry, out_shape, tile_out, overlap)
     region, take, identity = [], [], True
-    for start, ctx, h, ext, n in zip(block.start, geometry.context, halo, extent, volume_shape):
-        coords = np.arange(start - ctx - h, start - ctx - h + ext)
+    for start, ctx, ext, n in zip(first, geometry.context, extent, volume_shape):
+        coords = np.arange(start - ctx, start - ctx + ext)
         idx = reflect_index(coords, n)
         lo, hi = int(idx.min()), int(idx.max()) + 1
         region.append(slice(lo, hi))
         local = idx - lo
         take.append(local)
         identity &= bool(np.array_equal(local, np.arange(ext)))
-    return ReadPlan(tuple(region), tuple(take), identity)
+    return ReadPlan(tuple(region), tuple(take), identity, tuple(out_shape), tuple(offset))
 
 
 def assemble(data: np.ndarray, plan: ReadPlan) -> np.ndarray:

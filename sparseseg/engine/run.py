@@ -4,7 +4,6 @@ hand one small task per group of blocks to Dask (or run them in this process).""
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -31,10 +30,10 @@ def default_output(input_path: str) -> Path:
     return store.with_name(store.name.split(".")[0] + "_segmentation.zarr")
 
 
-def _run_record(contract, engine_sha, geometry, block, tile, overlap, halo, shape, probabilities) -> dict:
+def _run_record(contract, engine_sha, geometry, block, tile, overlap, shape, probabilities) -> dict:
     return {"engine_sha256": engine_sha, "checkpoint_sha256": contract.get("checkpoint_sha256"),
             "geometry": geometry.to_dict(), "block": list(block), "tile": list(tile), "overlap": overlap,
-            "halo": list(halo), "input_shape": list(shape), "probabilities": probabilities,
+            "input_shape": list(shape), "probabilities": probabilities,
             "class_names": contract["class_names"]}
 
 
@@ -133,13 +132,8 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     shape = vol.shape
     blk = block_size(geometry, block, shape)
     tile = check_tile(geometry, tile or default_tile_output(geometry, blk))
-    halo = (0, 0, 0)
-    if geometry.padding == "same":
-        # Same-padding networks see past their tile: blend over a halo of half a tile per side
-        # (rounded to the grid step) so blocks join without seams, never over the whole volume.
-        halo = tuple(min(n, math.ceil(t / 2 / r.step) * r.step) for t, r, n in zip(tile, geometry.axes, shape))
     out = Path(output) if output else default_output(input_path)
-    record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, halo, shape, probabilities)
+    record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, shape, probabilities)
     _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite)
 
     blocks = make_blocks(shape, blk)
@@ -147,7 +141,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     skipped = len(blocks) - len(todo)
     spec = BackendSpec(str(Path(engine).resolve()), device, precision)
     job = BlockJob(str(Path(input_path).resolve()) if ":" not in str(input_path) else str(input_path),
-                   str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, halo, probabilities)
+                   str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities)
     voxels_total = sum(b.voxels for b in todo)
     log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, backend %s", input_path, len(blocks),
              blk, len(todo), skipped, tile, Path(engine).suffix)

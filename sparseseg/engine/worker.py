@@ -39,7 +39,6 @@ class BlockJob:
     tile: tuple
     overlap: float
     batch: int
-    halo: tuple
     probabilities: str | None      # None | "uint8" | "float16"
 
 
@@ -92,21 +91,20 @@ def _chunk_files(array_dir: Path, block: Block, chunks, lead=()) -> list[Path]:
 
 def _read(job: BlockJob, block: Block, geometry):
     vol, _, _ = _open(job)
-    plan = read_plan(block, job.volume_shape, geometry, job.tile, job.overlap, job.halo)
+    plan = read_plan(block, job.volume_shape, geometry, job.tile, job.overlap)
     data = vol.read(plan.region, dtype=np.float32)
     if not np.isfinite(data).all():
         where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx", block.slices))
         raise SparsesegError(f"NaN or Inf in the input of block {block.key} ({where})")
-    return assemble(data, plan)
+    return assemble(data, plan), plan
 
 
-def _compute(job: BlockJob, block: Block, geometry, padded):
+def _compute(job: BlockJob, block: Block, geometry, padded, plan):
     backend = cached_backend(job.backend)
-    out_shape = tuple(n + 2 * h for n, h in zip(block.shape, job.halo))
-    labels, probs = predict_padded(backend.forward, padded, geometry, out_shape, job.tile, job.batch, job.overlap,
-                                   probabilities=job.probabilities is not None,
+    labels, probs = predict_padded(backend.forward, padded, geometry, plan.out_shape, job.tile, job.batch,
+                                   job.overlap, probabilities=job.probabilities is not None,
                                    num_classes=backend.contract["num_classes"])
-    crop = tuple(slice(h, h + n) for h, n in zip(job.halo, block.shape))
+    crop = tuple(slice(o, o + n) for o, n in zip(plan.offset, block.shape))
     labels = labels[crop]
     if probs is not None:
         probs = probs[(slice(None),) + crop]
@@ -143,10 +141,10 @@ def process_blocks(job: BlockJob, blocks: list[Block]) -> list[tuple[str, int, f
         pending_write = None
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
-            padded = pending_read.result()
+            padded, plan = pending_read.result()
             if i + 1 < len(blocks):
                 pending_read = reader.submit(_read, job, blocks[i + 1], geometry)
-            labels, probs = _compute(job, block, geometry, padded)
+            labels, probs = _compute(job, block, geometry, padded, plan)
             if delay:
                 time.sleep(delay)
             if pending_write is not None:
