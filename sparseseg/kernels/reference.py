@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _reflect(coords: np.ndarray, n: int) -> np.ndarray:
-    if n == 1:
-        return np.zeros_like(coords)
-    period = 2 * (n - 1)
-    m = np.mod(coords, period)
-    return np.where(m >= n, period - m, m)
+from sparseseg.engine.blocks import reflect_index as _reflect
 
 
 def gather(block, offsets, block_origin, volume_shape, tile_shape, mean, std, out_dtype=np.float32):
