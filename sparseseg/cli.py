@@ -144,14 +144,6 @@ def _train_options_only(kwargs):
     return {k: kwargs[k] for k in keys}
 
 
-def _refuse_existing(path, force: bool, flag: str = "--force"):
-    p = Path(path)
-    if p.exists() and not force:
-        raise SparsesegError(f"{p} exists; pass {flag} to replace it")
-    if not p.parent.exists():
-        raise SparsesegError(f"output directory does not exist: {p.parent}")
-
-
 # ------------------------------------------------------------------ commands
 
 @click.command("train")
@@ -167,9 +159,10 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
     _setup_logging()
     from sparseseg.trainer.data import load_pairs
     from sparseseg.trainer.train import train
+    from sparseseg.volume import check_output
 
     if not resume or Path(resume).resolve() != Path(out).resolve():
-        _refuse_existing(out, force)
+        check_output(out, force, "--force")
     vols = load_pairs(images, labels, kwargs["ignore_label"])
     mcfg, tcfg, names = build_configs(vols, _train_options_only(kwargs))
     res = train(vols, mcfg, tcfg, names, out_path=out, resume=resume)
@@ -190,10 +183,11 @@ def densify_cmd(image, labels, out, model_out, tile, overwrite, **kwargs):
     """Train on one volume's own sparse labels and write its dense segmentation (semi-automated)."""
     _setup_logging()
     from sparseseg.pipeline import densify
+    from sparseseg.volume import check_output
 
-    _refuse_existing(out, overwrite, "--overwrite")
+    check_output(out, overwrite)
     if model_out:
-        _refuse_existing(model_out, overwrite, "--overwrite")
+        check_output(model_out, overwrite)
     summary = densify(image, labels, out, _train_options_only(kwargs), model_out=model_out,
                       tile=parse_triple(tile, "--tile"), overwrite=overwrite)
     click.echo(f"dense segmentation written to {summary['output']} ({summary['train_seconds']:.1f} s training, "

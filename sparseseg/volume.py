@@ -257,16 +257,23 @@ def create_ome_zarr(path, shape, dtype, chunks, voxel_size=None, name="labels", 
     return group.create_array("0", shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), fill_value=0)
 
 
-def write_ome_zarr(path, data: np.ndarray, voxel_size=None, chunks=None, name="labels", overwrite=False):
-    """Write a whole array as an OME-Zarr image, atomically: a temporary sibling is renamed into
-    place, so an interrupted write never leaves a half-written store under the final name."""
+def check_output(path, replace: bool, flag: str = "--overwrite") -> Path:
+    """The one check before writing any output: refuse an existing path unless `replace`, and a
+    missing or unwritable directory. Nothing already written is touched."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise SparsesegError(f"{path} exists (pass --overwrite to replace it)")
-    if not path.parent.exists():
+    if path.exists() and not replace:
+        raise SparsesegError(f"{path} exists; pass {flag} to replace it")
+    if not path.parent.is_dir():
         raise SparsesegError(f"output directory does not exist: {path.parent}")
     if not os.access(path.parent, os.W_OK):
         raise SparsesegError(f"output directory is not writable: {path.parent}")
+    return path
+
+
+def write_ome_zarr(path, data: np.ndarray, voxel_size=None, chunks=None, name="labels", overwrite=False):
+    """Write a whole array as an OME-Zarr image, atomically: a temporary sibling is renamed into
+    place, so an interrupted write never leaves a half-written store under the final name."""
+    path = check_output(path, overwrite)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -40,7 +40,7 @@ def _run_record(contract, engine_sha, geometry, block, tile, overlap, shape, pro
 def _prepare_output(out: Path, record: dict, voxel_size, num_classes, resume: bool, overwrite: bool) -> None:
     import zarr
 
-    from sparseseg.volume import ngff_attrs
+    from sparseseg.volume import check_output, ngff_attrs
 
     if out.exists():
         if resume:
@@ -60,11 +60,9 @@ def _prepare_output(out: Path, record: dict, voxel_size, num_classes, resume: bo
             return
         if not overwrite:
             raise SparsesegError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
+    check_output(out, replace=True)
+    if out.exists():
         shutil.rmtree(out)
-    if not out.parent.is_dir():
-        raise SparsesegError(f"output directory does not exist: {out.parent}")
-    if not os.access(out.parent, os.W_OK):
-        raise SparsesegError(f"output directory is not writable: {out.parent}")
     import numcodecs  # noqa: F401  (zarr's default codecs; imported so a missing install fails here)
 
     shape = tuple(record["input_shape"])

@@ -96,12 +96,10 @@ class ExportReport:
 
 
 def atomic_target(path: Path, force: bool) -> Path:
-    if path.exists() and not force:
-        raise SparsesegError(f"{path} exists; pass --force to replace it")
-    if not path.parent.is_dir():
-        raise SparsesegError(f"output directory does not exist: {path.parent}")
-    if not os.access(path.parent, os.W_OK):
-        raise SparsesegError(f"output directory is not writable: {path.parent}")
+    """The temporary sibling to write before renaming into `path` (after the output checks)."""
+    from sparseseg.volume import check_output
+
+    check_output(path, force, "--force")
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
