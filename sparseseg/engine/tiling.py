@@ -175,16 +175,13 @@ def predict_array(forward, image: np.ndarray, geometry, tile_out=None, batch: in
     return predict_padded(forward, padded, geometry, shape, tile_out, batch, overlap, probabilities)
 
 
-def torch_forward(model, device="cpu", dtype=None):
-    """Wrap an eval-mode torch module as a numpy forward function."""
+def torch_forward(model, device="cpu"):
+    """Wrap an eval-mode torch module as a numpy forward function (in-memory use; the engine's
+    TorchBackend adds CUDA autocast)."""
     import torch
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            t = torch.from_numpy(x).to(device)
-            if dtype is not None and device != "cpu":
-                with torch.autocast(device_type="cuda", dtype=dtype):
-                    return model(t).float().cpu().numpy()
-            return model(t).float().cpu().numpy()
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
 
     return run
