@@ -63,8 +63,6 @@ def _prepare_output(out: Path, record: dict, voxel_size, num_classes, resume: bo
     check_output(out, replace=True)
     if out.exists():
         shutil.rmtree(out)
-    import numcodecs  # noqa: F401  (zarr's default codecs; imported so a missing install fails here)
-
     shape = tuple(record["input_shape"])
     group = zarr.open_group(str(out), mode="w", zarr_format=3)
     attrs = ngff_attrs("segmentation", voxel_size)
@@ -114,7 +112,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
                   group_size=None, progress=None) -> dict:
     from sparseseg.export.contract import geometry_of_contract, read_contract
     from sparseseg.trainer.checkpoint import file_sha256
-    from sparseseg.volume import open_volume
+    from sparseseg.volume import open_volume, split_store_path
 
     if resume and overwrite:
         raise SparsesegError("--resume and --overwrite exclude each other")
@@ -124,8 +122,6 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     vol = open_volume(input_path)
     if vol.channels != contract["in_channels"]:
         raise SparsesegError(f"{input_path} has {vol.channels} channel(s), the engine expects {contract['in_channels']}")
-    if np.dtype(vol.dtype).kind not in "biuf":
-        raise SparsesegError(f"{input_path}: unsupported dtype {vol.dtype}")
     geometry = geometry_of_contract(contract)
     shape = vol.shape
     blk = block_size(geometry, block, shape)
@@ -138,8 +134,9 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     todo = [b for b in blocks if not (resume and is_done(out, b))]
     skipped = len(blocks) - len(todo)
     spec = BackendSpec(str(Path(engine).resolve()), device, precision)
-    job = BlockJob(str(Path(input_path).resolve()) if ":" not in str(input_path) else str(input_path),
-                   str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities)
+    store, inner = split_store_path(input_path)
+    source = str(Path(store).resolve()) + (f":{inner}" if inner else "")   # workers may run elsewhere
+    job = BlockJob(source, str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities)
     voxels_total = sum(b.voxels for b in todo)
     log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, backend %s", input_path, len(blocks),
              blk, len(todo), skipped, tile, Path(engine).suffix)
@@ -179,8 +176,8 @@ def _in_process(job, todo, advance):
     from sparseseg.engine.backends import cached_backend
 
     backend = cached_backend(job.backend)
-    for b in todo:
-        advance(process_blocks(job, [b]))
+    # One group: reading the next block and writing the previous one overlap with compute.
+    process_blocks(job, todo, on_block=lambda result: advance([result]))
     return backend.name, backend.device
 
 

@@ -129,8 +129,9 @@ def _write(job: BlockJob, block: Block, labels, probs):
         os.fsync(f.fileno())
 
 
-def process_blocks(job: BlockJob, blocks: list[Block]) -> list[tuple[str, int, float]]:
-    """Run a group of blocks with read-ahead and write-behind; returns (key, voxels, seconds)."""
+def process_blocks(job: BlockJob, blocks: list[Block], on_block=None) -> list[tuple[str, int, float]]:
+    """Run a group of blocks with read-ahead and write-behind; returns (key, voxels, seconds) per
+    block, and passes each to `on_block` once its write has finished (for in-process progress)."""
     from sparseseg.trainer.shapes import NetGeometry
 
     geometry = NetGeometry.from_dict(job.geometry)
@@ -149,8 +150,12 @@ def process_blocks(job: BlockJob, blocks: list[Block]) -> list[tuple[str, int, f
                 time.sleep(delay)
             if pending_write is not None:
                 pending_write.result()          # surface write errors in order
+                if on_block:
+                    on_block(results[-1])
             pending_write = writer.submit(_write, job, block, labels, probs)
             results.append((block.key, block.voxels, time.perf_counter() - t0))
         if pending_write is not None:
             pending_write.result()
+            if on_block:
+                on_block(results[-1])
     return results

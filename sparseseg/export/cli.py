@@ -12,7 +12,7 @@ from sparseseg.errors import SparsesegError
 def run_export(model, onnx_path, plan_path, precision, tiles, batch, workspace, calibration, version_compatible,
                verify: bool, simplify: bool, force: bool) -> list[str]:
     from sparseseg.engine.tiling import check_tile
-    from sparseseg.export.onnx_export import ExportReport, atomic_target, export_onnx, verify_onnx
+    from sparseseg.export.onnx_export import ExportReport, export_onnx, verify_onnx
     from sparseseg.trainer.checkpoint import file_sha256, load_checkpoint
 
     ckpt = load_checkpoint(model)
@@ -33,12 +33,12 @@ def run_export(model, onnx_path, plan_path, precision, tiles, batch, workspace, 
         import_tensorrt()                  # fail before writing anything when it is missing
     for t in tiles:
         check_tile(ckpt.model_config.geometry, t)
+    from sparseseg.volume import check_output, open_volume
+
     for out in (onnx_out, plan_out):
         if out is not None:
-            atomic_target(out, force)      # exists / directory / writable checks
+            check_output(out, force, "--force")
     if calibration is not None:
-        from sparseseg.volume import open_volume
-
         open_volume(calibration)           # a missing calibration volume fails before the export
 
     sha = file_sha256(model)
