@@ -26,16 +26,14 @@ DEFAULT_TILE_INPUT = (64, 96, 96)   # a CPU-friendly default; engines may carry 
 
 
 def default_tile_output(geometry, shape, budget=DEFAULT_TILE_INPUT) -> tuple[int, int, int]:
-    """A valid tile output size: as large as the budget allows, no larger than the region needs,
-    and at least one grid step (so the stride is never 0)."""
+    """A valid tile output size per axis: one tile when the region fits the budget, else the
+    largest valid size within it; never below one grid step (so the stride is never 0)."""
     out = []
     for rule, n, b in zip(geometry.axes, shape, budget):
         if geometry.padding == "valid":
-            want = min(b - 2 * rule.context, n)
-            m = rule.output_at_most(max(want, rule.min_output)) or rule.min_output
-            m = max(m, rule.output_at_least(min(n, rule.step)))
-            if m < n and m < b - 2 * rule.context:
-                m = rule.output_at_least(min(n, b))
+            cap = b - 2 * rule.context
+            m = rule.output_at_least(n) if n <= cap else (rule.output_at_most(cap) or rule.min_output)
+            m = max(m, rule.output_at_least(rule.step))
         else:
             m = max(rule.step, (min(b, max(n, 1)) + rule.step - 1) // rule.step * rule.step)
         out.append(m)
