@@ -38,11 +38,13 @@ class PatchSampler:
         """(volume index, input window start, output window start) in volume coordinates."""
         vi = int(self.rng.choice(len(self.counts), p=self.counts / self.counts.sum()))
         c = self.coords[vi][self.rng.integers(len(self.coords[vi]))]
+        # Any output window containing the voxel whose input stays inside the volume. The range is
+        # never empty: the voxel lies >= context from the border and the patch fits the volume.
         start = []
-        for axis, (pos, ctx, out, n) in enumerate(zip(c, self.context, self.out_shape, self.shapes[vi])):
+        for pos, ctx, out, n in zip(c, self.context, self.out_shape, self.shapes[vi]):
             lo = max(ctx, int(pos) - out + 1)
             hi = min(n - ctx - out, int(pos))
-            start.append(int(self.rng.integers(lo, hi + 1)) if hi >= lo else max(ctx, min(int(pos), n - ctx - out)))
+            start.append(int(self.rng.integers(lo, hi + 1)))
         out_start = tuple(start)
         in_start = tuple(s - ctx for s, ctx in zip(out_start, self.context))
         return vi, in_start, out_start
