@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparseseg.model.config import plan_model
 from sparseseg.pipeline import predict_volume
-from sparseseg.trainer.config import TrainConfig, plan_model
+from sparseseg.trainer.config import TrainConfig
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.metrics import iou_per_class
 from sparseseg.trainer.sparse import annotated_mask, sparsify

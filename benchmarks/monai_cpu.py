@@ -17,7 +17,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -79,7 +78,8 @@ def main():
     import zarr
 
     from sparseseg.cli import main as cli_main  # noqa: F401  (import check)
-    from sparseseg.trainer.config import TrainConfig, plan_model
+    from sparseseg.model.config import plan_model
+    from sparseseg.trainer.config import TrainConfig
     from sparseseg.trainer.data import TrainingVolume
     from sparseseg.trainer.train import train
     from sparseseg.volume import open_volume

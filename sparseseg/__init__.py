@@ -14,6 +14,6 @@ def load_model(path, device="cpu"):
     The module maps raw float32 intensities (N, C, Z, Y, X) to class logits; it applies the
     checkpoint's normalization itself, so an exported graph is self-contained.
     """
-    from sparseseg.trainer.checkpoint import load_checkpoint
+    from sparseseg.model.checkpoint import load_checkpoint
 
     return load_checkpoint(path, device=device).model

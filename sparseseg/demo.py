@@ -12,7 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-
 from sparseseg.errors import SparsesegError
 
 log = logging.getLogger("sparseseg.demo")
@@ -25,9 +24,10 @@ ITERATIONS = 300
 def run_demo(workdir, iterations=None, seed: int = 0, shape=SHAPE) -> dict:
     import torch
 
+    from sparseseg.model.config import plan_model
     from sparseseg.pipeline import predict_volume
     from sparseseg.synthetic import CLASS_NAMES, tubules
-    from sparseseg.trainer.config import TrainConfig, plan_model
+    from sparseseg.trainer.config import TrainConfig
     from sparseseg.trainer.data import TrainingVolume
     from sparseseg.trainer.figure import draw_figure
     from sparseseg.trainer.metrics import iou_per_class

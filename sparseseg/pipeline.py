@@ -25,9 +25,9 @@ def densify(image_path, labels_path, out, options: dict, model_out=None, tile=No
     import tempfile
     from pathlib import Path
 
-    from sparseseg.cli import build_configs
     from sparseseg.engine.run import run_inference
     from sparseseg.trainer.data import load_pairs
+    from sparseseg.trainer.options import build_configs
     from sparseseg.trainer.train import train
 
     vols = load_pairs([image_path], [labels_path], options["ignore_label"])

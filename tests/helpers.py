@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from sparseseg.trainer.config import TrainConfig, plan_model
+from sparseseg.model.config import plan_model
+from sparseseg.trainer.config import TrainConfig
 
 
 def blobs(shape=(24, 40, 40), seed=0):

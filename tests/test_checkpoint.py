@@ -3,9 +3,9 @@ import torch
 
 import sparseseg
 from sparseseg.errors import CheckpointError
-from sparseseg.trainer.checkpoint import load_checkpoint, save_checkpoint
+from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
+from sparseseg.model.network import SegmentationModel
 from sparseseg.trainer.config import TrainConfig
-from sparseseg.trainer.model import SegmentationModel
 from tests.helpers import tiny_config
 
 
@@ -17,7 +17,7 @@ def test_round_trip(tmp_path):
                            voxel_size=(2.0, 1.0, 1.0))
     ck = load_checkpoint(path)
     assert ck.model_config == cfg and ck.class_names == ["a", "b", "c"] and ck.iteration == 7
-    assert ck.train_config.iterations == 7 and ck.voxel_size == [2.0, 1.0, 1.0]
+    assert ck.train_config["iterations"] == 7 and ck.voxel_size == [2.0, 1.0, 1.0]
     assert ck.normalization == {"mean": [1.0, 2.0], "std": [3.0, 4.0]}
     x = torch.randn(1, 2, *cfg.geometry.min_input)
     with torch.no_grad():

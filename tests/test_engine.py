@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +15,8 @@ from sparseseg.cli import main
 from sparseseg.engine.blocks import Block, block_size, make_blocks, read_plan
 from sparseseg.engine.run import run_inference
 from sparseseg.engine.tiling import pad_region, predict_array, torch_forward
-from sparseseg.trainer.checkpoint import load_checkpoint, save_checkpoint
-from sparseseg.trainer.model import SegmentationModel
+from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
+from sparseseg.model.network import SegmentationModel
 from sparseseg.volume import open_volume
 from tests.helpers import tiny_config
 

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 from sparseseg.cli import main
 from sparseseg.errors import SparsesegError
-from sparseseg.export.contract import read_contract, sidecar_path
 from sparseseg.export.onnx_export import fold_batchnorm, ort_session
 from sparseseg.export.tensorrt import (
     check_plan_compatible,
@@ -18,10 +17,11 @@ from sparseseg.export.tensorrt import (
     plan_contract,
     profile_shapes,
 )
-from sparseseg.trainer.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from sparseseg.trainer.config import ModelConfig
+from sparseseg.model.checkpoint import file_sha256, load_checkpoint
+from sparseseg.model.config import ModelConfig
+from sparseseg.model.contract import read_contract, sidecar_path
+from sparseseg.model.network import SegmentationModel
 from sparseseg.trainer.data import TrainingVolume
-from sparseseg.trainer.model import SegmentationModel
 from sparseseg.trainer.train import train
 from tests.helpers import blobs, fast_train_config, tiny_config
 

@@ -1,7 +1,12 @@
 import numpy as np
 import torch
 
-from sparseseg.trainer.losses import balanced_class_weights, segmentation_loss, soft_jaccard, weighted_cross_entropy
+from sparseseg.trainer.losses import (
+    balanced_class_weights,
+    segmentation_loss,
+    soft_jaccard,
+    weighted_cross_entropy,
+)
 from sparseseg.trainer.metrics import iou_per_class
 
 

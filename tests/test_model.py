@@ -1,7 +1,8 @@
 import torch
 
-from sparseseg.trainer.config import ModelConfig, plan_model
-from sparseseg.trainer.model import SegmentationModel, UNet, count_parameters
+from sparseseg.model.config import ModelConfig, plan_model
+from sparseseg.model.network import SegmentationModel, count_parameters
+from sparseseg.model.unet import UNet
 
 
 def test_paper_parameter_count():

@@ -1,8 +1,9 @@
 import pytest
 
 from sparseseg.errors import SparsesegError
-from sparseseg.trainer.config import ModelConfig, patch_output_size, plan_model
-from sparseseg.trainer.shapes import NetGeometry, axis_rule
+from sparseseg.model.config import ModelConfig, plan_model
+from sparseseg.model.shapes import NetGeometry, axis_rule
+from sparseseg.trainer.config import patch_output_size
 
 
 def test_paper_geometry():

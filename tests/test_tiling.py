@@ -4,7 +4,7 @@ import torch
 
 from sparseseg.engine.tiling import pad_region, predict_array, torch_forward
 from sparseseg.errors import SparsesegError
-from sparseseg.trainer.model import SegmentationModel
+from sparseseg.model.network import SegmentationModel
 from tests.helpers import tiny_config
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
+from sparseseg.model.checkpoint import load_checkpoint
 from sparseseg.pipeline import predict_volume
-from sparseseg.trainer.checkpoint import load_checkpoint
 from sparseseg.trainer.config import AugmentConfig
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.metrics import iou_per_class
@@ -30,7 +30,7 @@ def test_sparse_training_with_augmentation_and_validation(tmp_path):
                 progress=False)
     assert any("val_mean_foreground_iou" in h for h in res.history)
     ck = load_checkpoint(tmp_path / "m.pt")
-    assert ck.iteration == 6 and ck.train_config.patch_output == (4, 8, 8)
+    assert ck.iteration == 6 and ck.train_config["patch_output"] == [4, 8, 8]
 
 
 def test_seed_reproducible_and_resume_identical(tmp_path):

@@ -66,8 +66,8 @@ class TorchBackend(Backend):
     def __init__(self, spec: BackendSpec):
         import torch
 
-        from sparseseg.export.contract import contract_from_checkpoint
-        from sparseseg.trainer.checkpoint import file_sha256, load_checkpoint
+        from sparseseg.model.checkpoint import file_sha256, load_checkpoint
+        from sparseseg.model.contract import contract_from_checkpoint
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
@@ -100,7 +100,7 @@ class OnnxBackend(Backend):
     def __init__(self, spec: BackendSpec):
         import onnxruntime as ort
 
-        from sparseseg.export.contract import read_contract
+        from sparseseg.model.contract import read_contract
 
         super().__init__(read_contract(spec.engine))
         available = ort.get_available_providers()

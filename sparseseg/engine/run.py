@@ -110,8 +110,8 @@ def _local_cluster(workers: int | None, device: str):
 def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=1,
                   overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
                   group_size=None, progress=None) -> dict:
-    from sparseseg.export.contract import geometry_of_contract, read_contract
-    from sparseseg.trainer.checkpoint import file_sha256
+    from sparseseg.model.checkpoint import file_sha256
+    from sparseseg.model.contract import geometry_of_contract, read_contract
     from sparseseg.volume import open_volume, split_store_path
 
     if resume and overwrite:

@@ -132,7 +132,7 @@ def _write(job: BlockJob, block: Block, labels, probs):
 def process_blocks(job: BlockJob, blocks: list[Block], on_block=None) -> list[tuple[str, int, float]]:
     """Run a group of blocks with read-ahead and write-behind; returns (key, voxels, seconds) per
     block, and passes each to `on_block` once its write has finished (for in-process progress)."""
-    from sparseseg.trainer.shapes import NetGeometry
+    from sparseseg.model.shapes import NetGeometry
 
     geometry = NetGeometry.from_dict(job.geometry)
     delay = float(os.environ.get("SPARSESEG_BLOCK_DELAY", "0"))   # fault-injection tests only

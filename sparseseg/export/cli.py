@@ -13,7 +13,7 @@ def run_export(model, onnx_path, plan_path, precision, tiles, batch, workspace, 
                verify: bool, simplify: bool, force: bool) -> list[str]:
     from sparseseg.engine.tiling import check_tile
     from sparseseg.export.onnx_export import ExportReport, export_onnx, verify_onnx
-    from sparseseg.trainer.checkpoint import file_sha256, load_checkpoint
+    from sparseseg.model.checkpoint import file_sha256, load_checkpoint
 
     ckpt = load_checkpoint(model)
     onnx_out = Path(onnx_path) if onnx_path else Path(model).with_suffix(".onnx")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from sparseseg.errors import SparsesegError
-from sparseseg.export.contract import CONTRACT_KEY, INPUT_NAME, OUTPUT_NAME, contract_from_checkpoint
+from sparseseg.model.contract import CONTRACT_KEY, INPUT_NAME, OUTPUT_NAME, contract_from_checkpoint
 
 log = logging.getLogger("sparseseg.export")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.errors import SparsesegError
-from sparseseg.export.contract import INPUT_NAME, sidecar_path
+from sparseseg.model.contract import INPUT_NAME, sidecar_path
 
 log = logging.getLogger("sparseseg.export.tensorrt")
 
@@ -184,7 +184,7 @@ def build_plan(onnx_path, plan_path: Path, contract: dict, *, precision="fp16", 
 
     if not torch.cuda.is_available():
         raise SparsesegError("building a TensorRT plan needs an NVIDIA GPU; none is visible to torch")
-    from sparseseg.export.contract import geometry_of_contract
+    from sparseseg.model.contract import geometry_of_contract
 
     geometry = geometry_of_contract(contract)
     tiles = tiles or [default_plan_tile(geometry)]
@@ -251,7 +251,7 @@ def _write_atomic(path: Path, data: bytes):
 
 def load_plan(plan_path):
     """Deserialize a plan after checking its sidecar against this GPU and TensorRT."""
-    from sparseseg.export.contract import read_contract
+    from sparseseg.model.contract import read_contract
 
     side = read_contract(plan_path)
     trt = import_tensorrt()
@@ -276,7 +276,7 @@ def run_plan(engine, x: np.ndarray) -> np.ndarray:
     engine's fast path keeps buffers on the GPU)."""
     import torch
 
-    from sparseseg.export.contract import OUTPUT_NAME
+    from sparseseg.model.contract import OUTPUT_NAME
 
     context = engine.create_execution_context()
     inp = torch.from_numpy(np.ascontiguousarray(x, np.float32)).cuda()
@@ -294,8 +294,9 @@ def run_plan(engine, x: np.ndarray) -> np.ndarray:
 def verify_plan(plan_path, onnx_path, ckpt, precision: str, calibration=None) -> tuple[float, float]:
     """The plan against onnxruntime (fp32 ONNX) on the same tiles as the ONNX check; fp16/bf16
     and int8 use the loose bound (int8 is reported, its bound is the fp16 one)."""
-    from sparseseg.export.contract import INPUT_NAME as IN, OUTPUT_NAME as OUT
     from sparseseg.export.onnx_export import check_parity, ort_session, verification_tiles
+    from sparseseg.model.contract import INPUT_NAME as IN
+    from sparseseg.model.contract import OUTPUT_NAME as OUT
 
     engine, side = load_plan(plan_path)
     sess = ort_session(onnx_path)

@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
+from sparseseg.model.config import ModelConfig
+from sparseseg.model.network import SegmentationModel
 from sparseseg.trainer.augment import Augmenter
-from sparseseg.trainer.checkpoint import load_checkpoint, save_checkpoint
-from sparseseg.trainer.config import ModelConfig, TrainConfig, patch_output_size
+from sparseseg.trainer.config import TrainConfig, patch_output_size
 from sparseseg.trainer.data import channel_stats, class_counts
 from sparseseg.trainer.losses import balanced_class_weights, segmentation_loss
 from sparseseg.trainer.metrics import confusion, iou_from_confusion
-from sparseseg.trainer.model import SegmentationModel
 from sparseseg.trainer.sampler import PatchSampler
 
 log = logging.getLogger("sparseseg.train")

@@ -17,8 +17,8 @@ import torch
 
 from sparseseg import __version__
 from sparseseg.errors import CheckpointError, SparsesegError
-from sparseseg.trainer.config import ModelConfig, TrainConfig
-from sparseseg.trainer.model import SegmentationModel
+from sparseseg.model.config import ModelConfig
+from sparseseg.model.network import SegmentationModel
 
 FORMAT = "sparseseg-checkpoint"
 FORMAT_VERSION = 1
@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 class Checkpoint:
     model: SegmentationModel
     model_config: ModelConfig
-    train_config: TrainConfig | None
+    train_config: dict | None        # the trainer's TrainConfig as a dict (trainer.config reads it)
     class_names: list[str]
     ignore_label: int
     iteration: int
@@ -45,7 +45,7 @@ class Checkpoint:
         return {"mean": self.model.mean.tolist(), "std": self.model.std.tolist()}
 
 
-def save_checkpoint(path, model: SegmentationModel, train_config: TrainConfig | None, class_names,
+def save_checkpoint(path, model: SegmentationModel, train_config, class_names,
                     ignore_label: int, iteration: int = 0, voxel_size=None, extra: dict | None = None) -> Path:
     """Write atomically (temporary file + rename): a crash never leaves a truncated model.pt."""
     path = Path(path)
@@ -55,7 +55,8 @@ def save_checkpoint(path, model: SegmentationModel, train_config: TrainConfig | 
         "format_version": FORMAT_VERSION,
         "sparseseg_version": __version__,
         "model_config": json.dumps(model.cfg.to_dict()),
-        "train_config": json.dumps(train_config.to_dict()) if train_config else "",
+        "train_config": json.dumps(train_config if isinstance(train_config, dict) else train_config.to_dict())
+        if train_config else "",
         "geometry": json.dumps(model.cfg.geometry.to_dict()),
         "normalization": json.dumps({"mean": model.mean.tolist(), "std": model.std.tolist()}),
         "class_names": json.dumps(list(class_names)),
@@ -99,7 +100,7 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
     payload = read_payload(path)
     try:
         cfg = ModelConfig.from_dict(json.loads(payload["model_config"]))
-        tcfg = TrainConfig.from_dict(json.loads(payload["train_config"])) if payload["train_config"] else None
+        tcfg = json.loads(payload["train_config"]) if payload["train_config"] else None
         model = SegmentationModel(cfg)
         model.load_state_dict(payload["state_dict"])
         ckpt = Checkpoint(

@@ -44,7 +44,7 @@ def contract_from_checkpoint(ckpt, checkpoint_sha256: str, precision: str = "fp3
 
 
 def geometry_of_contract(contract: dict):
-    from sparseseg.trainer.shapes import NetGeometry
+    from sparseseg.model.shapes import NetGeometry
 
     return NetGeometry.from_dict(contract["geometry"])
 
@@ -84,7 +84,7 @@ def read_contract(path) -> dict:
         except json.JSONDecodeError:
             raise SparsesegError(f"{side} is not valid JSON") from None
     if suffix in (".pt", ".pth"):
-        from sparseseg.trainer.checkpoint import file_sha256, load_checkpoint
+        from sparseseg.model.checkpoint import file_sha256, load_checkpoint
 
         return contract_from_checkpoint(load_checkpoint(p), file_sha256(p))
     raise SparsesegError(f"{p}: unknown engine type (expected .plan, .onnx or .pt)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparseseg.trainer.config import ModelConfig
+from sparseseg.model.config import ModelConfig
 
 
 def _layers(ndim: int):
@@ -81,35 +81,3 @@ class UNet(nn.Module):
             skip = skips.pop()
             x = block(torch.cat([center_crop(skip, x.shape[2:]), x], dim=1))
         return self.head(x)
-
-
-class SegmentationModel(nn.Module):
-    """Raw intensities (N, C, Z, Y, X) -> logits (N, K, Z', Y', X').
-
-    Normalization lives in buffers, so a checkpoint or an exported graph needs nothing else. A
-    2D network is applied to every z-slice (z folded into the batch), so callers always speak
-    5D and the engine treats 2D and 3D networks alike.
-    """
-
-    def __init__(self, cfg: ModelConfig, mean=None, std=None):
-        super().__init__()
-        self.cfg = cfg
-        self.net = UNet(cfg)
-        c = cfg.in_channels
-        self.register_buffer("mean", torch.as_tensor(mean if mean is not None else [0.0] * c,
-                                                     dtype=torch.float32).reshape(c))
-        self.register_buffer("std", torch.as_tensor(std if std is not None else [1.0] * c,
-                                                    dtype=torch.float32).reshape(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1, 1, 1, 1)
-        x = (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
-        if self.cfg.ndim == 3:
-            return self.net(x)
-        n, c, z, h, w = x.shape
-        y = self.net(x.permute(0, 2, 1, 3, 4).reshape(n * z, c, h, w))
-        return y.reshape(n, z, y.shape[1], y.shape[2], y.shape[3]).permute(0, 2, 1, 3, 4)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

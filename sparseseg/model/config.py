@@ -1,0 +1,136 @@
+"""Network configuration: frozen dataclasses, parsed once at the edge (CLI) and
+saved into every artifact as plain JSON-able dicts.
+
+Presets plan per-level kernel and pooling sizes from the voxel size (nnU-Net's rule: an axis
+whose spacing is more than twice the finest one gets kernel 1 and is not pooled until pooling
+the others has caught up), then from the volume's shape (an axis too short for the network's
+smallest valid input loses pooling, then 3-wide kernels, from the top level down), so a
+20-section EM stack of 1024x1024 trains with `--preset small` and no extra flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from sparseseg.errors import SparsesegError
+from sparseseg.model.shapes import axis_rule, geometry_of
+
+PRESETS = {
+    # Cicek et al. 2016: four resolution levels, 32 -> 512 channels, BatchNorm before ReLU.
+    "paper": {"base_width": 32, "depth": 4, "batchnorm": True, "patch_input": (116, 132, 132)},
+    # Trains on 2 CPU cores in minutes: three levels, 16 -> 128 channels.
+    "small": {"base_width": 16, "depth": 3, "batchnorm": True, "patch_input": (60, 92, 92)},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    in_channels: int
+    num_classes: int
+    ndim: int = 3
+    base_width: int = 32
+    depth: int = 4
+    # Per level (depth entries), per network axis ((z,) y, x): convolution kernel sizes (odd).
+    kernel_sizes: tuple = ()
+    # Per pooling step (depth - 1 entries), per axis: max-pool / up-convolution factors.
+    pool_sizes: tuple = ()
+    padding: str = "valid"
+    batchnorm: bool = False
+
+    def __post_init__(self):
+        if not self.kernel_sizes:
+            object.__setattr__(self, "kernel_sizes", ((3,) * self.ndim,) * self.depth)
+        if not self.pool_sizes:
+            object.__setattr__(self, "pool_sizes", ((2,) * self.ndim,) * (self.depth - 1))
+        object.__setattr__(self, "kernel_sizes", tuple(tuple(int(v) for v in k) for k in self.kernel_sizes))
+        object.__setattr__(self, "pool_sizes", tuple(tuple(int(v) for v in p) for p in self.pool_sizes))
+        if self.ndim not in (2, 3):
+            raise SparsesegError(f"ndim must be 2 or 3, got {self.ndim}")
+        if self.padding not in ("valid", "same"):
+            raise SparsesegError(f"padding must be 'valid' or 'same', got {self.padding!r}")
+        if self.depth < 1 or len(self.kernel_sizes) != self.depth or len(self.pool_sizes) != self.depth - 1:
+            raise SparsesegError("need one kernel size per level and one pool size per level but the last")
+        for k in self.kernel_sizes + self.pool_sizes:
+            if len(k) != self.ndim:
+                raise SparsesegError(f"kernel/pool sizes must have {self.ndim} entries, got {k}")
+        if any(v % 2 == 0 or v < 1 for k in self.kernel_sizes for v in k):
+            raise SparsesegError("kernel sizes must be odd and positive")
+        if self.in_channels < 1 or self.num_classes < 2:
+            raise SparsesegError("need at least 1 input channel and 2 classes")
+
+    @property
+    def geometry(self):
+        return geometry_of(self)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["kernel_sizes"] = [list(k) for k in self.kernel_sizes]
+        d["pool_sizes"] = [list(p) for p in self.pool_sizes]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _plan_levels(depth: int, spacing: tuple[float, ...]) -> tuple[list[list[int]], list[list[int]]]:
+    """nnU-Net-style per-level kernels and pools from a (relative) voxel spacing."""
+    s = list(spacing)
+    kernels, pools = [], []
+    for lvl in range(depth):
+        finest = min(s)
+        kernels.append([3 if v <= 2 * finest else 1 for v in s])
+        if lvl < depth - 1:
+            p = [2 if v <= 2 * finest else 1 for v in s]
+            pools.append(p)
+            s = [v * f for v, f in zip(s, p)]
+    return kernels, pools
+
+
+def _fit_shape(kernels, pools, valid: bool, sizes) -> None:
+    """Shrink the network along each *thin* axis (under half the longest one, like the z of a
+    20-section EM stack) until its smallest valid input fits half that axis (so a training
+    patch still has room to move); in place. Drops pooling first, then 3-wide kernels, from the
+    top level down: the fine levels of a thin axis are the least useful there. Axes that are not
+    thin keep the preset's network: a volume that is simply too small is reported, not
+    silently given a degenerate network."""
+    longest = max(sizes)
+    for axis, size in enumerate(sizes):
+        if size * 2 > longest:
+            continue
+        limit = max(1, size // 2)
+        while True:
+            rule = axis_rule([k[axis] for k in kernels], [p[axis] for p in pools], valid)
+            if rule.min_input <= limit:
+                break
+            pooled = [lvl for lvl, p in enumerate(pools) if p[axis] > 1]
+            wide = [lvl for lvl, k in enumerate(kernels) if k[axis] > 1]
+            if pooled:
+                pools[pooled[0]][axis] = 1
+            elif wide:
+                kernels[wide[0]][axis] = 1
+            else:
+                break
+
+
+def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3, padding: str = "valid",
+               batchnorm: bool | None = None, base_width: int | None = None, depth: int | None = None,
+               voxel_size=None, shape=None) -> ModelConfig:
+    """A ModelConfig for a preset, adapted to the data's voxel size and/or shape (Z, Y, X)."""
+    if preset not in PRESETS:
+        raise SparsesegError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    p = PRESETS[preset]
+    depth = depth or p["depth"]
+    spacing = tuple(voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0)
+    if any(v <= 0 for v in spacing):
+        raise SparsesegError(f"voxel size must be positive, got {spacing}")
+    axes = slice(0, 3) if ndim == 3 else slice(1, 3)
+    kernels, pools = _plan_levels(depth, spacing[axes])
+    if shape is not None:
+        _fit_shape(kernels, pools, padding == "valid", tuple(shape)[axes])
+    return ModelConfig(
+        in_channels=in_channels, num_classes=num_classes, ndim=ndim,
+        base_width=base_width or p["base_width"], depth=depth,
+        kernel_sizes=tuple(map(tuple, kernels)), pool_sizes=tuple(map(tuple, pools)),
+        padding=padding, batchnorm=p["batchnorm"] if batchnorm is None else batchnorm)

@@ -1,0 +1,48 @@
+"""The self-contained segmentation model: normalization buffers around the network that the
+configuration names. Every artifact (checkpoint, ONNX graph, engine) wraps this module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseseg.model.config import ModelConfig
+
+
+def build_net(cfg: ModelConfig) -> nn.Module:
+    """The bare network (N, C, ...) -> logits for a configuration."""
+    from sparseseg.model.unet import UNet
+
+    return UNet(cfg)
+
+
+class SegmentationModel(nn.Module):
+    """Raw intensities (N, C, Z, Y, X) -> logits (N, K, Z', Y', X').
+
+    Normalization lives in buffers, so a checkpoint or an exported graph needs nothing else. A
+    2D network is applied to every z-slice (z folded into the batch), so callers always speak
+    5D and the engine treats 2D and 3D networks alike.
+    """
+
+    def __init__(self, cfg: ModelConfig, mean=None, std=None):
+        super().__init__()
+        self.cfg = cfg
+        self.net = build_net(cfg)
+        c = cfg.in_channels
+        self.register_buffer("mean", torch.as_tensor(mean if mean is not None else [0.0] * c,
+                                                     dtype=torch.float32).reshape(c))
+        self.register_buffer("std", torch.as_tensor(std if std is not None else [1.0] * c,
+                                                    dtype=torch.float32).reshape(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, 1)
+        x = (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
+        if self.cfg.ndim == 3:
+            return self.net(x)
+        n, c, z, h, w = x.shape
+        y = self.net(x.permute(0, 2, 1, 3, 4).reshape(n * z, c, h, w))
+        return y.reshape(n, z, y.shape[1], y.shape[2], y.shape[3]).permute(0, 2, 1, 3, 4)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,64 @@
+"""Training options (as the CLI parses them, one dict) -> the frozen ModelConfig and TrainConfig.
+
+The CLI only parses; this turns the options and the data into configurations, so the Python
+API, `sparseseg-densify` and `sparseseg-train` build them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from sparseseg.errors import SparsesegError
+from sparseseg.model.config import plan_model
+from sparseseg.trainer.config import AugmentConfig, TrainConfig
+from sparseseg.trainer.data import check_pair, infer_num_classes
+
+OPTION_KEYS = ("preset iterations batch_size lr optimizer patch padding ndim base_width depth batchnorm num_classes "
+               "class_names class_weights dice_weight ignore_label voxel_size no_augment val_fraction val_every "
+               "checkpoint_every seed device no_amp").split()
+
+
+def parse_triple(value, name, cast=int):
+    """"Z,Y,X" -> a tuple of three positive numbers (None stays None)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(cast(v) for v in str(value).split(","))
+    except ValueError:
+        raise SparsesegError(f"{name} must be three comma-separated numbers Z,Y,X, got {value!r}") from None
+    if len(parts) != 3 or any(p <= 0 for p in parts):
+        raise SparsesegError(f"{name} must be three positive numbers Z,Y,X, got {value!r}")
+    return parts
+
+
+def build_configs(vols, o: dict):
+    """ModelConfig and TrainConfig from the parsed options and the data."""
+    ignore = o["ignore_label"]
+    k = o["num_classes"] or infer_num_classes(vols, ignore)
+    for v in vols:
+        check_pair(v.image, v.labels, k, ignore, v.name)
+    names = o["class_names"].split(",") if o["class_names"] else [f"class {i}" for i in range(k)]
+    if len(names) != k:
+        raise SparsesegError(f"--class-names has {len(names)} names for {k} classes")
+    voxel = parse_triple(o["voxel_size"], "--voxel-size", float) or next(
+        (v.voxel_size for v in vols if v.voxel_size), None)
+    smallest = tuple(min(v.labels.shape[a] for v in vols) for a in range(3))
+    mcfg = plan_model(o["preset"], vols[0].image.shape[0], k, ndim=int(o["ndim"]), padding=o["padding"],
+                      batchnorm=o["batchnorm"], base_width=o["base_width"], depth=o["depth"],
+                      voxel_size=voxel, shape=smallest)
+    weights = ()
+    if o["class_weights"]:
+        try:
+            weights = tuple(float(w) for w in o["class_weights"].split(","))
+        except ValueError:
+            raise SparsesegError(f"--class-weights must be numbers, got {o['class_weights']!r}") from None
+    aug = AugmentConfig()
+    if o["no_augment"]:
+        aug = replace(aug, elastic=False, rotate=False, scale=(), flip=False, gray=False, probability=0.0)
+    tcfg = TrainConfig(
+        preset=o["preset"], iterations=o["iterations"], batch_size=o["batch_size"], optimizer=o["optimizer"],
+        lr=o["lr"], patch_output=parse_triple(o["patch"], "--patch") or (), class_weights=weights,
+        dice_weight=o["dice_weight"], ignore_label=ignore, seed=o["seed"], device=o["device"],
+        amp=not o["no_amp"], val_fraction=o["val_fraction"], val_every=o["val_every"],
+        checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug)
+    return mcfg, tcfg, names
