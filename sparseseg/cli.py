@@ -16,6 +16,7 @@ import click
 
 from sparseseg import __version__
 from sparseseg.errors import SparsesegError
+from sparseseg.suggest.command import run_suggest, suggest_options
 from sparseseg.trainer.options import parse_triple
 
 log = logging.getLogger("sparseseg")
@@ -265,6 +266,15 @@ def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch
         click.echo(json.dumps(s))
 
 
+@click.command("suggest")
+@suggest_options
+@user_errors
+def suggest_cmd(**kwargs):
+    """Which slices to paint: order each plane's slices by greedy max-cover of their similarity."""
+    _setup_logging()
+    run_suggest(**kwargs)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="sparseseg")
 def main():
@@ -273,6 +283,7 @@ def main():
 
 for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd, export_cmd, infer_cmd):
     main.add_command(_cmd)
+main.add_command(suggest_cmd)
 
 
 if __name__ == "__main__":

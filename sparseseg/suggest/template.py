@@ -1,0 +1,63 @@
+"""A labels volume to paint: the image's shape, every voxel the ignore value.
+
+Written as OME-Zarr (zarr v3, NGFF 0.5, uint8) whose fill value is the ignore value, so no
+chunk is written at all (a 2048^3 template costs a few kilobytes and no memory); existing
+annotations, when given, are copied block by block (all-ignore chunks stay unwritten). The
+suggested slices are listed in the group's `sparseseg` attributes. Written to a temporary
+sibling and renamed: an interrupted write leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sparseseg.errors import SparsesegError
+from sparseseg.volume import check_output, ngff_attrs
+
+
+def template_chunks(shape) -> tuple[int, int, int]:
+    # Thin in z so painting one xy slice in napari rewrites few voxels; 64^3-sized otherwise.
+    return tuple(min(s, c) for s, c in zip(shape, (16, 256, 256)))
+
+
+def write_template(path, shape, voxel_size, suggestions: list[dict], ignore: int = 255, source: str = "",
+                   annotated=None, overwrite: bool = False, max_block_voxels: int = 1 << 24) -> Path:
+    import zarr
+
+    path = check_output(path, overwrite)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        attrs = ngff_attrs(path.stem, voxel_size)
+        attrs["ome"]["image-label"] = {"version": "0.5", "source": {"image": str(source)}}
+        attrs["sparseseg"] = {"kind": "annotation-template", "ignore_label": int(ignore), "image": str(source),
+                              "suggested_slices": suggestions,
+                              "planes": {"xy": "z fixed", "xz": "y fixed", "yz": "x fixed"}}
+        group.attrs.update(attrs)
+        chunks = template_chunks(shape)
+        arr = group.create_array("0", shape=tuple(shape), dtype="uint8", chunks=chunks, fill_value=int(ignore))
+        if annotated is not None:
+            # Blocks of whole chunks, as large as the memory bound allows.
+            per = max(1, max_block_voxels // int(np.prod(chunks)))
+            block = (chunks[0] * per, chunks[1], chunks[2])
+            for z0, y0, x0 in itertools.product(*(range(0, s, b) for s, b in zip(shape, block))):
+                reg = (slice(z0, z0 + block[0]), slice(y0, y0 + block[1]), slice(x0, x0 + block[2]))
+                data = annotated.read(reg)[0]
+                if (data != ignore).any():
+                    if data.min() < 0 or data.max() > 255:
+                        raise SparsesegError(f"{annotated.source}: label values must fit uint8 (0..255)")
+                    arr[reg] = data.astype(np.uint8)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
