@@ -270,3 +270,23 @@ def test_cli_bad_inputs(tmp_path):
     assert (tmp_path / "t.zarr" / "keep.txt").read_text() == "mine"
     code, out = run("suggest", img, "--budget", "1", "--template", tmp_path / "t.zarr", "--overwrite")
     assert code == 0 and not (tmp_path / "t.zarr" / "keep.txt").exists()
+
+
+def test_suggest_end_to_end_never_reads_more_than_a_block(tmp_path, monkeypatch):
+    """Image, annotated labels and the template copy all go through bounded reads."""
+    import sparseseg.suggest.run as run_mod
+
+    rng = np.random.default_rng(4)
+    image = CountingArray(rng.random((2, 24, 40, 36)).astype(np.float32), limit=2 * 2000)
+    image.chunks = (2, 4, 8, 8)
+    lab = np.full((24, 40, 36), 255, np.uint8)
+    lab[5, 3:9, 4:20] = 1
+    labels = CountingArray(lab, limit=2000)
+    vols = {"img": Volume(image, True, None, "img"), "lab": Volume(labels, False, None, "lab")}
+    monkeypatch.setattr(run_mod, "open_image", lambda p: vols[str(p)])
+    cfg = SuggestConfig(budget=3, max_block_voxels=2000, size=16)
+    res = suggest("img", cfg, annotated="lab", template=tmp_path / "t.zarr")
+    assert sum(image.reads) == image.data.size and sum(labels.reads) >= 2 * lab.size
+    assert res["planes"]["xy"]["annotated"] == [5]
+    assert [len(r["suggested"]) for r in res["planes"].values()] == [3, 3, 3]
+    assert np.array_equal(open_volume(tmp_path / "t.zarr").read_labels(), lab)

@@ -56,11 +56,16 @@ def shrink_factors(shape, size: int) -> tuple[int, int, int]:
 
 def block_shape(shape, factors, chunks, max_voxels: int) -> tuple[int, int, int]:
     """Blocks aligned to the shrink factors (and, where possible, to the store's chunks),
-    grown x first, then y, then z, while they stay under `max_voxels`."""
+    grown x first, then y, then z, while they stay under `max_voxels` (a bound that only the
+    shrink factors themselves can exceed: a block is at least one factor-sized cell)."""
     unit = []
     for s, f, c in zip(shape, factors, chunks or (1, 1, 1)):
         u = f * max(1, math.ceil(int(c) / f))
         unit.append(min(u, f * math.ceil(s / f)))
+    # Chunks larger than the bound: split them (a chunk is then read in parts, never past the bound).
+    while math.prod(unit) > max_voxels and any(u > f for u, f in zip(unit, factors)):
+        a = max(range(3), key=lambda i: unit[i] / factors[i])
+        unit[a] = factors[a] * max(1, math.ceil(unit[a] / factors[a] / 2))
     block = list(unit)
     for axis in (2, 1, 0):
         while block[axis] < shape[axis] and math.prod(block) * 2 <= max_voxels:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.errors import SparsesegError
+from sparseseg.suggest.planes import block_shape
 from sparseseg.volume import check_output, ngff_attrs
 
 
@@ -43,9 +44,7 @@ def write_template(path, shape, voxel_size, suggestions: list[dict], ignore: int
         chunks = template_chunks(shape)
         arr = group.create_array("0", shape=tuple(shape), dtype="uint8", chunks=chunks, fill_value=int(ignore))
         if annotated is not None:
-            # Blocks of whole chunks, as large as the memory bound allows.
-            per = max(1, max_block_voxels // int(np.prod(chunks)))
-            block = (chunks[0] * per, chunks[1], chunks[2])
+            block = block_shape(shape, (1, 1, 1), chunks, max_block_voxels)
             for z0, y0, x0 in itertools.product(*(range(0, s, b) for s, b in zip(shape, block))):
                 reg = (slice(z0, z0 + block[0]), slice(y0, y0 + block[1]), slice(x0, x0 + block[2]))
                 data = annotated.read(reg)[0]
