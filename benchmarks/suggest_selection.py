@@ -28,15 +28,20 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.suggest.cover import cosine_similarity, lazy_greedy_max_cover
-from sparseseg.suggest.features import AutoencoderConfig, _responses, autoencoder_features, filterbank_features
+from sparseseg.suggest.features import (
+    AutoencoderConfig,
+    _responses,
+    autoencoder_features,
+    filterbank_features,
+)
 from sparseseg.suggest.planes import PLANES, reduce_volume
 from sparseseg.trainer.metrics import iou_per_class
 from sparseseg.volume import open_volume
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = {
-    "isbi2012": ("isbi2012_em/isbi2012_train_image_zyx.tif", "isbi2012_em/isbi2012_train_label_zyx.tif", 1),
-    "vnc": ("drosophila_vnc/vnc_stack1_image_zyx.tif", "drosophila_vnc/vnc_stack1_labels_zyx.tif", 2),
+    "isbi2012": ("isbi2012_em/isbi2012_train_image_zyx.tif", "isbi2012_em/isbi2012_train_label_zyx.tif"),
+    "vnc": ("drosophila_vnc/vnc_stack1_image_zyx.tif", "drosophila_vnc/vnc_stack1_labels_zyx.tif"),
 }
 BUDGETS = (0.05, 0.10, 0.20)
 RANDOM_SEEDS = 10
@@ -120,7 +125,7 @@ def summarize(values):
 
 
 def run_set(name, data, ae_steps, step):
-    img_p, lab_p, fg = SETS[name]
+    img_p, lab_p = SETS[name]
     vol = open_volume(data / img_p)
     labels = open_volume(data / lab_p).read_labels()
     k = int(labels.max()) + 1

@@ -1,5 +1,6 @@
 """sparseseg-suggest: greedy max-cover, block-wise reading, annotated slices, template, CLI."""
 
+import itertools
 import json
 import math
 
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from sparseseg.cli import main
 from sparseseg.errors import SparsesegError
 from sparseseg.suggest.annotated import annotated_slices, find_annotated, label_projections
-from sparseseg.suggest.cover import (cosine_similarity, coverage, greedy_max_cover, lazy_greedy_max_cover)
+from sparseseg.suggest.cover import cosine_similarity, coverage, greedy_max_cover, lazy_greedy_max_cover
 from sparseseg.suggest.features import AutoencoderConfig, autoencoder_features, filterbank_features
 from sparseseg.suggest.planes import block_shape, reduce_volume, shrink_factors
 from sparseseg.suggest.run import SuggestConfig, suggest
@@ -64,7 +65,7 @@ def test_cover_monotone_with_marginal_gains():
         f_prev = f
     assert f_prev == pytest.approx(60.0)  # every slice covers itself fully
     gains = [p.gain for p in picks]
-    assert all(a >= b - 1e-9 for a, b in zip(gains, gains[1:]))  # submodular: greedy gains never grow
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(gains))  # submodular: greedy gains never grow
     # the first pick is the slice most similar to all
     assert picks[0].index == int(np.argmax(sim.sum(axis=1)))
 
@@ -252,8 +253,12 @@ def test_cli_bad_inputs(tmp_path):
     _err(*run("suggest", img, "--budget", "2", "--planes", "xy,ab"), "unknown plane")
     np.save(tmp_path / "two_d.npy", np.zeros((30, 40), np.float32))
     _err(*run("suggest", tmp_path / "two_d.npy", "--budget", "1", "--planes", "xy,xz"), "plane xz does not exist")
-    code, out = run("suggest", tmp_path / "two_d.npy", "--budget", "1", "--planes", "xy")
-    assert code == 0 and "z=0" in out, out
+    code, out = run("suggest", tmp_path / "two_d.npy", "--budget", "1")  # default planes: those it has
+    assert code == 0 and "z=0" in out and "plane xz" not in out, out
+    bad = _two_regimes()
+    bad[3, 4, 5] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    _err(*run("suggest", tmp_path / "nan.npy", "--budget", "1"), "NaN")
     np.save(tmp_path / "empty.npy", np.zeros((0, 40, 40), np.float32))
     _err(*run("suggest", tmp_path / "empty.npy", "--budget", "1"), "empty")
     np.save(tmp_path / "lab.npy", np.full((16, 48, 47), 255, np.uint8))

@@ -12,8 +12,8 @@ def suggest_options(fn):
     opts = [
         click.argument("image"),
         click.option("--budget", required=True, help="slices to suggest per plane: N, or P% of the plane's slices"),
-        click.option("--planes", default="xy,xz,yz", show_default=True, help="comma-separated: xy (z fixed), "
-                     "xz (y fixed), yz (x fixed)"),
+        click.option("--planes", help="comma-separated: xy (z fixed), xz (y fixed), yz (x fixed); "
+                     "default: every plane the image has"),
         click.option("--features", type=click.Choice(["filterbank", "autoencoder"]), default="filterbank",
                      show_default=True, help="slice embedding: training-free filter-bank histograms, or a small "
                      "autoencoder trained on the volume's own slices"),
@@ -42,7 +42,7 @@ def run_suggest(image, budget, planes, features, annotated, template, overwrite,
     from sparseseg.suggest.features import AutoencoderConfig
     from sparseseg.suggest.run import SuggestConfig, suggest
 
-    cfg = SuggestConfig(budget=budget, planes=tuple(planes.split(",")), features=features, size=size,
+    cfg = SuggestConfig(budget=budget, planes=tuple(planes.split(",")) if planes is not None else None, features=features, size=size,
                         ignore_label=ignore_label, max_block_voxels=max_block_voxels,
                         autoencoder=AutoencoderConfig(steps=ae_steps, seconds=ae_seconds, seed=seed))
     res = suggest(image, cfg, annotated=annotated, template=template, overwrite=overwrite)

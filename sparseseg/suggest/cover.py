@@ -47,7 +47,7 @@ def _start(sim, selected):
     n = sim.shape[0]
     if sim.shape != (n, n):
         raise ValueError(f"similarity must be square, got {sim.shape}")
-    selected = sorted(set(int(i) for i in selected))
+    selected = sorted({int(i) for i in selected})
     cover = sim[selected].max(axis=0) if selected else np.zeros(n)
     return sim, selected, cover
 

@@ -44,7 +44,7 @@ def check_planes(shape, planes) -> None:
         fixed = PLANES[p]
         inplane = [shape[a] for a in range(3) if a != fixed]
         if min(inplane) < 2:
-            kind = "a 2D image" if sorted(shape)[0] == 1 else "this volume"
+            kind = "a 2D image" if min(shape) == 1 else "this volume"
             raise SparsesegError(f"plane {p} does not exist for {kind} of shape {'x'.join(map(str, shape))} "
                                  f"(its slices would be {inplane[0]}x{inplane[1]}); choose other --planes")
 

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SuggestConfig:
     budget: str | int = 5             # slices per plane: N, or "P%" of the plane's slices
-    planes: tuple[str, ...] = ("xy", "xz", "yz")
+    planes: tuple[str, ...] | None = None  # None: every plane the image has (a 2D image: xy only)
     features: str = "filterbank"
     size: int = 256                   # slices are shrunk to at most this many pixels per side
     ignore_label: int = 255
@@ -78,7 +78,7 @@ def _plain_2d(path):
             import zarr
 
             arr = zarr.open_array(store, mode="r", path=inner or "")
-    except Exception:
+    except Exception:  # noqa: BLE001 - only a probe: open_volume's own error is the one reported
         return None
     return arr if len(arr.shape) == 2 else None
 
@@ -99,7 +99,7 @@ def suggest(image, cfg: SuggestConfig = SuggestConfig(), annotated=None, templat
     """Order the slices of each plane of `image` by what they add; returns a JSON-able dict with,
     per plane, the first `budget` slices and their marginal gains."""
     t0 = time.perf_counter()
-    planes = parse_planes(cfg.planes)
+    planes = parse_planes(cfg.planes) if cfg.planes is not None else None
     if cfg.features not in FEATURES:
         raise SparsesegError(f"unknown --features {cfg.features!r} (use {', '.join(FEATURES)})")
     if template is not None:
@@ -108,6 +108,8 @@ def suggest(image, cfg: SuggestConfig = SuggestConfig(), annotated=None, templat
         check_output(template, overwrite)  # fail before the long part, not after
     vol = open_image(image)
     shape = vol.shape
+    if planes is None:
+        planes = tuple(p for p in PLANES if min(s for a, s in enumerate(shape) if a != PLANES[p]) > 1) or ("xy",)
     check_planes(shape, planes)
     ann_vol, done = None, {p: [] for p in planes}
     if annotated is not None:
@@ -119,6 +121,9 @@ def suggest(image, cfg: SuggestConfig = SuggestConfig(), annotated=None, templat
     budgets = {p: parse_budget(cfg.budget, shape[PLANES[p]], len(done[p]), p) for p in planes}
 
     stacks = reduce_volume(vol, planes, cfg.size, cfg.max_block_voxels)
+    for p, st in stacks.items():
+        if not np.isfinite(st).all():
+            raise SparsesegError(f"{image} contains NaN or Inf values")
     t_read = time.perf_counter()
     extra = {}
     if cfg.features == "autoencoder":
