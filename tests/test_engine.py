@@ -161,7 +161,7 @@ def test_resume_after_kill_recomputes_only_unfinished_blocks(tmp_path):
     ref = _cli(*args, "--output", tmp_path / "ref.zarr")
     assert ref.wait(120) == 0, ref.stderr.read()
     p = _cli(*args, "--output", tmp_path / "o.zarr", env={"SPARSESEG_BLOCK_DELAY": "0.3"})
-    done_dir = tmp_path / "o.zarr" / ".sparseseg-done"
+    done_dir = tmp_path / "o.zarr" / ".sparseseg" / "done"
     deadline = time.time() + 60
     while time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 4):
         time.sleep(0.05)
@@ -195,7 +195,7 @@ def test_worker_killed_mid_run_loses_nothing(tmp_path, monkeypatch):
 
     t = threading.Thread(target=go)
     t.start()
-    done_dir = tmp_path / "o.zarr" / ".sparseseg-done"
+    done_dir = tmp_path / "o.zarr" / ".sparseseg" / "done"
     deadline = time.time() + 90
     while time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 3):
         time.sleep(0.05)

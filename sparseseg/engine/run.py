@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.engine.backends import BackendSpec
-from sparseseg.engine.blocks import block_size, make_blocks
-from sparseseg.engine.tiling import check_tile, default_tile_output
-from sparseseg.engine.worker import DONE_DIR, BlockJob, is_done, process_blocks
+from sparseseg.engine.blocks import make_blocks
+from sparseseg.engine.store import DONE_DIR, done_keys
+from sparseseg.engine.worker import BlockJob, process_blocks
 from sparseseg.errors import SparsesegError
 
 log = logging.getLogger("sparseseg.infer")
@@ -75,7 +75,7 @@ def _prepare_output(out: Path, record: dict, voxel_size, num_classes, resume: bo
                            attributes={"sparseseg": {"axes": "czyx", "class_names": record["class_names"],
                                                      "scale": "p*255" if record["probabilities"] == "uint8" else
                                                      "probability"}})
-    (out / DONE_DIR).mkdir()
+    (out / DONE_DIR).mkdir(parents=True)
 
 
 def _local_cluster(workers: int | None, device: str):
@@ -107,9 +107,10 @@ def _local_cluster(workers: int | None, device: str):
     return Client(cluster), threads
 
 
-def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=1,
+def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=None,
                   overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
-                  group_size=None, progress=None) -> dict:
+                  group_size=None, progress=None, backend="auto", dry_run=False,
+                  assume_voxels_per_second=None) -> dict:
     from sparseseg.model.checkpoint import file_sha256
     from sparseseg.model.contract import geometry_of_contract, read_contract
     from sparseseg.volume import open_volume, split_store_path
@@ -124,22 +125,33 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
         raise SparsesegError(f"{input_path} has {vol.channels} channel(s), the engine expects {contract['in_channels']}")
     geometry = geometry_of_contract(contract)
     shape = vol.shape
-    blk = block_size(geometry, block, shape)
-    tile = check_tile(geometry, tile or default_tile_output(geometry, blk))
+    from sparseseg.engine.backends import resolve_backend
+    from sparseseg.engine.plan import choose, gather_normalization, plan_figures, resolve_device
+
+    spec = BackendSpec(str(Path(engine).resolve()), device, precision, backend=backend)
+    backend_name = resolve_backend(spec)
+    run_device = resolve_device(engine, device)
+    blk, tile, batch = choose(contract, shape, device=run_device, block=block, tile=tile, batch=batch,
+                              overlap=overlap)
+    if dry_run:
+        fig = plan_figures(contract, shape, blk, tile, batch, overlap, assume_voxels_per_second)
+        return {"dry_run": True, "engine": str(engine), "input": str(input_path), "backend": backend_name,
+                "device": run_device, **fig}
     out = Path(output) if output else default_output(input_path)
     record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, shape, probabilities)
     _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite)
 
     blocks = make_blocks(shape, blk)
-    todo = [b for b in blocks if not (resume and is_done(out, b))]
+    done = done_keys(out) if resume else set()
+    todo = [b for b in blocks if b.key not in done]
     skipped = len(blocks) - len(todo)
-    spec = BackendSpec(str(Path(engine).resolve()), device, precision)
     store, inner = split_store_path(input_path)
     source = str(Path(store).resolve()) + (f":{inner}" if inner else "")   # workers may run elsewhere
-    job = BlockJob(source, str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities)
+    job = BlockJob(source, str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities,
+                   normalization=gather_normalization(contract, vol))
     voxels_total = sum(b.voxels for b in todo)
-    log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, backend %s", input_path, len(blocks),
-             blk, len(todo), skipped, tile, Path(engine).suffix)
+    log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, batch %d, %s on %s", input_path,
+             len(blocks), blk, len(todo), skipped, tile, batch, backend_name, run_device)
 
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
@@ -158,7 +170,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
             eta = (voxels_total - done_vox) / max(rate, 1e-9)
             log.info("blocks %d/%d, %.3g voxels/s, ETA %.0f s", done_blocks, len(todo), rate, eta)
 
-    backend_name, backend_device = Path(engine).suffix.lstrip("."), device
+    backend_device = run_device
     if todo:
         if workers == 0 and scheduler is None:
             backend_name, backend_device = _in_process(job, todo, advance)
@@ -169,7 +181,8 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     return {"output": str(out), "voxels": int(np.prod(shape)), "voxels_computed": voxels_total,
             "seconds": round(seconds, 3), "voxels_per_second": round(voxels_total / max(time.time() - t0, 1e-9), 1),
             "blocks": len(blocks), "blocks_computed": len(todo), "blocks_skipped": skipped,
-            "backend": backend_name, "device": backend_device}
+            "backend": backend_name, "device": backend_device, "block": list(blk), "tile": list(tile),
+            "batch": batch}
 
 
 def _in_process(job, todo, advance):
@@ -178,14 +191,14 @@ def _in_process(job, todo, advance):
     backend = cached_backend(job.backend)
     # One group: reading the next block and writing the previous one overlap with compute.
     process_blocks(job, todo, on_block=lambda result: advance([result]))
-    return backend.name, backend.device
+    return backend.name, str(backend.device)
 
 
 def _backend_info(job):
     from sparseseg.engine.backends import cached_backend
 
     b = cached_backend(job.backend)
-    return b.name, b.device
+    return b.name, str(b.device)
 
 
 def _with_dask(job, todo, advance, workers, scheduler, device, group_size):
