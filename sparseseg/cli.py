@@ -202,27 +202,33 @@ def demo_cmd(workdir, iterations, seed):
 
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="default: MODEL with .onnx suffix")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False),
+              help="default: MODEL with .onnx suffix; with --plan, the graph the plan is built from")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
-              help="ONNX: fp32 (default) or fp16; plans: fp16 (default), fp32, bf16, int8")
-@click.option("--tile", "tiles", multiple=True, help="plan: output tile Z,Y,X to optimize for (repeatable)")
+              help="ONNX: fp32 (default), fp16 or int8; plans: fp16 (default), fp32, bf16, int8. "
+                   "int8 needs --calibration")
+@click.option("--tile", default=None, help="plan: output tile Z,Y,X to optimize for (default: the tile the engine "
+                                           "would choose on this GPU)")
+@click.option("--tile-min", default=None, help="plan: smallest output tile Z,Y,X (default: the smallest valid)")
+@click.option("--tile-max", default=None, help="plan: largest output tile Z,Y,X (default: --tile)")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="plan: largest batch")
 @click.option("--workspace", type=click.FloatRange(0.1), default=4.0, show_default=True, help="plan: GB")
-@click.option("--calibration", help="volume for a real-tile check (and INT8 calibration)")
+@click.option("--calibration", help="volume for a real-tile check and int8 calibration")
 @click.option("--version-compatible", is_flag=True, help="plan: runnable on newer TensorRT and Ampere+ GPUs")
 @click.option("--no-verify", is_flag=True, help="keep the export even if the parity check fails")
 @click.option("--no-simplify", is_flag=True, help="skip onnxslim/onnxsim even when installed")
 @click.option("--force", is_flag=True, help="replace existing outputs")
 @user_errors
-def export_cmd(model, onnx_path, plan_path, precision, tiles, batch, workspace, calibration, version_compatible,
-               no_verify, no_simplify, force):
+def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max, batch, workspace, calibration,
+               version_compatible, no_verify, no_simplify, force):
     """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
     _setup_logging()
     from sparseseg.export.cli import run_export
 
-    for line in run_export(model, onnx_path, plan_path, precision, [parse_triple(t, "--tile") for t in tiles], batch,
-                           workspace, calibration, version_compatible, not no_verify, not no_simplify, force):
+    for line in run_export(model, onnx_path, plan_path, precision, parse_triple(tile, "--tile"), batch, workspace,
+                           calibration, version_compatible, not no_verify, not no_simplify, force,
+                           tile_min=parse_triple(tile_min, "--tile-min"), tile_max=parse_triple(tile_max, "--tile-max")):
         click.echo(line)
 
 
