@@ -228,10 +228,10 @@ def test_profile_shapes_from_geometry():
     geom = ModelConfig(3, 3).geometry
     assert paper_tile(geom) == (28, 44, 44)
     p = profile_shapes(geom, 3, (28, 44, 44), tile_max=(60, 60, 60), batch=4)
-    assert p["min"] == [1, 3, 92, 92, 92]                # the smallest valid tile (4, 4, 4)
+    assert p["min"] == [1, 3, 100, 100, 100]             # the smallest valid tile (12, 12, 12)
     assert p["opt"] == [4, 3, 116, 132, 132]
     assert p["max"] == [4, 3, 148, 148, 148]
-    assert p["tiles"] == {"min": [4, 4, 4], "opt": [28, 44, 44], "max": [60, 60, 60]} and p["batch"] == 4
+    assert p["tiles"] == {"min": [12, 12, 12], "opt": [28, 44, 44], "max": [60, 60, 60]} and p["batch"] == 4
     q = profile_shapes(geom, 1, (28, 44, 44), tile_min=(20, 20, 20))
     assert q["min"] == [1, 1, 108, 108, 108] and q["max"] == q["opt"] == [1, 1, 116, 132, 132]
     with pytest.raises(SparsesegError, match="nearest valid"):
@@ -239,7 +239,7 @@ def test_profile_shapes_from_geometry():
     with pytest.raises(SparsesegError, match="nearest valid"):
         profile_shapes(geom, 3, (28, 44, 44), tile_max=(30, 60, 60))
     with pytest.raises(SparsesegError, match="--tile-min <= --tile <= --tile-max along y"):
-        profile_shapes(geom, 3, (28, 44, 44), tile_min=(4, 60, 4))
+        profile_shapes(geom, 3, (28, 44, 44), tile_min=(12, 60, 12))
     with pytest.raises(SparsesegError):
         profile_shapes(geom, 3, (28, 44, 44), batch=0)
     same = ModelConfig(3, 3, padding="same").geometry
