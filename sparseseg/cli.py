@@ -22,11 +22,20 @@ log = logging.getLogger("sparseseg")
 
 
 def _setup_logging(verbose: bool = False):
+    import os
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # Dask's own INFO lines (scheduler/nanny start and stop) would drown ours.
+    # Dask's own lines (scheduler/nanny/worker start and stop, a restarted worker, connection
+    # noise at shutdown) would drown ours: only errors unless --verbose. Dask reads its logging
+    # levels from its config when `distributed` is first imported, in this process and in the
+    # worker processes it spawns: the environment reaches both.
+    level = "info" if verbose else "error"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", level)
     for name in ("distributed", "dask"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    for name in ("botocore", "s3fs", "fsspec", "aiobotocore", "urllib3", "asyncio"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def user_errors(fn):
@@ -251,11 +260,22 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help=".pt engines on CUDA")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@click.option("--input-path", "input_inner",
+              help="array or group inside the INPUT store (same as URL#PATH or store.zarr:PATH)")
+@click.option("--storage-options", help="fsspec options for URL stores as JSON, e.g. '{\"endpoint_url\": "
+                                        "\"http://...\"}' (default: from the environment, e.g. AWS_*)")
+@click.option("--retries", type=click.IntRange(0), default=2, show_default=True,
+              help="extra attempts for a failing block before it is recorded as failed")
+@click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
 @user_errors
 def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch, overlap, probabilities, resume,
-              overwrite, device, precision, as_json):
-    """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable."""
-    _setup_logging()
+              overwrite, device, precision, as_json, input_inner, storage_options, retries, verbose):
+    """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable.
+
+    INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
+    file://); name an array inside a URL store as URL#path/in/group."""
+    _setup_logging(verbose)
+    from sparseseg.volume import storage_options_from
     from sparseseg.engine.run import run_inference
 
     if workers is not None and scheduler:
@@ -263,12 +283,32 @@ def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch
     s = run_inference(engine, input_path, output, workers=workers, scheduler=scheduler,
                       block=parse_triple(block, "--block"), tile=parse_triple(tile, "--tile"), batch=batch,
                       overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
-                      device=device, precision=precision)
+                      device=device, precision=precision, storage_options=storage_options_from(storage_options),
+                      input_inner=input_inner, retries=retries)
+    _echo_failed(s)
     click.echo(f"{s['voxels_computed']} voxels in {s['seconds']:.1f} s ({s['voxels_per_second']:.4g} voxels/s), "
-               f"{s['blocks_computed']} blocks computed, {s['blocks_skipped']} skipped, {s['backend']} on "
+               f"{s['blocks_computed']} blocks computed, {s.get('blocks_failed', 0)} failed, "
+               f"{s['blocks_skipped']} skipped, {s['backend']} on "
                f"{s['device']}: {s['output']}")
     if as_json:
         click.echo(json.dumps(s))
+    if s.get("blocks_failed"):
+        sys.exit(1)
+
+
+def _echo_failed(s: dict, shown: int = 20) -> None:
+    """The failed blocks, one line each (all of them are in --json and OUTPUT/.sparseseg/failed.json)."""
+    failed = s.get("failed") or []
+    if not failed:
+        return
+    click.echo(f"error: {len(failed)} of {s['blocks_computed'] + len(failed)} blocks failed "
+               f"(rerun with --resume to retry only those):", err=True)
+    for f in failed[:shown]:
+        region = ", ".join(f"{a} {lo}:{hi}" for a, (lo, hi) in zip("zyx", f["region"]))
+        click.echo(f"  block {f['key']} ({region}): {f['error']}", err=True)
+    if len(failed) > shown:
+        click.echo(f"  ... and {len(failed) - shown} more (all in {s['output']}/.sparseseg/failed.json)",
+                   err=True)
 
 
 @click.group()

@@ -66,14 +66,62 @@ class Volume:
         return np.asarray(self.array[...])
 
 
+def is_url(path) -> bool:
+    """A store URL zarr opens through fsspec (s3://, gs://, http(s)://, file://, ...)."""
+    return "://" in str(path)
+
+
 def split_store_path(path: str) -> tuple[str, str | None]:
-    """`store.zarr:sub/path` -> ("store.zarr", "sub/path"); plain paths have no inner part."""
+    """`store.zarr:sub/path` -> ("store.zarr", "sub/path"); plain paths have no inner part.
+
+    URLs carry their inner path after `#` (`s3://bucket/v.zarr#sub/path`): a colon is part of
+    every URL, so `store:path` would be ambiguous there."""
     s = str(path)
+    if is_url(s):
+        store, _, inner = s.partition("#")
+        return store.rstrip("/"), inner.strip("/") or None
     # A Windows drive letter ("C:\\...") is not an inner path.
     if ":" in s and not (len(s) > 1 and s[1] == ":" and s.count(":") == 1):
         store, inner = s.rsplit(":", 1)
         return store, inner or None
     return s, None
+
+
+def join_store_path(store: str, inner: str | None) -> str:
+    """The inverse of split_store_path."""
+    if not inner:
+        return str(store)
+    return f"{store}#{inner}" if is_url(store) else f"{store}:{inner}"
+
+
+def storage_options_from(text: str | None) -> dict:
+    """`--storage-options JSON` -> dict (fsspec keyword arguments, e.g. endpoint_url, anon)."""
+    if not text:
+        return {}
+    import json
+
+    try:
+        opts = json.loads(text)
+    except ValueError as e:
+        raise SparsesegError(f"--storage-options is not valid JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise SparsesegError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return opts
+
+
+def store_error(e: BaseException) -> str:
+    """One line for an exception raised by zarr/fsspec/botocore/aiohttp while opening a store."""
+    name = type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return "no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --storage-options)"
+    if name in ("GroupNotFoundError", "ArrayNotFoundError", "NodeNotFoundError", "FileNotFoundError"):
+        return "no zarr array or group there"
+    if isinstance(e, PermissionError):
+        return f"permission denied ({text})" if text else "permission denied"
+    if isinstance(e, ImportError):
+        return text            # "Install s3fs to access S3" and the like
+    return f"{name}: {text}" if text else name
 
 
 def _multiscales(attrs) -> list | None:
@@ -92,13 +140,14 @@ def _scale_of(ms: dict, dataset_path: str) -> list | None:
     return None
 
 
-def _open_zarr(store: str, inner: str | None, source: str) -> Volume:
+def _open_zarr(store: str, inner: str | None, source: str, storage_options=None) -> Volume:
     import zarr
 
+    kwargs = {"storage_options": storage_options} if storage_options and is_url(store) else {}
     try:
-        node = zarr.open(store, mode="r", path=inner or "")
-    except Exception as e:  # zarr raises several unrelated types for missing/corrupt stores
-        raise SparsesegError(f"cannot open zarr store {source}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        node = zarr.open(store, mode="r", path=inner or "", **kwargs)
+    except Exception as e:  # zarr, fsspec and the network raise many unrelated types
+        raise SparsesegError(f"cannot open zarr store {source}: {store_error(e)}") from None
     axes_names = None
     scale = None
     if isinstance(node, zarr.Group):
@@ -107,7 +156,7 @@ def _open_zarr(store: str, inner: str | None, source: str) -> Volume:
             arrays = sorted(k for k, _ in node.arrays())
             raise SparsesegError(
                 f"{source} is a zarr group without OME-Zarr multiscales metadata; name an array inside it "
-                f"as {store}:NAME (arrays: {', '.join(arrays) or 'none'})")
+                f"as {join_store_path(store, 'NAME')} (arrays: {', '.join(arrays) or 'none'})")
         ms = ms[0]
         level = str(ms["datasets"][0]["path"])
         axes_names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])] or None
@@ -118,7 +167,7 @@ def _open_zarr(store: str, inner: str | None, source: str) -> Volume:
         parent_path, _, name = (inner or "").rpartition("/")
         if inner:
             try:
-                parent = zarr.open_group(store, mode="r", path=parent_path)
+                parent = zarr.open_group(store, mode="r", path=parent_path, **kwargs)
                 ms = _multiscales(parent.attrs)
                 if ms:
                     axes_names = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])] or None
@@ -195,10 +244,19 @@ def _tiff_voxel_size(tif) -> tuple[float, float, float] | None:
         return None  # metadata is optional; a malformed tag just means "unknown"
 
 
-def open_volume(path) -> Volume:
-    """Open a volume lazily. `path` may be `store.zarr`, `store.zarr:inner/array`, `.tif`, `.npy`."""
-    source = str(path)
-    store, inner = split_store_path(source)
+def open_volume(path, storage_options=None, inner=None) -> Volume:
+    """Open a volume lazily. `path` may be `store.zarr`, `store.zarr:inner/array`, `.tif`, `.npy`,
+    or a zarr URL (`s3://bucket/v.zarr#inner/array`, gs://, http(s)://, file://) opened through
+    fsspec with `storage_options` (else credentials and endpoint come from the environment).
+    `inner` names the array or group inside the store (the CLI's --input-path)."""
+    store, inner_in_path = split_store_path(str(path))
+    if inner and inner_in_path:
+        raise SparsesegError(f"{path} already names a path inside the store; drop --input-path {inner}")
+    inner = (inner or inner_in_path or "").strip("/") or None
+    source = join_store_path(store, inner)
+    if is_url(store) and not store.startswith("file://"):
+        return _open_zarr(store, inner, source, storage_options)
+    store = store.removeprefix("file://")
     p = Path(store)
     if not p.exists():
         raise SparsesegError(f"no such file or directory: {store}")

@@ -113,7 +113,8 @@ def write_block(job, block, labels: np.ndarray, probs: np.ndarray | None) -> Non
     files = _chunk_files(root / "0", block, label_arr.chunks)
     if prob_arr is not None:
         for c in range(0, prob_arr.shape[0], prob_arr.chunks[0]):
-            files += _chunk_files(root / "probabilities", block, prob_arr.chunks, lead=(c // prob_arr.chunks[0],))
+            lead = (c // prob_arr.chunks[0],)
+            files += _chunk_files(root / "probabilities", block, prob_arr.chunks, lead=lead)
     _fsync_files(files)
     marker = root / DONE_DIR / block.key
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -140,3 +141,232 @@ def done_keys(output, storage_options=None) -> set[str]:
     except FileNotFoundError:
         return set()
     return {n.rstrip("/").rsplit("/", 1)[-1] for n in names}
+
+
+# ---------------------------------------------------------------- the output's lease
+
+LEASE = f"{META_DIR}/lease"
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True                         # alive, owned by someone else
+    return True
+
+
+class Lease:
+    """One run at a time per output store: a small file under `.sparseseg/` holding its owner
+    and a heartbeat that a background thread renews. Another run refuses the output while the
+    heartbeat is fresher than `ttl` seconds; a crashed run stops renewing, so its lease expires.
+
+    Local files are created with O_EXCL (atomic). Object stores have no portable create-if-absent,
+    so there a new owner writes, waits a moment and reads back: two runs starting within that
+    moment could both believe they won (the later writer wins the file, the earlier one notices at
+    its next heartbeat and logs an error)."""
+
+    def __init__(self, output, storage_options=None, ttl: float | None = None):
+        import socket
+        import uuid
+
+        self.output, self.options = str(output), storage_options or {}
+        self.ttl = float(ttl if ttl is not None else os.environ.get("SPARSESEG_LEASE_TTL", 60))
+        self.interval = max(0.2, self.ttl / 6)
+        self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._local = local_path(output)
+        self._stop = None
+        self._thread = None
+        self.lost = False
+
+    # -- file access
+    def _path(self):
+        if self._local is not None:
+            return self._local / LEASE
+        fs, path = filesystem(self.output, self.options)
+        return fs, f"{path.rstrip('/')}/{LEASE}"
+
+    def _text(self) -> bytes:
+        import json
+        import time
+
+        return json.dumps({**self.owner, "heartbeat": time.time()}).encode()
+
+    def read(self) -> dict | None:
+        import json
+
+        try:
+            if self._local is not None:
+                raw = self._path().read_bytes()
+            else:
+                fs, path = self._path()
+                fs.invalidate_cache(path)
+                raw = fs.cat_file(path)
+            return json.loads(raw)
+        except FileNotFoundError:
+            return None
+        except ValueError:                  # torn or foreign content: treat as expired
+            return {"heartbeat": 0}
+
+    def _write(self, exclusive: bool = False) -> bool:
+        if self._local is None:
+            fs, path = self._path()
+            fs.pipe_file(path, self._text())
+            return True
+        path = self._path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if exclusive:
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._text())
+            return True
+        tmp = path.with_name(f"lease.tmp-{self.owner['id']}")
+        tmp.write_bytes(self._text())
+        os.replace(tmp, path)               # atomic: a reader never sees half a lease
+        return True
+
+    def holder(self) -> dict | None:
+        """The live lease of another run, or None."""
+        import time
+
+        cur = self.read()
+        if cur is None or cur.get("id") == self.owner["id"]:
+            return None
+        if cur.get("host") == self.owner["host"] and not _pid_alive(cur.get("pid")):
+            return None                     # its process is gone: no need to wait for the expiry
+        return cur if time.time() - float(cur.get("heartbeat", 0)) < self.ttl else None
+
+    def refusal(self, cur: dict) -> str:
+        import time
+
+        age = time.time() - float(cur.get("heartbeat", 0))
+        return (f"{self.output} is in use by another sparseseg-infer run (pid {cur.get('pid')} on "
+                f"{cur.get('host')}, alive {age:.0f} s ago); if that run has crashed, its lease "
+                f"expires {max(0.0, self.ttl - age):.0f} s from now")
+
+    # -- life cycle
+    def acquire(self) -> Lease:
+        import threading
+        import time
+
+        from sparseseg.errors import SparsesegError
+
+        for _ in range(3):
+            cur = self.holder()
+            if cur is not None:
+                raise SparsesegError(self.refusal(cur))
+            if self._local is not None:
+                if self._write(exclusive=True):
+                    break
+                if self.read() is None:
+                    continue                # released meanwhile: try again
+                self._write()               # an expired lease: take it over atomically
+            else:
+                self._write()
+            time.sleep(min(0.5, self.ttl / 10))
+            cur = self.read()
+            if cur is not None and cur.get("id") == self.owner["id"]:
+                break
+        else:
+            cur = self.holder()
+            raise SparsesegError(self.refusal(cur) if cur else f"{self.output}: could not take its lease")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="sparseseg-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self):
+        import logging
+
+        log = logging.getLogger("sparseseg.infer")
+        while not self._stop.wait(self.interval):
+            try:
+                cur = self.read()
+                if cur is not None and cur.get("id") not in (None, self.owner["id"]):
+                    if not self.lost:
+                        log.error("the lease on %s was taken by pid %s on %s", self.output, cur.get("pid"),
+                                  cur.get("host"))
+                    self.lost = True
+                    continue
+                self._write()
+            except Exception as e:  # a heartbeat that fails once is retried at the next beat
+                log.warning("lease heartbeat on %s failed: %s", self.output, e)
+
+    def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            self._stop = None
+        try:
+            cur = self.read()
+            if cur is not None and cur.get("id") == self.owner["id"]:
+                if self._local is not None:
+                    self._path().unlink()
+                else:
+                    fs, path = self._path()
+                    fs.rm_file(path)
+        except OSError:
+            pass                            # an unreleased lease simply expires
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ---------------------------------------------------------------- output store housekeeping
+
+def store_exists(output, storage_options=None) -> bool:
+    """Is there anything at the output (a zarr group, or at least our bookkeeping)?"""
+    root = local_path(output)
+    if root is not None:
+        return root.exists()
+    fs, path = filesystem(output, storage_options)
+    fs.invalidate_cache(path)
+    return fs.exists(f"{path.rstrip('/')}/zarr.json") or fs.exists(f"{path.rstrip('/')}/{META_DIR}")
+
+
+def clear_store(output, storage_options=None) -> None:
+    """Remove everything in the output store except our lease (the run replacing it holds it)."""
+    import shutil
+
+    root = local_path(output)
+    if root is not None:
+        for child in root.iterdir():
+            if child.name == META_DIR:
+                for sub in child.iterdir():
+                    if sub.name != "lease":
+                        shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+            else:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return
+    fs, path = filesystem(output, storage_options)
+    path = path.rstrip("/")
+    keep = f"{path}/{LEASE}"
+    fs.invalidate_cache(path)
+    files = [f for f in fs.find(path) if f.rstrip("/") != keep]
+    if files:
+        fs.rm(files)
+
+
+def write_meta(output, name: str, data: dict, storage_options=None) -> None:
+    """A small JSON file under `.sparseseg/` (the summary of the last run, its failed blocks)."""
+    import json
+
+    text = json.dumps(data, indent=1).encode()
+    root = local_path(output)
+    if root is None:
+        fs, path = filesystem(output, storage_options)
+        fs.pipe_file(f"{path.rstrip('/')}/{META_DIR}/{name}", text)
+        return
+    target = root / META_DIR / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+    tmp.write_bytes(text)
+    os.replace(tmp, target)
