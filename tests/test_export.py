@@ -158,11 +158,11 @@ def _initializer_types(proto):
     return {i.name: i.data_type for i in proto.graph.initializer}
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(tmp_path, precision):
+@pytest.mark.parametrize("precision,ndim", [("fp16", 3), ("bf16", 3), ("fp16", 2)])
+def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(tmp_path, precision, ndim):
     from sparseseg.export.onnx_export import export_onnx, verify_onnx
 
-    ck = trained_checkpoint(tmp_path / "m.pt")
+    ck = trained_checkpoint(tmp_path / "m.pt", ndim=ndim)
     ckpt = load_checkpoint(ck)
     tmp, contract, _ = export_onnx(ckpt, "sha", tmp_path / f"{precision}.onnx", precision, simplify=False)
     proto = onnx.load(str(tmp))
