@@ -211,6 +211,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
         bar.close()
         _finish(out, lease, failed, storage_options)
     seconds = time.time() - t_start
+    voxels_total -= sum(int(np.prod([hi - lo for lo, hi in f["region"]])) for f in failed)
     return {"output": str(out), "voxels": int(np.prod(shape)), "voxels_computed": voxels_total,
             "seconds": round(seconds, 3), "voxels_per_second": round(voxels_total / max(time.time() - t0, 1e-9), 1),
             "blocks": len(blocks), "blocks_computed": len(todo) - len(failed), "blocks_skipped": skipped,
