@@ -302,3 +302,100 @@ def test_tiny_config_is_what_the_end_to_end_test_builds():
 
     geom = tiny_config(depth=2, width=4).geometry
     assert check_tile(geom, (4, 8, 8)) == (4, 8, 8) and check_tile(geom, (8, 16, 16)) == (8, 16, 16)
+
+
+# ------------------------------------------------------------------ the build call sequence, with a fake TensorRT
+
+class _Recorder:
+    def __init__(self, log, name):
+        self._log, self._name = log, name
+
+    def __getattr__(self, attr):
+        def call(*args, **kw):
+            self._log.append((self._name, attr, args, kw))
+            return _RESULTS.get((self._name, attr), _Recorder(self._log, attr))
+        return call
+
+
+_RESULTS = {}
+
+
+def _fake_tensorrt(log):
+    """A module with the names build_plan uses; every method call is recorded."""
+    import types
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "11.4.0.106"
+    enum = lambda *names: types.SimpleNamespace(**{n: f"{n}" for n in names})  # noqa: E731
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=0)
+    trt.MemoryPoolType = enum("WORKSPACE")
+    trt.BuilderFlag = enum("TF32", "VERSION_COMPATIBLE")       # 11.x: no FP16/BF16/INT8 flags
+    trt.HardwareCompatibilityLevel = enum("AMPERE_PLUS")
+
+    class Logger:
+        WARNING = "WARNING"
+
+        def __init__(self, level):
+            pass
+
+    class Parser(_Recorder):
+        num_errors = 0
+
+        def parse_from_file(self, path):
+            log.append(("parser", "parse_from_file", (path,), {}))
+            return True
+
+    class Serialized(bytes):
+        pass
+
+    class Builder(_Recorder):
+        def __init__(self, logger):
+            super().__init__(log, "builder")
+
+        def build_serialized_network(self, network, config):
+            log.append(("builder", "build_serialized_network", (), {}))
+            return Serialized(b"PLAN")
+
+    class Cache:
+        def serialize(self):
+            return b"CACHE"
+
+    _RESULTS[("config", "get_timing_cache")] = Cache()
+    _RESULTS[("builder", "create_builder_config")] = _Recorder(log, "config")
+    trt.Logger, trt.Builder = Logger, Builder
+    trt.OnnxParser = lambda network, logger: Parser(log, "parser")
+    return trt
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_build_plan_is_strongly_typed_and_writes_plan_with_its_profile(tmp_path, monkeypatch, precision):
+    import json
+    import sys
+    import types
+
+    from sparseseg.export.tensorrt import build_plan
+    from sparseseg.model.contract import read_contract
+
+    log = []
+    monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(log))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0))
+    monkeypatch.setenv("SPARSESEG_CACHE", str(tmp_path / "cache"))
+    contract = dict(_contract(), precision=precision, sparseseg_version="0", checkpoint_sha256="x")
+    profile = contract.pop("profile")
+    side = build_plan(tmp_path / "m.onnx", tmp_path / "u.plan", contract, profile, workspace_gb=2.0)
+    calls = [(who, what) for who, what, *_ in log]
+    create = next(a for who, what, a, _ in log if what == "create_network")
+    assert create == (1,)                                                   # 1 << STRONGLY_TYPED
+    flags = [a[0] for who, what, a, _ in log if who == "config" and what in ("set_flag", "clear_flag")]
+    assert flags == (["TF32"] if precision == "fp32" else [])              # no precision flags, ever
+    set_shape = next(a for who, what, a, _ in log if what == "set_shape")
+    assert set_shape == ("image", profile["min"], profile["opt"], profile["max"])
+    assert calls.index(("builder", "build_serialized_network")) > calls.index(("config", "add_optimization_profile"))
+    assert (tmp_path / "u.plan").read_bytes() == b"PLAN"
+    assert (tmp_path / "cache" / "tensorrt-timing.cache").read_bytes() == b"CACHE"
+    assert read_contract(tmp_path / "u.plan") == json.loads(json.dumps(side))
+    assert side["precision"] == precision and side["strongly_typed"] and side["tensorrt_version"] == "11.4.0.106"
+    assert profile_tiles(side)["opt"] == (28, 44, 44)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "u.plan", "u.plan.json"]
