@@ -32,7 +32,6 @@ from sparseseg.model.contract import CONTRACT_KEY, INPUT_NAME, OUTPUT_NAME, cont
 log = logging.getLogger("sparseseg.export")
 
 OPSET = 18
-ONNX_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # fp32 must match PyTorch to 1e-4 (the bound). Reduced precisions are compared with the
 # fp32 PyTorch model: rounding of ~20 layers of half-precision activations; the bound is relative
 # to the logit range so that it holds for any intensity scale. bf16 keeps 8 mantissa bits against
