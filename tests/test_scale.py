@@ -296,7 +296,7 @@ def test_corrupt_chunk_fails_only_its_blocks_then_resume_repairs(work, tmp_path)
 
 def test_second_run_on_a_leased_output_is_refused(work, tmp_path):
     out = tmp_path / "o.zarr"
-    p = start(work["engine"], work["input"], "--output", out, env={"SPARSESEG_BLOCK_DELAY": "0.5"})
+    p = start(work["engine"], work["input"], "--output", out, env={"SPARSESEG_BLOCK_DELAY": "3"})  # ~1 min
     with killed_at_exit(p):
         wait_for(lambda: (out / "zarr.json").exists() and (out / ".sparseseg" / "lease").exists(), 60, "the lease")
         for flags in ((), ("--resume",), ("--overwrite",)):
