@@ -106,16 +106,23 @@ def write_block(job, block, labels: np.ndarray, probs: np.ndarray | None) -> Non
     if prob_arr is not None:
         prob_arr[(slice(None),) + block.slices] = probs
     root = local_path(job.output)
+    if root is not None:                    # an object store's PUT is durable when it returns
+        files = _chunk_files(root / "0", block, label_arr.chunks)
+        if prob_arr is not None:
+            for c in range(0, prob_arr.shape[0], prob_arr.chunks[0]):
+                lead = (c // prob_arr.chunks[0],)
+                files += _chunk_files(root / "probabilities", block, prob_arr.chunks, lead=lead)
+        _fsync_files(files)
+    mark_done(job.output, block, getattr(job, "storage_options", None))
+
+
+def mark_done(output, block, storage_options=None) -> None:
+    """Write a block's done marker (after its chunks: see write_block), durably."""
+    root = local_path(output)
     if root is None:
-        fs, path = filesystem(job.output, getattr(job, "storage_options", None))
+        fs, path = filesystem(output, storage_options)
         fs.pipe_file(f"{path.rstrip('/')}/{DONE_DIR}/{block.key}", _marker_text(block))
         return
-    files = _chunk_files(root / "0", block, label_arr.chunks)
-    if prob_arr is not None:
-        for c in range(0, prob_arr.shape[0], prob_arr.chunks[0]):
-            lead = (c // prob_arr.chunks[0],)
-            files += _chunk_files(root / "probabilities", block, prob_arr.chunks, lead=lead)
-    _fsync_files(files)
     marker = root / DONE_DIR / block.key
     marker.parent.mkdir(parents=True, exist_ok=True)
     with open(marker, "wb") as f:
