@@ -215,7 +215,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     return {"output": str(out), "voxels": int(np.prod(shape)), "voxels_computed": voxels_total,
             "seconds": round(seconds, 3), "voxels_per_second": round(voxels_total / max(time.time() - t0, 1e-9), 1),
             "blocks": len(blocks), "blocks_computed": len(todo) - len(failed), "blocks_skipped": skipped,
-            "blocks_failed": len(failed), "failed": failed,
+            "blocks_failed": len(failed), "failed": failed, **_read_figures(vol, geometry, shape, blk, tile, overlap),
             "backend": backend_name, "device": backend_device, "block": list(blk), "tile": list(tile),
             "batch": batch}
 
@@ -332,6 +332,19 @@ def _schedule(submit, groups, advance, retries: int, window):
                 failed.append(_failure(b, error))
     failed.sort(key=lambda f: f["key"])
     return failed, info
+
+
+def _read_figures(vol, geometry, shape, block, tile, overlap) -> dict:
+    """Input bytes the store serves per output voxel (whole chunks: the halo's chunk-aligned
+    superset) and the chunk requests, for chunked inputs; {} for files read whole."""
+    from sparseseg.engine.store import read_cost
+
+    chunks = getattr(vol.array, "chunks", None)
+    if not chunks or not isinstance(chunks, tuple):
+        return {}
+    cost = read_cost(geometry, shape, block, tile, overlap, chunks, vol.dtype.itemsize, vol.channels)
+    return {"input_bytes_per_output_voxel": cost["input_bytes_per_output_voxel"],
+            "input_chunk_requests": cost["input_chunk_requests"]}
 
 
 def _output_location(output, input_path) -> str:

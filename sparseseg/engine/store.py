@@ -377,3 +377,41 @@ def write_meta(output, name: str, data: dict, storage_options=None) -> None:
     tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
     tmp.write_bytes(text)
     os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------- what the reads cost
+
+def read_cost(geometry, volume_shape, block, tile, overlap, chunks, itemsize: int, channels: int = 1) -> dict:
+    """Bytes and requests the blocks' reads cost against an input stored in `chunks`.
+
+    A block reads its region (block + halo) in one call, and zarr fetches every chunk that region
+    touches once: so the store serves whole chunks, the chunk-aligned superset of the region, one
+    request per chunk. Regions are separable per axis (a Cartesian grid of blocks), so the totals
+    are products of per-axis sums: O(blocks per axis), instant for a 10,000^3 volume.
+    Returns the totals and the bytes per output voxel (what the halo and chunk alignment cost)."""
+    from sparseseg.engine.blocks import Block, read_plan
+
+    n_blocks = [-(-n // b) for n, b in zip(volume_shape, block)]
+    exact = aligned = requests = 1
+    for a, (n, b, c) in enumerate(zip(volume_shape, block, chunks[-3:])):
+        e = al = rq = 0
+        for i in range(n_blocks[a]):
+            start = [0, 0, 0]
+            shape = [min(bb, nn) for bb, nn in zip(block, volume_shape)]
+            start[a], shape[a] = i * b, min(b, n - i * b)
+            r = read_plan(Block((0, 0, 0), tuple(start), tuple(shape)), volume_shape, geometry, tile,
+                          overlap).region[a]
+            first, last = r.start // c, (r.stop - 1) // c
+            e += r.stop - r.start
+            al += min(n, (last + 1) * c) - first * c
+            rq += last - first + 1
+        exact, aligned, requests = exact * e, aligned * al, requests * rq
+    voxels = 1
+    for n in volume_shape:
+        voxels *= n
+    per = itemsize * channels
+    # A channel axis stored in its own chunks multiplies requests, not bytes.
+    lead_chunks = -(-channels // chunks[0]) if len(chunks) == 4 else 1
+    return {"input_bytes_read": aligned * per, "input_bytes_in_regions": exact * per,
+            "input_chunk_requests": requests * lead_chunks,
+            "input_bytes_per_output_voxel": round(aligned * per / voxels, 4)}
