@@ -66,8 +66,26 @@ def _cmd(engine, inp, *args):
             *local, "--json", *map(str, args)]
 
 
-def infer(engine, inp, *args, env=None, timeout=120):
-    return subprocess.run(_cmd(engine, inp, *args), capture_output=True, text=True, env=_env(env), timeout=timeout)
+def infer(engine, inp, *args, env=None, timeout=120, process=False):
+    """Run `sparseseg infer`: in this process (click's runner: no interpreter and torch start-up per
+    run) unless `process`, which a run must be when its environment decides where or how it
+    connects (fsspec caches filesystem instances per process)."""
+    if process:
+        return subprocess.run(_cmd(engine, inp, *args), capture_output=True, text=True, env=_env(env),
+                              timeout=timeout)
+    from click.testing import CliRunner
+
+    from sparseseg.cli import main
+
+    import logging
+
+    root = logging.getLogger()
+    root.handlers.clear()               # let the command's logging.basicConfig use this run's stderr
+    try:
+        r = CliRunner().invoke(main, _cmd(engine, inp, *args)[3:], env=env, catch_exceptions=False)
+    finally:
+        root.handlers.clear()
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def start(engine, inp, *args, env=None):
@@ -109,37 +127,35 @@ def killed_at_exit(*procs):
 
 @pytest.fixture(scope="module")
 def s3(work):
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
-    server.start()
-    host, port = server.get_host_and_port()
+    # moto's S3 server in its own process (in a thread here it would share the GIL with the runs)
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
+    with killed_at_exit(server):
+        wait_for(lambda: _port_open(port), 60, "the S3 server")
+        os.environ.update(env)
+        try:
+            import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
-    fs.mkdir("bucket")
-    fs.put(str(work["input"]), "bucket/in.zarr", recursive=True)
-    try:
-        yield {"env": env, "fs": fs, "endpoint": env["AWS_ENDPOINT_URL"]}
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+            fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
+            fs.mkdir("bucket")
+            fs.put(str(work["input"]), "bucket/in.zarr", recursive=True)
+            yield {"env": env, "fs": fs, "endpoint": env["AWS_ENDPOINT_URL"]}
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def test_s3_input_and_output_match_the_local_run(work, s3):
     # credentials and endpoint from the environment; the inner-path form URL#path
-    r = infer(work["engine"], "s3://bucket/in.zarr#0", "--output", "s3://bucket/out.zarr", env=s3["env"])
+    r = infer(work["engine"], "s3://bucket/in.zarr#0", "--output", "s3://bucket/out.zarr", env=s3["env"],
+              process=True)
     assert r.returncode == 0, r.stderr
     s = summary(r)
     assert s["blocks_computed"] == N_BLOCKS and s["blocks_failed"] == 0 and s["output"] == "s3://bucket/out.zarr"
@@ -187,7 +203,8 @@ def test_bad_stores_give_one_line_errors(work, s3, tmp_path):
 
     eng = work["engine"]
     dead = {**s3["env"], "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_MAX_ATTEMPTS": "1"}
-    one_line_error(infer(eng, "s3://bucket/in.zarr", "--output", tmp_path / "o.zarr", env=dead), "cannot open")
+    one_line_error(infer(eng, "s3://bucket/in.zarr", "--output", tmp_path / "o.zarr", env=dead, process=True),
+                   "cannot open")
     nocred = {k: v for k, v in s3["env"].items() if not k.startswith("AWS_ACCESS") and "SECRET" not in k}
     nocred.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
     env = {k: v for k, v in _env(nocred).items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
@@ -296,7 +313,7 @@ def test_corrupt_chunk_fails_only_its_blocks_then_resume_repairs(work, tmp_path)
 
 def test_second_run_on_a_leased_output_is_refused(work, tmp_path):
     out = tmp_path / "o.zarr"
-    p = start(work["engine"], work["input"], "--output", out, env={"SPARSESEG_BLOCK_DELAY": "3"})  # ~1 min
+    p = start(work["engine"], work["input"], "--output", out, env={"SPARSESEG_BLOCK_DELAY": "1"})  # ~20 s
     with killed_at_exit(p):
         wait_for(lambda: (out / "zarr.json").exists() and (out / ".sparseseg" / "lease").exists(), 60, "the lease")
         for flags in ((), ("--resume",), ("--overwrite",)):

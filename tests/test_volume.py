@@ -81,3 +81,20 @@ def test_file_urls_and_input_path(tmp_path):
         assert np.array_equal(vol.read_labels(), data)
     with pytest.raises(SparsesegError, match="already names a path"):
         open_volume(f"{tmp_path / 'v.zarr'}:0", inner="0")
+
+
+def test_chunk_cache_serves_a_neighbouring_read(tmp_path):
+    data = np.arange(16 * 16 * 16, dtype=np.uint16).reshape(16, 16, 16)
+    write_ome_zarr(tmp_path / "v.zarr", data, chunks=(8, 8, 8))
+    vol = open_volume(tmp_path / "v.zarr", cache_bytes=1 << 20)
+    cache = vol.chunk_cache
+    opened = cache.misses                                      # metadata documents
+    a = (slice(0, 16), slice(0, 16), slice(0, 10))             # all 8 chunks
+    b = (slice(0, 16), slice(0, 16), slice(6, 16))             # the same 8 again: no new read
+    assert np.array_equal(vol.read(a)[0], data[a]) and cache.misses - opened == 8
+    hits = cache.hits
+    assert np.array_equal(vol.read(b)[0], data[b]) and cache.misses - opened == 8 and cache.hits - hits == 8
+    small = open_volume(tmp_path / "v.zarr", cache_bytes=1)    # too small to keep anything
+    opened = small.chunk_cache.misses
+    small.read(a), small.read(b)
+    assert small.chunk_cache.misses - opened == 16

@@ -177,7 +177,8 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     todo = [b for b in blocks if b.key not in done]
     skipped = len(blocks) - len(todo)
     job = BlockJob(_worker_location(vol.source), _worker_location(out), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities,
-                   normalization=gather_normalization(contract, vol), storage_options=storage_options or None)
+                   normalization=gather_normalization(contract, vol), storage_options=storage_options or None,
+                   run_id=lease.owner["id"])
     voxels_total = sum(b.voxels for b in todo)
     log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, batch %d, %s on %s", input_path,
              len(blocks), blk, len(todo), skipped, tile, batch, backend_name, run_device)

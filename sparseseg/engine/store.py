@@ -46,13 +46,17 @@ _OPEN: dict = {}
 def open_io(job):
     """(input volume, label array, probability array or None), opened once per process."""
     options = getattr(job, "storage_options", None) or {}
-    key = (job.input, job.output, repr(sorted(options.items())))
+    key = (job.input, job.output, repr(sorted(options.items())), getattr(job, "run_id", ""))
     if key not in _OPEN:
+        while len(_OPEN) >= 4:              # a worker serving run after run keeps only recent ones
+            _OPEN.pop(next(iter(_OPEN)))
         import zarr
 
         from sparseseg.volume import open_volume
 
-        vol = open_volume(job.input, storage_options=options) if options else open_volume(job.input)
+        # Chunks a block's halo shares with the next block of its task are read once.
+        cache = int(float(os.environ.get("SPARSESEG_CHUNK_CACHE_MB", "256")) * (1 << 20))
+        vol = open_volume(job.input, storage_options=options or None, cache_bytes=cache)
         kwargs = {"storage_options": options} if options and local_path(job.output) is None else {}
         group = zarr.open_group(str(job.output), mode="r+", **kwargs)
         labels = group["0"]

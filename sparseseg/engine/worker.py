@@ -48,6 +48,7 @@ class BlockJob:
     batch: int
     probabilities: str | None      # None | "uint8" | "float16"
     storage_options: dict | None = None   # fsspec options for URL inputs/outputs (credentials, endpoint)
+    run_id: str = ""                      # one run's arrays and chunk cache are never reused by another
     normalization: dict | None = None     # {mean, std, lo, hi} applied in the gather; None: the graph does it
 
 
