@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sparseseg.cli import main
 from sparseseg.engine.blocks import Block, block_size, make_blocks, read_plan
 from sparseseg.engine.run import run_inference
-from sparseseg.engine.tiling import pad_region, predict_array, torch_forward
+from sparseseg.engine.tiling import pad_region
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.network import SegmentationModel
 from sparseseg.volume import open_volume
@@ -77,18 +77,25 @@ def test_blocks_tile_the_volume():
     assert (cover == 1).all()
 
 
-def test_read_plan_reflects_like_whole_volume_padding():
-    geom = tiny_config(depth=3).geometry
-    data = np.random.default_rng(1).random((1, 9, 11, 13)).astype(np.float32)
-    block = Block((0, 0, 0), (0, 4, 8), (9, 7, 5))
-    plan = read_plan(block, data.shape[1:], geom, (4, 4, 4), 0.5)
-    from sparseseg.engine.blocks import assemble
+def test_read_plan_gathers_like_whole_volume_padding():
+    """A border block's tiles, gathered from its read region on the device, equal the same
+    windows of a reflect-padded whole volume."""
+    from sparseseg.engine.tensor_ops import gather
+    from sparseseg.engine.tiling import tile_input
 
-    got = assemble(data[(slice(None),) + plan.region], plan)
-    big = np.pad(data, [(0, 0)] + [(60, 60)] * 3, mode="reflect")
-    starts = [s - c + 60 for s, c in zip(block.start, geom.context)]
-    want = big[(slice(None),) + tuple(slice(s, s + n) for s, n in zip(starts, got.shape[1:]))]
-    assert np.array_equal(got, want)
+    geom = tiny_config(depth=3).geometry
+    data = (np.random.default_rng(1).random((1, 9, 11, 13)) * 255).astype(np.uint8)
+    block = Block((0, 0, 0), (0, 4, 8), (9, 7, 5))
+    tile = (4, 4, 4)
+    plan = read_plan(block, data.shape[1:], geom, tile, 0.5)
+    region = torch.from_numpy(data[(slice(None),) + plan.region])
+    tin = tile_input(geom, tile)
+    got = gather(region, plan.region_start, plan.offsets, plan.origin, data.shape[1:], tin).numpy()
+    big = np.pad(data.astype(np.float32), [(0, 0)] + [(60, 60)] * 3, mode="reflect")
+    for n, off in enumerate(plan.offsets):
+        starts = [o + f + 60 for o, f in zip(plan.origin, off)]
+        want = big[(slice(None),) + tuple(slice(s, s + t) for s, t in zip(starts, tin))]
+        assert np.array_equal(got[n], want)
 
 
 @pytest.mark.parametrize("engine_kind", ["pt", "onnx"])
@@ -131,17 +138,45 @@ def test_ome_zarr_output_metadata(tmp_path):
     assert g.attrs["sparseseg_run"]["engine_sha256"]
 
 
+def independent_blend(model, data, tile, overlap=0.5):
+    """One Gaussian-blended pass over the whole volume, written here with plain numpy/torch:
+    tiles at multiples of the stride (tile * (1 - overlap), a multiple of the grid step 4), the
+    last one ending past the volume on reflect padding, weights exp(-x^2 / 2 (t/8)^2) per axis
+    normalized to max 1 and floored at 1e-3."""
+    stride = [max(4, int(t * (1 - overlap)) // 4 * 4) for t in tile]
+    counts = [int(np.ceil(max(n - t, 0) / s)) + 1 for n, t, s in zip(data.shape, tile, stride)]
+    ext = [(c - 1) * s + t for c, s, t in zip(counts, stride, tile)]
+    padded = np.pad(data, [(0, e - n) for e, n in zip(ext, data.shape)], mode="reflect")
+    w = np.ones(tile, np.float32)
+    for axis, t in enumerate(tile):
+        x = np.arange(t) - (t - 1) / 2
+        g = np.exp(-0.5 * (x / (t / 8)) ** 2).astype(np.float32)
+        w = w * g.reshape([t if a == axis else 1 for a in range(3)])
+    w = np.maximum(w / w.max(), 1e-3).astype(np.float32)
+    acc = np.zeros((3,) + tuple(ext), np.float32)
+    wsum = np.zeros(ext, np.float32)
+    for k in np.ndindex(*counts):
+        sl = tuple(slice(i * s, i * s + t) for i, s, t in zip(k, stride, tile))
+        with torch.no_grad():
+            lg = model(torch.from_numpy(padded[sl][None, None].astype(np.float32)))[0].numpy()
+        acc[(slice(None),) + sl] += lg * w
+        wsum[sl] += w
+    crop = tuple(slice(0, n) for n in data.shape)
+    blended = acc[(slice(None),) + crop] / wsum[crop]
+    return blended.argmax(0), torch.softmax(torch.from_numpy(blended), 0).numpy()
+
+
 def test_same_padding_blends_per_block_without_seams(tmp_path):
     """Blocks blend the global tile grid, so the result equals one blended pass over the whole
-    volume (up to float summation order) for any block size."""
+    volume (computed independently in the test) for any block size, 0 or 2 workers."""
     ck = make_engine(tmp_path, padding="same", depth=2)
     path, data = volume(tmp_path, shape=(30, 37, 41))
     model = load_checkpoint(ck).model
-    ref, ref_p = predict_array(torch_forward(model), data[None], model.cfg.geometry, tile_out=(8, 16, 16),
-                               probabilities=True)
-    for i, block in enumerate([(16, 16, 16), (8, 24, 40), (32, 40, 48)]):
-        run_inference(ck, path, tmp_path / f"o{i}.zarr", workers=0, block=block, tile=(8, 16, 16), progress=False,
-                      probabilities="float16")
+    ref, ref_p = independent_blend(model, data, (8, 16, 16))
+    for i, (block, workers, batch) in enumerate([((16, 16, 16), 0, 1), ((8, 24, 40), 0, 3), ((32, 40, 48), 0, 2),
+                                                 ((16, 24, 24), 2, 2)]):
+        run_inference(ck, path, tmp_path / f"o{i}.zarr", workers=workers, block=block, tile=(8, 16, 16),
+                      progress=False, probabilities="float16", batch=batch, backend="torch")
         got = open_volume(tmp_path / f"o{i}.zarr").read_labels()
         assert (got == ref).mean() >= 0.9999
         probs = zarr.open_group(str(tmp_path / f"o{i}.zarr"), mode="r")["probabilities"][...]
