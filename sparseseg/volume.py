@@ -9,7 +9,6 @@ one block with its halo from a terabyte store.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -388,17 +387,11 @@ def check_output(path, replace: bool, flag: str = "--overwrite") -> Path:
 def write_ome_zarr(path, data: np.ndarray, voxel_size=None, chunks=None, name="labels", overwrite=False):
     """Write a whole array as an OME-Zarr image, atomically: a temporary sibling is renamed into
     place, so an interrupted write never leaves a half-written store under the final name."""
+    from sparseseg.fsutil import atomic_path
+
     path = check_output(path, overwrite)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(path) as tmp:
         chunks = chunks or tuple(min(s, 128) for s in data.shape)
         arr = create_ome_zarr(tmp, data.shape, data.dtype, chunks, voxel_size, name)
         arr[...] = data
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
-
