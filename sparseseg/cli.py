@@ -249,7 +249,8 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.option("--scheduler", help="address of an existing Dask scheduler to join")
 @click.option("--block", help="write block (= output chunk) size Z,Y,X")
 @click.option("--tile", help="network output tile size Z,Y,X (default: from the engine and block)")
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="tiles per forward pass")
+@click.option("--batch", type=click.IntRange(1), default=None,
+              help="tiles per forward pass (default: from the device's memory, or the plan's profile)")
 @click.option("--overlap", type=click.FloatRange(0, 0.9), default=0.5, show_default=True,
               help="tile overlap for same-padding networks (valid networks need none)")
 @click.option("--probabilities", "probabilities", type=click.Choice(["uint8", "float16"]), default=None,
@@ -259,7 +260,13 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help=".pt engines on CUDA")
-@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout and nothing else")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino", "tensorrt"]),
+              default="auto", show_default=True,
+              help="what runs the network (auto: by engine file; a .pt on CPU runs through onnxruntime)")
+@click.option("--dry-run", is_flag=True, help="print the plan (blocks, tile, batch, cost per voxel) without computing")
+@click.option("--assume-voxels-per-second", type=click.FloatRange(min=0, min_open=True),
+              help="with --dry-run: project the wall time at this throughput")
 @click.option("--input-path", "input_inner",
               help="array or group inside the INPUT store (same as URL#PATH or store.zarr:PATH)")
 @click.option("--storage-options", help="fsspec options for URL stores as JSON, e.g. '{\"endpoint_url\": "
@@ -269,7 +276,8 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
 @user_errors
 def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch, overlap, probabilities, resume,
-              overwrite, device, precision, as_json, input_inner, storage_options, retries, verbose):
+              overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second, input_inner,
+              storage_options, retries, verbose):
     """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable.
 
     INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
@@ -284,16 +292,37 @@ def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch
                       block=parse_triple(block, "--block"), tile=parse_triple(tile, "--tile"), batch=batch,
                       overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
                       device=device, precision=precision, storage_options=storage_options_from(storage_options),
-                      input_inner=input_inner, retries=retries)
-    _echo_failed(s)
+                      input_inner=input_inner, retries=retries, backend=backend, dry_run=dry_run,
+                      assume_voxels_per_second=assume_voxels_per_second)
+    _echo_failed(s)                                  # on stderr
+    if as_json:
+        click.echo(json.dumps(s))
+        sys.exit(1 if s.get("blocks_failed") else 0)
+    if dry_run:
+        click.echo(_plan_text(s))
+        return
     click.echo(f"{s['voxels_computed']} voxels in {s['seconds']:.1f} s ({s['voxels_per_second']:.4g} voxels/s), "
                f"{s['blocks_computed']} blocks computed, {s.get('blocks_failed', 0)} failed, "
                f"{s['blocks_skipped']} skipped, {s['backend']} on "
                f"{s['device']}: {s['output']}")
-    if as_json:
-        click.echo(json.dumps(s))
     if s.get("blocks_failed"):
         sys.exit(1)
+
+
+def _plan_text(s: dict) -> str:
+    x = "x".join
+    lines = [f"volume {x(map(str, s['volume']))} ({s['voxels']:.4g} voxels), {s['blocks']} blocks of "
+             f"{x(map(str, s['block']))}, {s['backend']} on {s['device']}",
+             f"tile {x(map(str, s['tile_input']))} in -> {x(map(str, s['tile_output']))} out ({s['padding']} padding), "
+             f"batch {s['batch']}, {s['tiles']} tiles",
+             f"input voxels read per output voxel {s['input_voxels_per_output_voxel']:.3g}, "
+             f"tile input voxels per output voxel {s['tile_input_voxels_per_output_voxel']:.3g}",
+             f"{s['flops_per_output_voxel'] / 1e6:.4g} MFLOP per output voxel "
+             f"({s['flops_per_tile'] / 1e9:.4g} GFLOP per tile), recomputed fraction {s['recomputed_fraction']:.3f}"]
+    if "projected_seconds" in s:
+        lines.append(f"projected wall time {s['projected_seconds']:.1f} s at {s['assumed_voxels_per_second']:.4g} "
+                     "voxels/s")
+    return "\n".join(lines)
 
 
 def _echo_failed(s: dict, shown: int = 20) -> None:
