@@ -111,6 +111,11 @@ def _local_cluster(workers: int | None, device: str):
 
     # The cluster's own logs (scheduler, nanny, worker start/stop) only with --verbose.
     quiet = logging.INFO if logging.getLogger("distributed").isEnabledFor(logging.INFO) else logging.ERROR
+    if quiet == logging.ERROR:
+        import warnings
+
+        # The scheduler's HTTP endpoint moves to a free port when 8787 is taken: nothing to act on.
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
     gpus = 0
     if device != "cpu":
         try:
@@ -434,7 +439,11 @@ def _with_dask(job, todo, advance, workers, scheduler, device, group_size, retri
             return client.submit(run_group, job, blocks, pure=False)
 
         failed, info = _schedule(submit, groups, advance, retries, window)
-        info = info or (Path(job.backend.engine).suffix.lstrip("."), device)   # no block succeeded
+        if info is None:                    # no block succeeded: name what was asked for
+            from sparseseg.engine.backends import resolve_backend
+            from sparseseg.engine.plan import resolve_device
+
+            info = (resolve_backend(job.backend), resolve_device(job.backend.engine, device))
         return info[0], info[1], failed
     finally:
         cluster = None if scheduler else client.cluster
