@@ -334,3 +334,82 @@ def test_infer_error_paths(tmp_path):
     err(["--engine", ck, path, "--output", tmp_path / "o2.zarr", "--scheduler", "tcp://127.0.0.1:9"],
         "cannot reach the Dask scheduler")
     err(["--engine", ck, path, "--tile", "5,5,5", *base], "nearest valid")
+
+
+def test_dry_run_figures_match_a_hand_count(tmp_path):
+    """--dry-run on a small case: blocks, tiles, voxels read (reflected ranges counted with
+    np.pad), FLOPs from torch's flop counter on a real forward; nothing is written."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ck = make_engine(tmp_path)
+    path, _ = volume(tmp_path, shape=(20, 30, 40))
+    tile, block = (4, 8, 8), (8, 16, 16)
+    s = run_inference(ck, path, tmp_path / "o.zarr", block=block, tile=tile, batch=2, device="cpu", dry_run=True)
+    assert not (tmp_path / "o.zarr").exists()
+    model = load_checkpoint(ck).model
+    ctx = model.cfg.geometry.context
+    tin = tuple(t + 2 * c for t, c in zip(tile, ctx))
+    tiles, read = 1, 1
+    for n, b, t, c in zip((20, 30, 40), block, tile, ctx):
+        starts = range(0, n, b)
+        counts = [-(-min(b, n - s) // t) for s in starts]          # stride = tile (a multiple of the step 4)
+        tiles *= sum(counts)
+        coords = np.pad(np.arange(n), 200, mode="reflect")
+        read *= sum(len(np.unique(coords[200 + s - c:200 + s - c + k * t + 2 * c])) for s, k in zip(starts, counts))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.zeros((1, 1) + tin))
+    assert s["blocks"] == 3 * 2 * 3 and s["tiles"] == tiles and s["batch"] == 2
+    assert s["tile_input"] == list(tin) and s["tile_output"] == list(tile)
+    assert s["input_voxels_per_output_voxel"] == round(read / 24000, 4)
+    assert s["flops_per_output_voxel"] == round(tiles * fc.get_total_flops() / 24000, 1)
+    assert s["recomputed_fraction"] == 0
+    # same padding: tiles of the global grid touching two blocks are counted as recomputed
+    ck_same = make_engine(tmp_path, padding="same", depth=2, name="same.pt")
+    s = run_inference(ck_same, path, None, block=(8, 32, 40), tile=(8, 16, 16), device="cpu", dry_run=True)
+    # z: global tiles at 0, 4, 8, 12 (stride 4, last ends at 20); blocks [0,8) [8,16) [16,20) touch
+    # tiles {0,4}, {4,8,12}, {12} -> 6 computations of 4 unique; y and x: one block each
+    unique_yx = (1 + -(-(30 - 16) // 8)) * (1 + -(-(40 - 16) // 8))
+    assert s["tiles"] == 6 * unique_yx and s["recomputed_fraction"] == round(1 - 4 / 6, 4)
+
+
+def test_json_prints_one_object(tmp_path):
+    ck = make_engine(tmp_path)
+    path, _ = volume(tmp_path, shape=(12, 20, 20))
+    for extra in (["--dry-run", "--assume-voxels-per-second", "1000"], ["--output", str(tmp_path / "o.zarr")]):
+        r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--workers", "0", "--device", "cpu",
+                                      "--json", *extra])
+        assert r.exit_code == 0, r.output
+        obj = json.loads(r.stdout)                  # the whole of stdout is one JSON object
+        assert isinstance(obj, dict) and obj["tile_output" if "--dry-run" in extra else "output"]
+    assert obj["blocks_computed"] == 1
+    r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--dry-run", "--device", "cpu",
+                                  "--assume-voxels-per-second", "1000"])
+    assert "projected wall time" in r.stdout and "MFLOP per output voxel" in r.stdout
+
+
+def test_out_of_memory_halves_the_batch_then_names_the_options(monkeypatch):
+    """An injected CUDA out-of-memory error: one retry with half the batch (same result), then a
+    one-line error naming --tile and --batch."""
+    import sparseseg
+    from sparseseg.engine import backends
+    from sparseseg.errors import SparsesegError
+
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=2, width=4), mean=[100.0], std=[30.0]).eval()
+    image = (np.random.default_rng(0).random((12, 40, 40)) * 200).astype(np.float32)
+    want, _ = sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
+    forward = backends.TorchBackend.forward
+    seen = []
+
+    def limited(self, x, limit):
+        seen.append(len(x))
+        if len(x) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, x)
+
+    monkeypatch.setattr(backends.TorchBackend, "forward", lambda self, x: limited(self, x, 2))
+    got, _ = sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
+    assert np.array_equal(got, want) and seen[0] == 4 and max(seen[1:]) == 2
+    monkeypatch.setattr(backends.TorchBackend, "forward", lambda self, x: limited(self, x, 0))
+    with pytest.raises(SparsesegError, match="out of device memory.*--tile or --batch"):
+        sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
