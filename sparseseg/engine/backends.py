@@ -209,11 +209,12 @@ class OpenVinoBackend(Backend):
         if spec.device == "cuda":
             raise SparsesegError("--backend openvino runs on CPU only; use --device cpu")
         core = ov.Core()
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        # f32 unless asked otherwise: on CPUs with bf16 units OpenVINO otherwise runs bf16 by
+        # default (labels 96% identical to fp32 on a test network, measured).
+        config = {"PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_PRECISION_HINT": hint or os.environ.get("SPARSESEG_OPENVINO_PRECISION", "f32")}
         if spec.threads:
             config["INFERENCE_NUM_THREADS"] = spec.threads
-        if hint or os.environ.get("SPARSESEG_OPENVINO_PRECISION"):
-            config["INFERENCE_PRECISION_HINT"] = hint or os.environ["SPARSESEG_OPENVINO_PRECISION"]
         try:
             self.compiled = core.compile_model(core.read_model(path), "CPU", config)
         except Exception as e:

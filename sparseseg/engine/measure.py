@@ -10,6 +10,7 @@ Cached per (network, tile, batch, dtype), so a run measures each candidate once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import weakref
@@ -26,7 +27,7 @@ def _meta_model(model_config: str):
 
 
 @functools.lru_cache(maxsize=256)
-def _measure(model_config: str, input_shape: tuple, dtype: str) -> tuple[int, int]:
+def _measure(model_config: str, input_shape: tuple, dtype: str, count_flops: bool) -> tuple[int, int]:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
@@ -51,14 +52,19 @@ def _measure(model_config: str, input_shape: tuple, dtype: str) -> tuple[int, in
             return out
 
     x = torch.empty(input_shape, dtype=getattr(torch, dtype), device="meta")
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False) if count_flops else contextlib.nullcontext()
     base = x.numel() * x.element_size()
     with torch.inference_mode(), counter, LiveBytes():
         y = model(x)
         del y
-    return state["peak"] + base, int(counter.get_total_flops())
+    return state["peak"] + base, int(counter.get_total_flops()) if count_flops else -1
 
 
 def tile_cost(model_config: dict, input_shape, dtype: str = "float32") -> tuple[int, int]:
     """(peak activation bytes, FLOPs) of one forward pass on an (N, C, z, y, x) input."""
-    return _measure(json.dumps(model_config, sort_keys=True), tuple(int(v) for v in input_shape), dtype)
+    return _measure(json.dumps(model_config, sort_keys=True), tuple(int(v) for v in input_shape), dtype, True)
+
+
+def tile_peak_bytes(model_config: dict, input_shape, dtype: str = "float32") -> int:
+    """Peak activation bytes only (the default-tile search: no flop counting)."""
+    return _measure(json.dumps(model_config, sort_keys=True), tuple(int(v) for v in input_shape), dtype, False)[0]

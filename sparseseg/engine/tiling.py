@@ -95,25 +95,25 @@ def pad_region(image: np.ndarray, before, after) -> np.ndarray:
 
 # ------------------------------------------------------------------ default tile and batch
 
-CPU_BUDGET_CAP = 4 << 30        # bytes of activations per CPU worker, at most
+CPU_BUDGET = 2 << 30            # bytes of activations per CPU worker: fixed, so the default tile (which
+                                # a resumed run must repeat) does not depend on the memory free today
 GPU_BUDGET_FRACTION = 0.6       # of the free device memory (blocks, accumulators and cuDNN need the rest)
 MAX_BATCH = 8
 
 
 def memory_budget(device: str) -> int:
     """Bytes the network's activations may take: a share of the free GPU memory, or on CPU a
-    quarter of the available memory (the machine is shared with the block buffers and other
-    workers), at most CPU_BUDGET_CAP."""
+    fixed CPU_BUDGET (less where the machine has less than 4x that available)."""
     if device == "cuda":
         import torch
 
         free, _ = torch.cuda.mem_get_info()
         return int(free * GPU_BUDGET_FRACTION)
     try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        avail = 8 << 30
-    return int(min(CPU_BUDGET_CAP, avail // 4))
+        avail = 8 * CPU_BUDGET
+    return int(min(CPU_BUDGET, avail // 4))
 
 
 def plan_profile(contract: dict) -> dict | None:
@@ -170,28 +170,31 @@ def default_tile(contract: dict, device: str, extent=None, budget: int | None = 
     extent = tuple(extent) if extent is not None else (1 << 20,) * 3
     budget = budget if budget is not None else memory_budget(device)
     floor = max(max(geometry.step), max(geometry.context))
-    best = _candidate(geometry, floor, extent)
-    m = floor
-    while True:
+    # Distinct candidates from the floor up to one tile covering the extent; the activation peak
+    # grows with the tile, so a binary search measures only a handful of them.
+    cands, m = [_candidate(geometry, floor, extent)], floor
+    while not all(c >= e for c, e in zip(cands[-1], extent)):
         m += max(geometry.step)
         cand = _candidate(geometry, m, extent)
-        if cand == best and all(c >= e for c, e in zip(cand, extent)):
-            break
-        if tile_bytes(contract, cand) > budget:
-            break
-        best = cand
-        if all(c >= e for c, e in zip(cand, extent)):
-            break
-    return best
+        if cand != cands[-1]:
+            cands.append(cand)
+    lo, hi = 0, len(cands) - 1              # cands[0] is taken whatever the budget (the floor)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tile_bytes(contract, cands[mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return cands[lo]
 
 
 def tile_bytes(contract: dict, tile_out, batch: int = 1) -> int:
-    from sparseseg.engine.measure import tile_cost
+    from sparseseg.engine.measure import tile_peak_bytes
     from sparseseg.model.contract import geometry_of_contract
 
     geometry = geometry_of_contract(contract)
     shape = (batch, contract["in_channels"]) + tile_input(geometry, tile_out)
-    return tile_cost(contract["model_config"], shape)[0]
+    return tile_peak_bytes(contract["model_config"], shape)
 
 
 def default_batch(contract: dict, device: str, tile_out, tiles_per_block: int, budget: int | None = None) -> int:
