@@ -32,7 +32,8 @@ log = logging.getLogger("sparseseg.export.quantize")
 
 # Calibration reads small tiles: activation statistics are per tensor, so a tile a few times the
 # network's context suffices, and onnxruntime's calibrator keeps every intermediate tensor of a
-# tile in memory (a paper-sized tile of the paper network would need tens of GB).
+# tile in memory (tens of GB for a paper-sized tile of the paper network). For a valid network
+# whose context exceeds this budget, the smallest valid tile is used.
 CALIBRATION_INPUT = (48, 64, 64)
 CALIBRATION_TILES = 8
 PERCENTILE = 99.99
@@ -76,15 +77,24 @@ def _reader(tiles):
     from onnxruntime.quantization import CalibrationDataReader
 
     class TileReader(CalibrationDataReader):
+        """Tiles one range at a time (set_range): the quantizer then calibrates tile by tile,
+        merging histograms, instead of holding every intermediate tensor of every tile."""
+
         def __init__(self):
-            self._it = iter(tiles)
+            self.set_range(0, len(tiles))
+
+        def __len__(self):
+            return len(tiles)
+
+        def set_range(self, start_index, end_index):
+            self._it = iter(tiles[start_index:end_index])
 
         def get_next(self):
             x = next(self._it, None)
             return None if x is None else {INPUT_NAME: x}
 
         def rewind(self):
-            self._it = iter(tiles)
+            self.set_range(0, len(tiles))
 
     return TileReader()
 
@@ -152,5 +162,8 @@ def _quantize_static(fp32_path, out_path, tiles, keep_float, percentile):
             "QuantizeBias": False,
             "OpTypesToExcludeOutputQuantization": ["Conv"],
             "CalibPercentile": percentile,
+            # despite its name, the quantizer calibrates in strides of this many tiles with any
+            # method (onnxruntime/quantization/quantize.py): memory for one tile's activations
+            "CalibStridedMinMax": 1,
         },
     )
