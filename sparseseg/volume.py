@@ -50,10 +50,15 @@ class Volume:
     def read(self, region=None, dtype=None) -> np.ndarray:
         """Read a spatial region (tuple of 3 slices) as (C, z, y, x)."""
         region = tuple(region) if region is not None else (slice(None),) * 3
+        cache = getattr(self, "chunk_cache", None)
+        if cache is not None:
+            cache.start_read()
         if self.has_channels:
             out = np.asarray(self.array[(slice(None),) + region])
         else:
             out = np.asarray(self.array[region])[None]
+        if cache is not None:
+            cache.end_read()
         return out.astype(dtype, copy=False) if dtype is not None else out
 
     def read_labels(self) -> np.ndarray:
@@ -159,6 +164,22 @@ class _ChunkCache:
                     super().__init__(store)
                     self.max_bytes, self.used, self.hits, self.misses = max_bytes, 0, 0, 0
                     self._lru = OrderedDict()
+                    # Kept: twice the largest single read's chunks (the next block's halo overlaps
+                    # this one's), never more than max_bytes: memory follows the block, not the volume.
+                    self.limit, self._read_bytes, self._largest = max_bytes, 0, 0
+
+                def start_read(self):
+                    self._read_bytes = 0
+
+                def end_read(self):
+                    self._largest = max(self._largest, self._read_bytes)
+                    self.limit = min(self.max_bytes, 2 * self._largest)
+                    self._evict()
+
+                def _evict(self):
+                    while self.used > self.limit and self._lru:
+                        _, old = self._lru.popitem(last=False)
+                        self.used -= len(old)
 
                 def _with_store(self, store):
                     return type(self)(store, self.max_bytes)
@@ -170,15 +191,17 @@ class _ChunkCache:
                     if buf is not None:
                         self._lru.move_to_end(key)
                         self.hits += 1
+                        self._read_bytes += len(buf)
                         return buf
                     buf = await self._store.get(key, prototype, byte_range)
                     self.misses += 1
                     if buf is not None and len(buf) <= self.max_bytes:
+                        self._read_bytes += len(buf)
                         self._lru[key] = buf
                         self.used += len(buf)
-                        while self.used > self.max_bytes:
-                            _, old = self._lru.popitem(last=False)
-                            self.used -= len(old)
+                        if self.used > self.max_bytes:
+                            self.limit = min(self.limit, self.max_bytes)
+                            self._evict()
                     return buf
 
             cls.cls = ChunkCache
