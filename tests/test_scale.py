@@ -142,6 +142,9 @@ def s3(work):
 
             fs = s3fs.S3FileSystem(endpoint_url=env["AWS_ENDPOINT_URL"])
             fs.mkdir("bucket")
+            public = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*",
+                      "Action": "s3:GetObject", "Resource": "arn:aws:s3:::bucket/*"}]}
+            fs.call_s3("put_bucket_policy", Bucket="bucket", Policy=json.dumps(public))   # for plain HTTP
             fs.put(str(work["input"]), "bucket/in.zarr", recursive=True)
             yield {"env": env, "fs": fs, "endpoint": env["AWS_ENDPOINT_URL"]}
         finally:
@@ -162,6 +165,8 @@ def test_s3_input_and_output_match_the_local_run(work, s3):
     assert np.array_equal(labels("s3://bucket/out.zarr"), work["ref"])
     assert len(s3["fs"].ls("bucket/out.zarr/.sparseseg/done")) == N_BLOCKS
     assert not s3["fs"].exists("bucket/out.zarr/.sparseseg/lease")          # released at the end
+    # the same store read over plain HTTP (read-only), as a public bucket is
+    assert np.array_equal(open_volume(f"{s3['endpoint']}/bucket/in.zarr#0").read()[0], work["data"])
     # --storage-options instead of the environment's endpoint, --input-path instead of #path
     env = {k: v for k, v in s3["env"].items() if k != "AWS_ENDPOINT_URL"}
     env["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"                         # wrong on purpose: options win
@@ -214,6 +219,7 @@ def test_bad_stores_give_one_line_errors(work, s3, tmp_path):
     s3["fs"].pipe("bucket/notzarr/readme.txt", b"hello")
     one_line_error(infer(eng, "s3://bucket/notzarr", "--output", tmp_path / "o.zarr", env=s3["env"]),
                    "no zarr array or group")
+    one_line_error(infer(eng, work["input"], "--output", "s3://no-such-bucket/o.zarr"), "does not exist")
     # an output store the run may not write to: http(s) stores are read-only
     r = infer(eng, work["input"], "--output", f"{s3['endpoint']}/bucket/http-out.zarr")
     one_line_error(r, "cannot write to the output store")

@@ -79,7 +79,8 @@ def _prepare_output(out: str, record: dict, voxel_size, num_classes, resume: boo
     except SparsesegError:
         raise
     except Exception as e:
-        raise SparsesegError(f"cannot write to the output store {out}: {store_error(e)}") from None
+        why = "its bucket or parent directory does not exist" if isinstance(e, FileNotFoundError) else store_error(e)
+        raise SparsesegError(f"cannot write to the output store {out}: {why}") from None
     if exists and resume:
         return lease
     try:
