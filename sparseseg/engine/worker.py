@@ -82,11 +82,6 @@ class BlockRunner:
                         if self.geometry.padding == "same" else None)
         self.prob_dtype = {None: None, "uint8": torch.uint8, "float16": torch.float16,
                            "float32": torch.float32}[job.probabilities]
-        if not self.cuda and backend.name != "torch":
-            # Gather and stitch are copies; ONNX Runtime and OpenVINO run their own thread pools,
-            # and torch's OpenMP pool spinning beside them costs far more than it gains (10-100x
-            # slower small copies measured on 2 loaded cores).
-            torch.set_num_threads(1)
         if self.cuda:
             self.upload_stream = torch.cuda.Stream(self.device)
             self.download_stream = torch.cuda.Stream(self.device)
@@ -218,7 +213,21 @@ def process_blocks(job: BlockJob, blocks: list[Block], on_block=None, io=None, b
         volume, write = io
     runner = BlockRunner(job, backend)
     delay = float(os.environ.get("SPARSESEG_BLOCK_DELAY", "0"))   # fault-injection tests only
+    import torch
 
+    threads = torch.get_num_threads()
+    if not runner.cuda and backend.name != "torch":
+        # Gather and stitch are copies; ONNX Runtime and OpenVINO run their own thread pools, and
+        # torch's OpenMP pool spinning beside them costs far more than it gains (10-100x slower
+        # small copies measured on 2 loaded cores). Restored afterwards: the caller's process.
+        torch.set_num_threads(1)
+    try:
+        return _run_blocks(runner, volume, write, blocks, on_block, delay)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_blocks(runner, volume, write, blocks, on_block, delay):
     def store(block, finish):
         labels, probs = finish()
         write(block, labels, probs)
