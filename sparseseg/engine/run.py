@@ -100,7 +100,7 @@ def _prepare_output(out: str, record: dict, voxel_size, num_classes, resume: boo
                                                          "probability"}})
     except Exception as e:
         lease.release()
-        raise SparsesegError(f"cannot create the output {out}: {store_error(e)}") from None
+        raise SparsesegError(f"cannot write to the output store {out}: {store_error(e)}") from None
     return lease
 
 
