@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sparseseg.model.config import plan_model
-from sparseseg.pipeline import predict_volume
+from sparseseg import predict
 from sparseseg.trainer.config import TrainConfig
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.metrics import iou_per_class
@@ -39,7 +39,7 @@ def run(ndim: int, image, dense, slices, iterations: int, seed: int, device: str
                        dice_weight=0.5)
     res = train([TrainingVolume(image, sparse, "isbi")], cfg, tcfg, ["interior", "membrane"])
     t0 = time.time()
-    pred, _ = predict_volume(res.model, image, device=device)
+    pred, _ = predict(res.model, image, device=device)
     held_out = dense.copy()
     held_out[annotated_mask(dense, slices)] = 255
     scores = iou_per_class(pred, held_out, 2, 255)

@@ -2,6 +2,10 @@
 volume, same threads, Gaussian blending with the same overlap.
 
 Each tool runs end to end (zarr in -> zarr out) in its own process so peak RSS is its own.
+sparseseg runs twice per engine: on the volume as one block (its default here) and on several
+blocks (`--blocks`), where tiles of the global grid at block borders are computed twice; the
+recomputed fraction is printed beside it. `model.pt (default)` is what `--engine model.pt`
+does on CPU (ONNX Runtime through the export cache); `--backend torch` pins PyTorch.
 MONAI holds the whole volume and a float32 (K, Z, Y, X) output buffer in memory;
 sparseseg-infer streams blocks. The network is the `small` preset in same padding, trained
 briefly on the ISBI EM stack so that the labels mean something.
@@ -51,9 +55,13 @@ from sparseseg.engine.run import run_inference
 torch.set_num_threads(int(sys.argv[5]))
 t0 = time.time()
 tile = tuple(int(v) for v in sys.argv[4].split(","))
-s = run_inference(sys.argv[1], sys.argv[2], sys.argv[3], workers=0, tile=tile, block=(32, 256, 256),
-                  overlap=float(sys.argv[6]), progress=False)
-print(json.dumps({"seconds": time.time() - t0, "peak_rss_mb": PEAK, "backend": s["backend"]}))
+block = tuple(int(v) for v in sys.argv[7].split(","))
+s = run_inference(sys.argv[1], sys.argv[2], sys.argv[3], workers=0, tile=tile, block=block,
+                  overlap=float(sys.argv[6]), progress=False, backend=sys.argv[8], device="cpu")
+plan = run_inference(sys.argv[1], sys.argv[2], None, tile=tile, block=block, overlap=float(sys.argv[6]),
+                     backend=sys.argv[8], device="cpu", dry_run=True)
+print(json.dumps({"seconds": time.time() - t0, "peak_rss_mb": PEAK, "backend": s["backend"], "block": list(block),
+                  "blocks": s["blocks"], "recomputed_fraction": plan["recomputed_fraction"]}))
 """.replace("PEAK", PEAK)
 
 
@@ -71,6 +79,9 @@ def main():
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-iterations", type=int, default=60)
+    ap.add_argument("--blocks", default="16,128,128", help="block size of the several-blocks runs")
+    ap.add_argument("--backends", default="model.pt:auto,model.pt:torch,model.onnx:onnxruntime,model.onnx:openvino",
+                    help="engine:backend pairs to run (openvino is skipped when not installed)")
     ap.add_argument("--out", default="benchmarks/results/monai_cpu.json")
     a = ap.parse_args()
 
@@ -103,25 +114,37 @@ def main():
 
     assert CliRunner().invoke(cli, ["export", str(work / "model.pt")]).exit_code == 0
 
+    import os
+
     results = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {a.threads} threads",
-               "date": str(date.today()), "volume": list(shape), "tile": a.tile, "overlap": a.overlap,
+               "date": str(date.today()), "load_average_before": list(os.getloadavg()), "volume": list(shape), "tile": a.tile, "overlap": a.overlap,
                "network": "small preset, same padding", "runs": {}}
     m = run(RUN_MONAI, work / "model.pt", work / "volume.zarr", work / "monai.zarr", a.tile, a.threads, a.overlap)
     results["runs"]["monai"] = m
     ref = np.asarray(zarr.open_array(str(work / "monai.zarr"), mode="r")[...])
     voxels = int(np.prod(shape))
-    for engine in ("model.pt", "model.onnx"):
-        out = work / f"out_{engine}.zarr"
-        s = run(RUN_SPARSESEG, work / engine, work / "volume.zarr", out, a.tile, a.threads, a.overlap)
-        got = open_volume(out).read_labels()
-        s["label_agreement_with_monai"] = float((got == ref).mean())
-        s["speedup_vs_monai"] = m["seconds"] / s["seconds"]
-        results["runs"][f"sparseseg ({engine})"] = s
+    import importlib.util
+
+    for pair in a.backends.split(","):
+        engine, backend = pair.split(":")
+        if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+            continue
+        for block in (a.shape, a.blocks):
+            out = work / f"out_{engine}_{backend}_{block}.zarr"
+            s = run(RUN_SPARSESEG, work / engine, work / "volume.zarr", out, a.tile, a.threads, a.overlap, block,
+                    backend)
+            got = open_volume(out).read_labels()
+            s["label_agreement_with_monai"] = float((got == ref).mean())
+            s["speedup_vs_monai"] = m["seconds"] / s["seconds"]
+            name = f"sparseseg ({engine}, {'default' if backend == 'auto' else backend}, {s['blocks']} block(s))"
+            results["runs"][name] = s
+    results["load_average_after"] = list(os.getloadavg())
     for name, r in results["runs"].items():
         r["voxels_per_second"] = voxels / r["seconds"]
-        print(f"{name:28s} {r['seconds']:7.1f} s {r['voxels_per_second']:10.0f} voxels/s  peak RSS "
+        print(f"{name:48s} {r['seconds']:7.1f} s {r['voxels_per_second']:10.0f} voxels/s  peak RSS "
               f"{r['peak_rss_mb']:7.0f} MB" + (f"  {r['speedup_vs_monai']:.2f}x MONAI, labels agree "
-                                                f"{100 * r['label_agreement_with_monai']:.3f}%"
+                                                f"{100 * r['label_agreement_with_monai']:.3f}%, recomputed "
+                                                f"{r['recomputed_fraction']:.2f}"
                                                 if "speedup_vs_monai" in r else ""))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=2))

@@ -5,7 +5,7 @@ Imports stay light: torch is only imported when a model is loaded.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model"]
+__all__ = ["__version__", "load_model", "predict"]
 
 
 def load_model(path, device="cpu"):
@@ -17,3 +17,13 @@ def load_model(path, device="cpu"):
     from sparseseg.model.checkpoint import load_checkpoint
 
     return load_checkpoint(path, device=device).model
+
+
+def predict(model_or_engine_file, array, **options):
+    """Dense labels for an in-memory (Z, Y, X) or (C, Z, Y, X) array through the engine's block
+    pipeline (the same code as `sparseseg-infer`); returns (labels, probabilities or None).
+    See `sparseseg.engine.predict.predict` for the options (tile, batch, block, device,
+    precision, probabilities, backend)."""
+    from sparseseg.engine.predict import predict as _predict
+
+    return _predict(model_or_engine_file, array, **options)

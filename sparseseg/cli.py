@@ -23,11 +23,20 @@ log = logging.getLogger("sparseseg")
 
 
 def _setup_logging(verbose: bool = False):
+    import os
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # Dask's own INFO lines (scheduler/nanny start and stop) would drown ours.
+    # Dask's own lines (scheduler/nanny/worker start and stop, a restarted worker, connection
+    # noise at shutdown) would drown ours: only errors unless --verbose. Dask reads its logging
+    # levels from its config when `distributed` is first imported, in this process and in the
+    # worker processes it spawns: the environment reaches both.
+    level = "info" if verbose else "error"
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", level)
     for name in ("distributed", "dask"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    for name in ("botocore", "s3fs", "fsspec", "aiobotocore", "urllib3", "asyncio"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def user_errors(fn):
@@ -203,27 +212,33 @@ def demo_cmd(workdir, iterations, seed):
 
 @click.command("export")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="default: MODEL with .onnx suffix")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False),
+              help="default: MODEL with .onnx suffix; with --plan, the graph the plan is built from")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False), help="also build a TensorRT engine here")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
-              help="ONNX: fp32 (default) or fp16; plans: fp16 (default), fp32, bf16, int8")
-@click.option("--tile", "tiles", multiple=True, help="plan: output tile Z,Y,X to optimize for (repeatable)")
+              help="ONNX: fp32 (default), fp16 or int8; plans: fp16 (default), fp32, bf16, int8. "
+                   "int8 needs --calibration")
+@click.option("--tile", default=None, help="plan: output tile Z,Y,X to optimize for (default: the tile the engine "
+                                           "would choose on this GPU)")
+@click.option("--tile-min", default=None, help="plan: smallest output tile Z,Y,X (default: the smallest valid)")
+@click.option("--tile-max", default=None, help="plan: largest output tile Z,Y,X (default: --tile)")
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="plan: largest batch")
 @click.option("--workspace", type=click.FloatRange(0.1), default=4.0, show_default=True, help="plan: GB")
-@click.option("--calibration", help="volume for a real-tile check (and INT8 calibration)")
+@click.option("--calibration", help="volume for a real-tile check and int8 calibration")
 @click.option("--version-compatible", is_flag=True, help="plan: runnable on newer TensorRT and Ampere+ GPUs")
 @click.option("--no-verify", is_flag=True, help="keep the export even if the parity check fails")
 @click.option("--no-simplify", is_flag=True, help="skip onnxslim/onnxsim even when installed")
 @click.option("--force", is_flag=True, help="replace existing outputs")
 @user_errors
-def export_cmd(model, onnx_path, plan_path, precision, tiles, batch, workspace, calibration, version_compatible,
-               no_verify, no_simplify, force):
+def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max, batch, workspace, calibration,
+               version_compatible, no_verify, no_simplify, force):
     """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
     _setup_logging()
     from sparseseg.export.cli import run_export
 
-    for line in run_export(model, onnx_path, plan_path, precision, [parse_triple(t, "--tile") for t in tiles], batch,
-                           workspace, calibration, version_compatible, not no_verify, not no_simplify, force):
+    for line in run_export(model, onnx_path, plan_path, precision, parse_triple(tile, "--tile"), batch, workspace,
+                           calibration, version_compatible, not no_verify, not no_simplify, force,
+                           tile_min=parse_triple(tile_min, "--tile-min"), tile_max=parse_triple(tile_max, "--tile-max")):
         click.echo(line)
 
 
@@ -235,7 +250,8 @@ def export_cmd(model, onnx_path, plan_path, precision, tiles, batch, workspace, 
 @click.option("--scheduler", help="address of an existing Dask scheduler to join")
 @click.option("--block", help="write block (= output chunk) size Z,Y,X")
 @click.option("--tile", help="network output tile size Z,Y,X (default: from the engine and block)")
-@click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="tiles per forward pass")
+@click.option("--batch", type=click.IntRange(1), default=None,
+              help="tiles per forward pass (default: from the device's memory, or the plan's profile)")
 @click.option("--overlap", type=click.FloatRange(0, 0.9), default=0.5, show_default=True,
               help="tile overlap for same-padding networks (valid networks need none)")
 @click.option("--probabilities", "probabilities", type=click.Choice(["uint8", "float16"]), default=None,
@@ -245,12 +261,30 @@ def export_cmd(model, onnx_path, plan_path, precision, tiles, batch, workspace, 
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help=".pt engines on CUDA")
-@click.option("--json", "as_json", is_flag=True, help="print a JSON summary")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout and nothing else")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino", "tensorrt"]),
+              default="auto", show_default=True,
+              help="what runs the network (auto: by engine file; a .pt on CPU runs through onnxruntime)")
+@click.option("--dry-run", is_flag=True, help="print the plan (blocks, tile, batch, cost per voxel) without computing")
+@click.option("--assume-voxels-per-second", type=click.FloatRange(min=0, min_open=True),
+              help="with --dry-run: project the wall time at this throughput")
+@click.option("--input-path", "input_inner",
+              help="array or group inside the INPUT store (same as URL#PATH or store.zarr:PATH)")
+@click.option("--storage-options", help="fsspec options for URL stores as JSON, e.g. '{\"endpoint_url\": "
+                                        "\"http://...\"}' (default: from the environment, e.g. AWS_*)")
+@click.option("--retries", type=click.IntRange(0), default=2, show_default=True,
+              help="extra attempts for a failing block before it is recorded as failed")
+@click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
 @user_errors
 def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch, overlap, probabilities, resume,
-              overwrite, device, precision, as_json):
-    """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable."""
-    _setup_logging()
+              overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second, input_inner,
+              storage_options, retries, verbose):
+    """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable.
+
+    INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
+    file://); name an array inside a URL store as URL#path/in/group."""
+    _setup_logging(verbose)
+    from sparseseg.volume import storage_options_from
     from sparseseg.engine.run import run_inference
 
     if workers is not None and scheduler:
@@ -258,12 +292,53 @@ def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch
     s = run_inference(engine, input_path, output, workers=workers, scheduler=scheduler,
                       block=parse_triple(block, "--block"), tile=parse_triple(tile, "--tile"), batch=batch,
                       overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
-                      device=device, precision=precision)
-    click.echo(f"{s['voxels_computed']} voxels in {s['seconds']:.1f} s ({s['voxels_per_second']:.4g} voxels/s), "
-               f"{s['blocks_computed']} blocks computed, {s['blocks_skipped']} skipped, {s['backend']} on "
-               f"{s['device']}: {s['output']}")
+                      device=device, precision=precision, storage_options=storage_options_from(storage_options),
+                      input_inner=input_inner, retries=retries, backend=backend, dry_run=dry_run,
+                      assume_voxels_per_second=assume_voxels_per_second)
+    _echo_failed(s)                                  # on stderr
     if as_json:
         click.echo(json.dumps(s))
+        sys.exit(1 if s.get("blocks_failed") else 0)
+    if dry_run:
+        click.echo(_plan_text(s))
+        return
+    click.echo(f"{s['voxels_computed']} voxels in {s['seconds']:.1f} s ({s['voxels_per_second']:.4g} voxels/s), "
+               f"{s['blocks_computed']} blocks computed, {s.get('blocks_failed', 0)} failed, "
+               f"{s['blocks_skipped']} skipped, {s['backend']} on "
+               f"{s['device']}: {s['output']}")
+    if s.get("blocks_failed"):
+        sys.exit(1)
+
+
+def _plan_text(s: dict) -> str:
+    x = "x".join
+    lines = [f"volume {x(map(str, s['volume']))} ({s['voxels']:.4g} voxels), {s['blocks']} blocks of "
+             f"{x(map(str, s['block']))}, {s['backend']} on {s['device']}",
+             f"tile {x(map(str, s['tile_input']))} in -> {x(map(str, s['tile_output']))} out ({s['padding']} padding), "
+             f"batch {s['batch']}, {s['tiles']} tiles",
+             f"input voxels read per output voxel {s['input_voxels_per_output_voxel']:.3g}, "
+             f"tile input voxels per output voxel {s['tile_input_voxels_per_output_voxel']:.3g}",
+             f"{s['flops_per_output_voxel'] / 1e6:.4g} MFLOP per output voxel "
+             f"({s['flops_per_tile'] / 1e9:.4g} GFLOP per tile), recomputed fraction {s['recomputed_fraction']:.3f}"]
+    if "projected_seconds" in s:
+        lines.append(f"projected wall time {s['projected_seconds']:.1f} s at {s['assumed_voxels_per_second']:.4g} "
+                     "voxels/s")
+    return "\n".join(lines)
+
+
+def _echo_failed(s: dict, shown: int = 20) -> None:
+    """The failed blocks, one line each (all of them are in --json and OUTPUT/.sparseseg/failed.json)."""
+    failed = s.get("failed") or []
+    if not failed:
+        return
+    click.echo(f"error: {len(failed)} of {s['blocks_computed'] + len(failed)} blocks failed "
+               f"(rerun with --resume to retry only those):", err=True)
+    for f in failed[:shown]:
+        region = ", ".join(f"{a} {lo}:{hi}" for a, (lo, hi) in zip("zyx", f["region"]))
+        click.echo(f"  block {f['key']} ({region}): {f['error']}", err=True)
+    if len(failed) > shown:
+        click.echo(f"  ... and {len(failed) - shown} more (all in {s['output']}/.sparseseg/failed.json)",
+                   err=True)
 
 
 @click.command("suggest")

@@ -25,7 +25,7 @@ def run_demo(workdir, iterations=None, seed: int = 0, shape=SHAPE) -> dict:
     import torch
 
     from sparseseg.model.config import plan_model
-    from sparseseg.pipeline import predict_volume
+    from sparseseg import predict
     from sparseseg.synthetic import CLASS_NAMES, tubules
     from sparseseg.trainer.config import TrainConfig
     from sparseseg.trainer.data import TrainingVolume
@@ -56,7 +56,7 @@ def run_demo(workdir, iterations=None, seed: int = 0, shape=SHAPE) -> dict:
     res = train([TrainingVolume(image, sparse, "demo")], mcfg, tcfg, CLASS_NAMES, out_path=work / "model.pt")
 
     t0 = time.time()
-    pred, _ = predict_volume(res.model, image)
+    pred, _ = predict(res.model, image, device="cpu")      # the engine's block pipeline, in process
     predict_seconds = time.time() - t0
     write_ome_zarr(work / "prediction.zarr", pred, name="prediction", overwrite=True)
 

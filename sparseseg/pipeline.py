@@ -10,13 +10,11 @@ import numpy as np
 log = logging.getLogger("sparseseg.densify")
 
 
-def predict_volume(model, image: np.ndarray, tile=None, batch: int = 1, device="cpu", probabilities=False):
-    """Dense labels for an in-memory (C, Z, Y, X) image with a trained SegmentationModel."""
-    from sparseseg.engine.tiling import predict_array, torch_forward
+def predict_volume(model, image: np.ndarray, tile=None, batch=None, device="cpu", probabilities=False):
+    """Kept for callers of the old name: `sparseseg.predict` on a model (the engine's path)."""
+    from sparseseg.engine.predict import predict
 
-    model = model.to(device).eval()
-    return predict_array(torch_forward(model, device), image, model.cfg.geometry, tile_out=tile, batch=batch,
-                         probabilities=probabilities)
+    return predict(model, image, tile=tile, batch=batch, device=device, probabilities=probabilities or None)
 
 
 def densify(image_path, labels_path, out, options: dict, model_out=None, tile=None, overwrite=False) -> dict:

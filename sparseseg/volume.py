@@ -9,7 +9,6 @@ one block with its halo from a terabyte store.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +50,15 @@ class Volume:
     def read(self, region=None, dtype=None) -> np.ndarray:
         """Read a spatial region (tuple of 3 slices) as (C, z, y, x)."""
         region = tuple(region) if region is not None else (slice(None),) * 3
+        cache = getattr(self, "chunk_cache", None)
+        if cache is not None:
+            cache.start_read()
         if self.has_channels:
             out = np.asarray(self.array[(slice(None),) + region])
         else:
             out = np.asarray(self.array[region])[None]
+        if cache is not None:
+            cache.end_read()
         return out.astype(dtype, copy=False) if dtype is not None else out
 
     def read_labels(self) -> np.ndarray:
@@ -66,14 +70,62 @@ class Volume:
         return np.asarray(self.array[...])
 
 
+def is_url(path) -> bool:
+    """A store URL zarr opens through fsspec (s3://, gs://, http(s)://, file://, ...)."""
+    return "://" in str(path)
+
+
 def split_store_path(path: str) -> tuple[str, str | None]:
-    """`store.zarr:sub/path` -> ("store.zarr", "sub/path"); plain paths have no inner part."""
+    """`store.zarr:sub/path` -> ("store.zarr", "sub/path"); plain paths have no inner part.
+
+    URLs carry their inner path after `#` (`s3://bucket/v.zarr#sub/path`): a colon is part of
+    every URL, so `store:path` would be ambiguous there."""
     s = str(path)
+    if is_url(s):
+        store, _, inner = s.partition("#")
+        return store.rstrip("/"), inner.strip("/") or None
     # A Windows drive letter ("C:\\...") is not an inner path.
     if ":" in s and not (len(s) > 1 and s[1] == ":" and s.count(":") == 1):
         store, inner = s.rsplit(":", 1)
         return store, inner or None
     return s, None
+
+
+def join_store_path(store: str, inner: str | None) -> str:
+    """The inverse of split_store_path."""
+    if not inner:
+        return str(store)
+    return f"{store}#{inner}" if is_url(store) else f"{store}:{inner}"
+
+
+def storage_options_from(text: str | None) -> dict:
+    """`--storage-options JSON` -> dict (fsspec keyword arguments, e.g. endpoint_url, anon)."""
+    if not text:
+        return {}
+    import json
+
+    try:
+        opts = json.loads(text)
+    except ValueError as e:
+        raise SparsesegError(f"--storage-options is not valid JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise SparsesegError("--storage-options must be a JSON object, e.g. '{\"anon\": true}'")
+    return opts
+
+
+def store_error(e: BaseException) -> str:
+    """One line for an exception raised by zarr/fsspec/botocore/aiohttp while opening a store."""
+    name = type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return "no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --storage-options)"
+    if name in ("GroupNotFoundError", "ArrayNotFoundError", "NodeNotFoundError", "FileNotFoundError"):
+        return "no zarr array or group there"
+    if isinstance(e, PermissionError):
+        return f"permission denied ({text})" if text else "permission denied"
+    if isinstance(e, ImportError):
+        return text            # "Install s3fs to access S3" and the like
+    return f"{name}: {text}" if text else name
 
 
 def _multiscales(attrs) -> list | None:
@@ -92,13 +144,86 @@ def _scale_of(ms: dict, dataset_path: str) -> list | None:
     return None
 
 
-def _open_zarr(store: str, inner: str | None, source: str) -> Volume:
+class _ChunkCache:
+    """Made a zarr WrapperStore subclass on first use (zarr is imported lazily): an LRU of whole
+    objects read from the input store. A block reads its halo's chunks whole, and the next block
+    of the same task needs most of them again (with input chunks as large as the blocks, 18 of
+    its 27): a worker keeps them instead of fetching them again."""
+
+    cls = None
+
+    @classmethod
+    def wrap(cls, store, max_bytes: int):
+        if cls.cls is None:
+            from collections import OrderedDict
+
+            from zarr.storage import WrapperStore
+
+            class ChunkCache(WrapperStore):
+                def __init__(self, store, max_bytes: int = 256 << 20):
+                    super().__init__(store)
+                    self.max_bytes, self.used, self.hits, self.misses = max_bytes, 0, 0, 0
+                    self._lru = OrderedDict()
+                    # Kept: twice the largest single read's chunks (the next block's halo overlaps
+                    # this one's), never more than max_bytes: memory follows the block, not the volume.
+                    self.limit, self._read_bytes, self._largest = max_bytes, 0, 0
+
+                def start_read(self):
+                    self._read_bytes = 0
+
+                def end_read(self):
+                    self._largest = max(self._largest, self._read_bytes)
+                    self.limit = min(self.max_bytes, 2 * self._largest)
+                    self._evict()
+
+                def _evict(self):
+                    while self.used > self.limit and self._lru:
+                        _, old = self._lru.popitem(last=False)
+                        self.used -= len(old)
+
+                def _with_store(self, store):
+                    return type(self)(store, self.max_bytes)
+
+                async def get(self, key, prototype, byte_range=None):
+                    if byte_range is not None:          # partial reads (shards) go straight through
+                        return await self._store.get(key, prototype, byte_range)
+                    buf = self._lru.get(key)
+                    if buf is not None:
+                        self._lru.move_to_end(key)
+                        self.hits += 1
+                        self._read_bytes += len(buf)
+                        return buf
+                    buf = await self._store.get(key, prototype, byte_range)
+                    self.misses += 1
+                    if buf is not None and len(buf) <= self.max_bytes:
+                        self._read_bytes += len(buf)
+                        self._lru[key] = buf
+                        self.used += len(buf)
+                        if self.used > self.max_bytes:
+                            self.limit = min(self.limit, self.max_bytes)
+                            self._evict()
+                    return buf
+
+            cls.cls = ChunkCache
+        return cls.cls(store, max_bytes)
+
+
+def _open_zarr(store: str, inner: str | None, source: str, storage_options=None, cache_bytes: int = 0) -> Volume:
     import zarr
 
+    kwargs = {"storage_options": storage_options} if storage_options and is_url(store) else {}
+    cache = None
     try:
-        node = zarr.open(store, mode="r", path=inner or "")
-    except Exception as e:  # zarr raises several unrelated types for missing/corrupt stores
-        raise SparsesegError(f"cannot open zarr store {source}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        if cache_bytes:
+            from zarr.storage import FsspecStore, LocalStore
+
+            base = (FsspecStore.from_url(store, storage_options=storage_options or None, read_only=True)
+                    if is_url(store) else LocalStore(store, read_only=True))
+            cache = _ChunkCache.wrap(base, cache_bytes)
+            store, kwargs = cache, {}
+        node = zarr.open(store, mode="r", path=inner or "", **kwargs)
+    except Exception as e:  # zarr, fsspec and the network raise many unrelated types
+        raise SparsesegError(f"cannot open zarr store {source}: {store_error(e)}") from None
     axes_names = None
     scale = None
     if isinstance(node, zarr.Group):
@@ -107,7 +232,7 @@ def _open_zarr(store: str, inner: str | None, source: str) -> Volume:
             arrays = sorted(k for k, _ in node.arrays())
             raise SparsesegError(
                 f"{source} is a zarr group without OME-Zarr multiscales metadata; name an array inside it "
-                f"as {store}:NAME (arrays: {', '.join(arrays) or 'none'})")
+                f"as {join_store_path(store, 'NAME')} (arrays: {', '.join(arrays) or 'none'})")
         ms = ms[0]
         level = str(ms["datasets"][0]["path"])
         axes_names = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])] or None
@@ -118,14 +243,16 @@ def _open_zarr(store: str, inner: str | None, source: str) -> Volume:
         parent_path, _, name = (inner or "").rpartition("/")
         if inner:
             try:
-                parent = zarr.open_group(store, mode="r", path=parent_path)
+                parent = zarr.open_group(store, mode="r", path=parent_path, **kwargs)
                 ms = _multiscales(parent.attrs)
                 if ms:
                     axes_names = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])] or None
                     scale = _scale_of(ms[0], name)
             except Exception:
                 pass  # no parent group: a bare array has no scale
-    return _wrap(node, axes_names, scale, source)
+    vol = _wrap(node, axes_names, scale, source)
+    vol.chunk_cache = cache
+    return vol
 
 
 def _wrap(arr, axes_names, scale, source) -> Volume:
@@ -195,16 +322,26 @@ def _tiff_voxel_size(tif) -> tuple[float, float, float] | None:
         return None  # metadata is optional; a malformed tag just means "unknown"
 
 
-def open_volume(path) -> Volume:
-    """Open a volume lazily. `path` may be `store.zarr`, `store.zarr:inner/array`, `.tif`, `.npy`."""
-    source = str(path)
-    store, inner = split_store_path(source)
+def open_volume(path, storage_options=None, inner=None, cache_bytes: int = 0) -> Volume:
+    """Open a volume lazily. `path` may be `store.zarr`, `store.zarr:inner/array`, `.tif`, `.npy`,
+    or a zarr URL (`s3://bucket/v.zarr#inner/array`, gs://, http(s)://, file://) opened through
+    fsspec with `storage_options` (else credentials and endpoint come from the environment).
+    `inner` names the array or group inside the store (the CLI's --input-path). `cache_bytes`:
+    keep up to that many bytes of recently read zarr chunks (the engine's workers)."""
+    store, inner_in_path = split_store_path(str(path))
+    if inner and inner_in_path:
+        raise SparsesegError(f"{path} already names a path inside the store; drop --input-path {inner}")
+    inner = (inner or inner_in_path or "").strip("/") or None
+    source = join_store_path(store, inner)
+    if is_url(store) and not store.startswith("file://"):
+        return _open_zarr(store, inner, source, storage_options, cache_bytes)
+    store = store.removeprefix("file://")
     p = Path(store)
     if not p.exists():
         raise SparsesegError(f"no such file or directory: {store}")
     suffix = p.suffix.lower()
     if p.is_dir() or suffix in (".zarr", ".zr3"):
-        return _open_zarr(store, inner, source)
+        return _open_zarr(store, inner, source, cache_bytes=cache_bytes)
     if suffix in (".tif", ".tiff"):
         import tifffile
 
@@ -273,17 +410,11 @@ def check_output(path, replace: bool, flag: str = "--overwrite") -> Path:
 def write_ome_zarr(path, data: np.ndarray, voxel_size=None, chunks=None, name="labels", overwrite=False):
     """Write a whole array as an OME-Zarr image, atomically: a temporary sibling is renamed into
     place, so an interrupted write never leaves a half-written store under the final name."""
+    from sparseseg.fsutil import atomic_path
+
     path = check_output(path, overwrite)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(path) as tmp:
         chunks = chunks or tuple(min(s, 128) for s in data.shape)
         arr = create_ome_zarr(tmp, data.shape, data.dtype, chunks, voxel_size, name)
         arr[...] = data
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
-

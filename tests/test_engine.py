@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from sparseseg.cli import main
 from sparseseg.engine.blocks import Block, block_size, make_blocks, read_plan
 from sparseseg.engine.run import run_inference
-from sparseseg.engine.tiling import pad_region, predict_array, torch_forward
+from sparseseg.engine.tiling import pad_region
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.network import SegmentationModel
 from sparseseg.volume import open_volume
@@ -77,18 +77,25 @@ def test_blocks_tile_the_volume():
     assert (cover == 1).all()
 
 
-def test_read_plan_reflects_like_whole_volume_padding():
-    geom = tiny_config(depth=3).geometry
-    data = np.random.default_rng(1).random((1, 9, 11, 13)).astype(np.float32)
-    block = Block((0, 0, 0), (0, 4, 8), (9, 7, 5))
-    plan = read_plan(block, data.shape[1:], geom, (4, 4, 4), 0.5)
-    from sparseseg.engine.blocks import assemble
+def test_read_plan_gathers_like_whole_volume_padding():
+    """A border block's tiles, gathered from its read region on the device, equal the same
+    windows of a reflect-padded whole volume."""
+    from sparseseg.engine.tensor_ops import gather
+    from sparseseg.engine.tiling import tile_input
 
-    got = assemble(data[(slice(None),) + plan.region], plan)
-    big = np.pad(data, [(0, 0)] + [(60, 60)] * 3, mode="reflect")
-    starts = [s - c + 60 for s, c in zip(block.start, geom.context)]
-    want = big[(slice(None),) + tuple(slice(s, s + n) for s, n in zip(starts, got.shape[1:]))]
-    assert np.array_equal(got, want)
+    geom = tiny_config(depth=3).geometry
+    data = (np.random.default_rng(1).random((1, 9, 11, 13)) * 255).astype(np.uint8)
+    block = Block((0, 0, 0), (0, 4, 8), (9, 7, 5))
+    tile = (4, 4, 4)
+    plan = read_plan(block, data.shape[1:], geom, tile, 0.5)
+    region = torch.from_numpy(data[(slice(None),) + plan.region])
+    tin = tile_input(geom, tile)
+    got = gather(region, plan.region_start, plan.offsets, plan.origin, data.shape[1:], tin).numpy()
+    big = np.pad(data.astype(np.float32), [(0, 0)] + [(60, 60)] * 3, mode="reflect")
+    for n, off in enumerate(plan.offsets):
+        starts = [o + f + 60 for o, f in zip(plan.origin, off)]
+        want = big[(slice(None),) + tuple(slice(s, s + t) for s, t in zip(starts, tin))]
+        assert np.array_equal(got[n], want)
 
 
 @pytest.mark.parametrize("engine_kind", ["pt", "onnx"])
@@ -131,17 +138,45 @@ def test_ome_zarr_output_metadata(tmp_path):
     assert g.attrs["sparseseg_run"]["engine_sha256"]
 
 
+def independent_blend(model, data, tile, overlap=0.5):
+    """One Gaussian-blended pass over the whole volume, written here with plain numpy/torch:
+    tiles at multiples of the stride (tile * (1 - overlap), a multiple of the grid step 4), the
+    last one ending past the volume on reflect padding, weights exp(-x^2 / 2 (t/8)^2) per axis
+    normalized to max 1 and floored at 1e-3."""
+    stride = [max(4, int(t * (1 - overlap)) // 4 * 4) for t in tile]
+    counts = [int(np.ceil(max(n - t, 0) / s)) + 1 for n, t, s in zip(data.shape, tile, stride)]
+    ext = [(c - 1) * s + t for c, s, t in zip(counts, stride, tile)]
+    padded = np.pad(data, [(0, e - n) for e, n in zip(ext, data.shape)], mode="reflect")
+    w = np.ones(tile, np.float32)
+    for axis, t in enumerate(tile):
+        x = np.arange(t) - (t - 1) / 2
+        g = np.exp(-0.5 * (x / (t / 8)) ** 2).astype(np.float32)
+        w = w * g.reshape([t if a == axis else 1 for a in range(3)])
+    w = np.maximum(w / w.max(), 1e-3).astype(np.float32)
+    acc = np.zeros((3,) + tuple(ext), np.float32)
+    wsum = np.zeros(ext, np.float32)
+    for k in np.ndindex(*counts):
+        sl = tuple(slice(i * s, i * s + t) for i, s, t in zip(k, stride, tile))
+        with torch.no_grad():
+            lg = model(torch.from_numpy(padded[sl][None, None].astype(np.float32)))[0].numpy()
+        acc[(slice(None),) + sl] += lg * w
+        wsum[sl] += w
+    crop = tuple(slice(0, n) for n in data.shape)
+    blended = acc[(slice(None),) + crop] / wsum[crop]
+    return blended.argmax(0), torch.softmax(torch.from_numpy(blended), 0).numpy()
+
+
 def test_same_padding_blends_per_block_without_seams(tmp_path):
     """Blocks blend the global tile grid, so the result equals one blended pass over the whole
-    volume (up to float summation order) for any block size."""
+    volume (computed independently in the test) for any block size, 0 or 2 workers."""
     ck = make_engine(tmp_path, padding="same", depth=2)
     path, data = volume(tmp_path, shape=(30, 37, 41))
     model = load_checkpoint(ck).model
-    ref, ref_p = predict_array(torch_forward(model), data[None], model.cfg.geometry, tile_out=(8, 16, 16),
-                               probabilities=True)
-    for i, block in enumerate([(16, 16, 16), (8, 24, 40), (32, 40, 48)]):
-        run_inference(ck, path, tmp_path / f"o{i}.zarr", workers=0, block=block, tile=(8, 16, 16), progress=False,
-                      probabilities="float16")
+    ref, ref_p = independent_blend(model, data, (8, 16, 16))
+    for i, (block, workers, batch) in enumerate([((16, 16, 16), 0, 1), ((8, 24, 40), 0, 3), ((32, 40, 48), 0, 2),
+                                                 ((16, 24, 24), 2, 2)]):
+        run_inference(ck, path, tmp_path / f"o{i}.zarr", workers=workers, block=block, tile=(8, 16, 16),
+                      progress=False, probabilities="float16", batch=batch, backend="torch")
         got = open_volume(tmp_path / f"o{i}.zarr").read_labels()
         assert (got == ref).mean() >= 0.9999
         probs = zarr.open_group(str(tmp_path / f"o{i}.zarr"), mode="r")["probabilities"][...]
@@ -161,7 +196,7 @@ def test_resume_after_kill_recomputes_only_unfinished_blocks(tmp_path):
     ref = _cli(*args, "--output", tmp_path / "ref.zarr")
     assert ref.wait(120) == 0, ref.stderr.read()
     p = _cli(*args, "--output", tmp_path / "o.zarr", env={"SPARSESEG_BLOCK_DELAY": "0.3"})
-    done_dir = tmp_path / "o.zarr" / ".sparseseg-done"
+    done_dir = tmp_path / "o.zarr" / ".sparseseg" / "done"
     deadline = time.time() + 60
     while time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 4):
         time.sleep(0.05)
@@ -195,7 +230,7 @@ def test_worker_killed_mid_run_loses_nothing(tmp_path, monkeypatch):
 
     t = threading.Thread(target=go)
     t.start()
-    done_dir = tmp_path / "o.zarr" / ".sparseseg-done"
+    done_dir = tmp_path / "o.zarr" / ".sparseseg" / "done"
     deadline = time.time() + 90
     while time.time() < deadline and (not done_dir.exists() or len(list(done_dir.iterdir())) < 3):
         time.sleep(0.05)
@@ -279,7 +314,11 @@ def test_infer_error_paths(tmp_path):
     bad = data.copy()
     bad[11, 19, 19] = np.inf
     np.save(tmp_path / "inf.npy", bad)
-    err(["--engine", ck, tmp_path / "inf.npy", "--block", "8,16,16", *base], "NaN or Inf in the input of block 0_0_0 (z 0:8")
+    # a bad block is retried, then recorded while the others go on: one line per failed block
+    r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(tmp_path / "inf.npy"), "--block", "8,16,16",
+                                  *base])
+    assert r.exit_code == 1 and r.output.startswith("error: ") and "Traceback" not in r.output, r.output
+    assert "block 0_0_0 (z 0:8, y 0:16, x 0:16): NaN or Inf in the input of block 0_0_0 (z 0:8" in r.output
     (tmp_path / "fake.onnx").write_bytes(b"garbage")
     err(["--engine", tmp_path / "fake.onnx", path, *base], "not a readable ONNX model")
     (tmp_path / "fake.pt").write_bytes(b"garbage")
@@ -299,3 +338,82 @@ def test_infer_error_paths(tmp_path):
     err(["--engine", ck, path, "--output", tmp_path / "o2.zarr", "--scheduler", "tcp://127.0.0.1:9"],
         "cannot reach the Dask scheduler")
     err(["--engine", ck, path, "--tile", "5,5,5", *base], "nearest valid")
+
+
+def test_dry_run_figures_match_a_hand_count(tmp_path):
+    """--dry-run on a small case: blocks, tiles, voxels read (reflected ranges counted with
+    np.pad), FLOPs from torch's flop counter on a real forward; nothing is written."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ck = make_engine(tmp_path)
+    path, _ = volume(tmp_path, shape=(20, 30, 40))
+    tile, block = (4, 8, 8), (8, 16, 16)
+    s = run_inference(ck, path, tmp_path / "o.zarr", block=block, tile=tile, batch=2, device="cpu", dry_run=True)
+    assert not (tmp_path / "o.zarr").exists()
+    model = load_checkpoint(ck).model
+    ctx = model.cfg.geometry.context
+    tin = tuple(t + 2 * c for t, c in zip(tile, ctx))
+    tiles, read = 1, 1
+    for n, b, t, c in zip((20, 30, 40), block, tile, ctx):
+        starts = range(0, n, b)
+        counts = [-(-min(b, n - s) // t) for s in starts]          # stride = tile (a multiple of the step 4)
+        tiles *= sum(counts)
+        coords = np.pad(np.arange(n), 200, mode="reflect")
+        read *= sum(len(np.unique(coords[200 + s - c:200 + s - c + k * t + 2 * c])) for s, k in zip(starts, counts))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(torch.zeros((1, 1) + tin))
+    assert s["blocks"] == 3 * 2 * 3 and s["tiles"] == tiles and s["batch"] == 2
+    assert s["tile_input"] == list(tin) and s["tile_output"] == list(tile)
+    assert s["input_voxels_per_output_voxel"] == round(read / 24000, 4)
+    assert s["flops_per_output_voxel"] == round(tiles * fc.get_total_flops() / 24000, 1)
+    assert s["recomputed_fraction"] == 0
+    # same padding: tiles of the global grid touching two blocks are counted as recomputed
+    ck_same = make_engine(tmp_path, padding="same", depth=2, name="same.pt")
+    s = run_inference(ck_same, path, None, block=(8, 32, 40), tile=(8, 16, 16), device="cpu", dry_run=True)
+    # z: global tiles at 0, 4, 8, 12 (stride 4, last ends at 20); blocks [0,8) [8,16) [16,20) touch
+    # tiles {0,4}, {4,8,12}, {12} -> 6 computations of 4 unique; y and x: one block each
+    unique_yx = (1 + -(-(30 - 16) // 8)) * (1 + -(-(40 - 16) // 8))
+    assert s["tiles"] == 6 * unique_yx and s["recomputed_fraction"] == round(1 - 4 / 6, 4)
+
+
+def test_json_prints_one_object(tmp_path):
+    ck = make_engine(tmp_path)
+    path, _ = volume(tmp_path, shape=(12, 20, 20))
+    for extra in (["--dry-run", "--assume-voxels-per-second", "1000"], ["--output", str(tmp_path / "o.zarr")]):
+        r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--workers", "0", "--device", "cpu",
+                                      "--json", *extra])
+        assert r.exit_code == 0, r.output
+        obj = json.loads(r.stdout)                  # the whole of stdout is one JSON object
+        assert isinstance(obj, dict) and obj["tile_output" if "--dry-run" in extra else "output"]
+    assert obj["blocks_computed"] == 1
+    r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--dry-run", "--device", "cpu",
+                                  "--assume-voxels-per-second", "1000"])
+    assert "projected wall time" in r.stdout and "MFLOP per output voxel" in r.stdout
+
+
+def test_out_of_memory_halves_the_batch_then_names_the_options(monkeypatch):
+    """An injected CUDA out-of-memory error: one retry with half the batch (same result), then a
+    one-line error naming --tile and --batch."""
+    import sparseseg
+    from sparseseg.engine import backends
+    from sparseseg.errors import SparsesegError
+
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=2, width=4), mean=[100.0], std=[30.0]).eval()
+    image = (np.random.default_rng(0).random((12, 40, 40)) * 200).astype(np.float32)
+    want, _ = sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
+    forward = backends.TorchBackend.forward
+    seen = []
+
+    def limited(self, x, limit):
+        seen.append(len(x))
+        if len(x) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, x)
+
+    monkeypatch.setattr(backends.TorchBackend, "forward", lambda self, x: limited(self, x, 2))
+    got, _ = sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
+    assert np.array_equal(got, want) and seen[0] == 4 and max(seen[1:]) == 2
+    monkeypatch.setattr(backends.TorchBackend, "forward", lambda self, x: limited(self, x, 0))
+    with pytest.raises(SparsesegError, match="out of device memory.*--tile or --batch"):
+        sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")

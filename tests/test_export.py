@@ -13,7 +13,7 @@ from sparseseg.errors import SparsesegError
 from sparseseg.export.onnx_export import fold_batchnorm, ort_session
 from sparseseg.export.tensorrt import (
     check_plan_compatible,
-    default_plan_tile,
+    paper_tile,
     plan_contract,
     profile_shapes,
 )
@@ -116,7 +116,10 @@ def test_export_error_paths(tmp_path):
     torch.save(payload, tmp_path / "future.pt")
     err([tmp_path / "future.pt"], "upgrade sparseseg")
     err([ck, "--plan", tmp_path / "p.plan", "--tile", "5,5,5"], "TensorRT is not installed")
-    err([ck, "--precision", "int8"], "for --plan")
+    err([ck, "--precision", "int8"], "needs --calibration")
+    err([ck, "--precision", "bf16"], "for TensorRT plans (--plan)")
+    err([ck, "--tile", "4,8,8"], "apply to TensorRT plans")
+    err([ck, "--precision", "int8", "--calibration", tmp_path / "none.npy"], "none.npy")
     (tmp_path / "m.onnx").write_text("keep me")
     err([ck], "exists; pass --force")
     assert (tmp_path / "m.onnx").read_text() == "keep me"
@@ -151,20 +154,97 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     assert code == 0 and "verification skipped" in out and (tmp_path / "m.onnx").exists()
 
 
+def _initializer_types(proto):
+    return {i.name: i.data_type for i in proto.graph.initializer}
+
+
+@pytest.mark.parametrize("precision,ndim", [("fp16", 3), ("bf16", 3), ("fp16", 2)])
+def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(tmp_path, precision, ndim):
+    from sparseseg.export.onnx_export import export_onnx, verify_onnx
+
+    ck = trained_checkpoint(tmp_path / "m.pt", ndim=ndim)
+    ckpt = load_checkpoint(ck)
+    tmp, contract, _ = export_onnx(ckpt, "sha", tmp_path / f"{precision}.onnx", precision, simplify=False)
+    proto = onnx.load(str(tmp))
+    low = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.BFLOAT16
+    f32 = onnx.TensorProto.FLOAT
+    assert proto.graph.input[0].type.tensor_type.elem_type == f32
+    assert proto.graph.output[0].type.tensor_type.elem_type == f32
+    types = _initializer_types(proto)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert types[convs[0].input[1]] == f32                         # first convolution in fp32
+    assert all(types[n.input[1]] == low for n in convs[1:])        # the rest in reduced precision
+    assert contract["precision"] == precision
+    # uint16-range intensities: the fp32 normalization keeps them finite (fp16 tops out at 65504)
+    bright = load_checkpoint(ck)                  # normalization is read from the model's buffers
+    bright.model.mean.fill_(60000.0)
+    bright.model.std.fill_(3000.0)
+    diff, agree, _ = verify_onnx(tmp, ckpt, precision)
+    assert agree >= 0.99
+    tmp2, _, _ = export_onnx(bright, "sha", tmp_path / f"b{precision}.onnx", precision, simplify=False)
+    diff, agree, _ = verify_onnx(tmp2, bright, precision)
+    assert np.isfinite(diff) and agree >= 0.99
+
+
+def test_int8_export_inserts_calibrated_qdq_and_matches_fp32(tmp_path):
+    ck = trained_checkpoint(tmp_path / "m.pt")
+    np.save(tmp_path / "cal.npy", blobs(seed=5)[0])
+    code, out = run("export", ck, "--onnx", tmp_path / "q.onnx", "--precision", "int8", "--calibration",
+                    tmp_path / "cal.npy")
+    assert code == 0, out
+    assert "onnxruntime (int8) vs PyTorch fp32 on a real tile" in out and out.count("\n") == 1, out
+    c = read_contract(tmp_path / "q.onnx")
+    assert c["precision"] == "int8" and c["quantization"]["tiles"] == 8
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 6
+    types = _initializer_types(proto)
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    assert convs[0].name in c["quantization"]["float_nodes"] and types[convs[0].input[1]] == onnx.TensorProto.FLOAT
+    for conv in convs[1:]:                       # activations and per-channel int8 weights through Q/DQ
+        assert producers[conv.input[0]].op_type == "DequantizeLinear"
+        w = producers[conv.input[1]]
+        assert w.op_type == "DequantizeLinear" and types[w.input[0]] == onnx.TensorProto.INT8
+        scale = next(i for i in proto.graph.initializer if i.name == w.input[1])
+        assert len(scale.dims) == 1 and scale.dims[0] > 1                        # per channel
+        zero = next(i for i in proto.graph.initializer if i.name == w.input[2])
+        assert not onnx.numpy_helper.to_array(zero).any()                        # symmetric
+    # labels of the int8 graph against the fp32 model on real data, at another size than calibrated
+    model = load_checkpoint(ck).model
+    geom = model.cfg.geometry
+    shape = geom.input_for_output(tuple(r.output_at_least(s) for r, s in zip(geom.axes, (8, 16, 16))))
+    x = np.ascontiguousarray(blobs(shape, seed=6)[0][None], np.float32)
+    got = ort_session(tmp_path / "q.onnx").run(None, {"image": x})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+
+
 # ------------------------------------------------------------------ TensorRT: pure parts
 
 
 def test_profile_shapes_from_geometry():
     geom = ModelConfig(3, 3).geometry
-    assert default_plan_tile(geom) == (28, 44, 44)
-    p = profile_shapes(geom, 3, [(28, 44, 44), (60, 60, 60)], batch=4)
-    assert p["min"] == [1, 3, 116, 132, 132]
+    assert paper_tile(geom) == (28, 44, 44)
+    p = profile_shapes(geom, 3, (28, 44, 44), tile_max=(60, 60, 60), batch=4)
+    assert p["min"] == [1, 3, 100, 100, 100]             # the smallest valid tile (12, 12, 12)
     assert p["opt"] == [4, 3, 116, 132, 132]
     assert p["max"] == [4, 3, 148, 148, 148]
+    assert p["tiles"] == {"min": [12, 12, 12], "opt": [28, 44, 44], "max": [60, 60, 60]} and p["batch"] == 4
+    q = profile_shapes(geom, 1, (28, 44, 44), tile_min=(20, 20, 20))
+    assert q["min"] == [1, 1, 108, 108, 108] and q["max"] == q["opt"] == [1, 1, 116, 132, 132]
     with pytest.raises(SparsesegError, match="nearest valid"):
-        profile_shapes(geom, 3, [(30, 44, 44)], 1)
+        profile_shapes(geom, 3, (30, 44, 44))
+    with pytest.raises(SparsesegError, match="nearest valid"):
+        profile_shapes(geom, 3, (28, 44, 44), tile_max=(30, 60, 60))
+    with pytest.raises(SparsesegError, match="--tile-min <= --tile <= --tile-max along y"):
+        profile_shapes(geom, 3, (28, 44, 44), tile_min=(12, 60, 12))
     with pytest.raises(SparsesegError):
-        profile_shapes(geom, 3, [(28, 44, 44)], 0)
+        profile_shapes(geom, 3, (28, 44, 44), batch=0)
+    same = ModelConfig(3, 3, padding="same").geometry
+    s = profile_shapes(same, 1, (64, 64, 64))
+    assert s["min"] == [1, 1, 8, 8, 8] and s["opt"] == [1, 1, 64, 64, 64]
 
 
 def _sidecar(**kw):
@@ -199,25 +279,3 @@ def test_plan_sidecar_is_read_back(tmp_path):
     sidecar_path(plan).write_text("{")
     with pytest.raises(SparsesegError, match="not valid JSON"):
         read_contract(plan)
-
-
-# ------------------------------------------------------------------ TensorRT: end to end
-
-
-@pytest.mark.tensorrt
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_tensorrt_plan_end_to_end(tmp_path, precision):
-    from sparseseg.export.tensorrt import load_plan, run_plan
-
-    ck = trained_checkpoint(tmp_path / "m.pt")
-    code, out = run("export", ck, "--plan", tmp_path / "u.plan", "--precision", precision, "--tile", "4,8,8",
-                    "--batch", "2")
-    assert code == 0, out
-    assert "vs onnxruntime" in out
-    engine, side = load_plan(tmp_path / "u.plan")
-    assert side["precision"] == precision and side["profile"]["opt"][0] == 2
-    x = np.random.default_rng(0).normal(size=[2] + side["profile"]["opt"][1:]).astype(np.float32)
-    ref = ort_session(tmp_path / "m.onnx").run(None, {"image": x})[0]
-    got = run_plan(engine, x)
-    assert (ref.argmax(1) == got.argmax(1)).mean() > 0.99
-    assert Path(str(tmp_path / "u.plan") + ".json").exists()

@@ -56,3 +56,45 @@ def test_errors(tmp_path):
     write_ome_zarr(tmp_path / "o.zarr", np.zeros((2, 2, 2), np.uint8))
     with pytest.raises(SparsesegError, match="exists"):
         write_ome_zarr(tmp_path / "o.zarr", np.zeros((2, 2, 2), np.uint8))
+
+
+def test_store_paths_and_urls():
+    from sparseseg.volume import join_store_path, split_store_path, storage_options_from
+
+    assert split_store_path("v.zarr:labels/0") == ("v.zarr", "labels/0")
+    assert split_store_path("s3://bucket/v.zarr#labels/0") == ("s3://bucket/v.zarr", "labels/0")
+    assert split_store_path("s3://bucket/v.zarr/") == ("s3://bucket/v.zarr", None)   # the colon is the URL's
+    assert split_store_path("http://host:8000/v.zarr") == ("http://host:8000/v.zarr", None)
+    for p in ("v.zarr:0", "s3://b/v.zarr#0", "gs://b/v.zarr"):
+        assert join_store_path(*split_store_path(p)) == p
+    assert storage_options_from('{"anon": true}') == {"anon": True} and storage_options_from(None) == {}
+    for bad in ("{anon", "[1]"):
+        with pytest.raises(SparsesegError, match="--storage-options"):
+            storage_options_from(bad)
+
+
+def test_file_urls_and_input_path(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.uint8).reshape(4, 5, 6)
+    write_ome_zarr(tmp_path / "v.zarr", data)
+    for vol in (open_volume(f"file://{tmp_path / 'v.zarr'}"), open_volume(tmp_path / "v.zarr", inner="0"),
+                open_volume(f"file://{tmp_path / 'v.zarr'}#0")):
+        assert np.array_equal(vol.read_labels(), data)
+    with pytest.raises(SparsesegError, match="already names a path"):
+        open_volume(f"{tmp_path / 'v.zarr'}:0", inner="0")
+
+
+def test_chunk_cache_serves_a_neighbouring_read(tmp_path):
+    data = np.arange(16 * 16 * 16, dtype=np.uint16).reshape(16, 16, 16)
+    write_ome_zarr(tmp_path / "v.zarr", data, chunks=(8, 8, 8))
+    vol = open_volume(tmp_path / "v.zarr", cache_bytes=1 << 20)
+    cache = vol.chunk_cache
+    opened = cache.misses                                      # metadata documents
+    a = (slice(0, 16), slice(0, 16), slice(0, 10))             # all 8 chunks
+    b = (slice(0, 16), slice(0, 16), slice(6, 16))             # the same 8 again: no new read
+    assert np.array_equal(vol.read(a)[0], data[a]) and cache.misses - opened == 8
+    hits = cache.hits
+    assert np.array_equal(vol.read(b)[0], data[b]) and cache.misses - opened == 8 and cache.hits - hits == 8
+    small = open_volume(tmp_path / "v.zarr", cache_bytes=1)    # too small to keep anything
+    opened = small.chunk_cache.misses
+    small.read(a), small.read(b)
+    assert small.chunk_cache.misses - opened == 16

@@ -7,7 +7,8 @@ same result as one pass over the whole volume.
 
 A block's read region is the block plus the context the tile layout needs. Coordinates beyond
 the volume are mapped with numpy's 'reflect' rule on the *whole* volume (period 2(n-1)), so a
-block at the border sees exactly what a reflect-padded whole volume would show it.
+block at the border sees exactly what a reflect-padded whole volume would show it;
+`reflect_index` is the one definition of that rule (gather, kernels and `pad_region` use it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparseseg.engine.tiling import tile_layout
 from sparseseg.errors import SparsesegError
 
 
@@ -75,15 +75,33 @@ def reflect_index(coords: np.ndarray, n: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ReadPlan:
-    """How to build a block's padded input: read `region` from the store, then index each axis
-    with `take[a]` (positions inside the region) to get the reflect-padded input. The tiles
-    predict `out_shape` voxels starting `offset` voxels before the block (0 for valid nets)."""
+    """What a block reads and computes.
+
+    The tile grid of the block starts at volume coordinate `origin` (= first output voxel -
+    context) and has tiles at `offsets` (block-grid coordinates, i.e. relative to `origin`,
+    equal for a tile's input and output); tile n's input covers volume coordinates
+    origin + offsets[n] + [0, tile_input), reflected at the volume border. `region` is the part
+    of the volume those coordinates touch (read once). The tiles predict `out_shape` voxels; the
+    block is the crop starting at `crop` (0 for valid networks)."""
 
     region: tuple[slice, slice, slice]
-    take: tuple[np.ndarray, np.ndarray, np.ndarray]
-    identity: bool                   # no padding needed: the region is the input as it is
+    origin: tuple[int, int, int]
+    offsets: tuple[tuple[int, int, int], ...]
+    stride: tuple[int, int, int]
     out_shape: tuple[int, int, int]
-    offset: tuple[int, int, int]
+    crop: tuple[int, int, int]
+
+    @property
+    def region_start(self) -> tuple[int, int, int]:
+        return tuple(s.start for s in self.region)
+
+    @property
+    def region_shape(self) -> tuple[int, int, int]:
+        return tuple(s.stop - s.start for s in self.region)
+
+    def keep(self) -> list[tuple[int, int, int]]:
+        """Valid networks: the output voxels each tile keeps (its first `stride`, cut at the end)."""
+        return [tuple(min(s, n - o) for s, n, o in zip(self.stride, self.out_shape, off)) for off in self.offsets]
 
 
 def _same_tiles(start: int, size: int, n: int, tile: int, stride: int) -> tuple[int, int]:
@@ -93,6 +111,32 @@ def _same_tiles(start: int, size: int, n: int, tile: int, stride: int) -> tuple[
     first = max(0, -((tile - 1 - start) // stride))       # ceil((start - tile + 1) / stride)
     last = min(k_max, (start + size - 1) // stride)
     return first, last
+
+
+def axis_span(start: int, size: int, n: int, rule, padding: str, tile: int, stride: int, overlap: float):
+    """One axis of a block's plan: (first output voxel the tiles cover, their output extent,
+    crop offset of the block, read region lo, hi). Pure integer arithmetic, no arrays, so
+    planning a huge volume stays cheap."""
+    from sparseseg.engine.tiling import axis_layout
+
+    if padding == "same":
+        f, last = _same_tiles(start, size, n, tile, stride)
+        first, out = f * stride, (last - f) * stride + tile
+    else:
+        first, out = start, size
+    count, extent = axis_layout(padding, out, tile, stride, rule.context)
+    lo_c, hi_c = first - rule.context, first - rule.context + extent - 1
+    lo, hi = reflect_bounds(lo_c, hi_c, n)
+    return first, out, start - first, lo, hi + 1, count
+
+
+def reflect_bounds(lo: int, hi: int, n: int) -> tuple[int, int]:
+    """min and max of reflect_index over the coordinates lo..hi (inclusive): the volume range a
+    block reads (a block's own extent plus context, so the array stays small)."""
+    if n == 1 or hi - lo + 1 >= 2 * (n - 1):
+        return 0, n - 1
+    idx = reflect_index(np.arange(lo, hi + 1), n)
+    return int(idx.min()), int(idx.max())
 
 
 def read_plan(block: Block, volume_shape, geometry, tile_out, overlap: float) -> ReadPlan:
@@ -105,30 +149,11 @@ def read_plan(block: Block, volume_shape, geometry, tile_out, overlap: float) ->
     """
     from sparseseg.engine.tiling import tile_stride
 
-    if geometry.padding == "same":
-        stride = tile_stride(geometry, tile_out, overlap)
-        spans = [_same_tiles(s, b, n, t, st) for s, b, n, t, st in
-                 zip(block.start, block.shape, volume_shape, tile_out, stride)]
-        first = tuple(f * st for (f, _), st in zip(spans, stride))
-        out_shape = tuple((last - f) * st + t for (f, last), st, t in zip(spans, stride, tile_out))
-        offset = tuple(s - f for s, f in zip(block.start, first))
-    else:
-        first, out_shape, offset = block.start, block.shape, (0, 0, 0)
-    _, _, extent = tile_layout(geometry, out_shape, tile_out, overlap)
-    region, take, identity = [], [], True
-    for start, ctx, ext, n in zip(first, geometry.context, extent, volume_shape):
-        coords = np.arange(start - ctx, start - ctx + ext)
-        idx = reflect_index(coords, n)
-        lo, hi = int(idx.min()), int(idx.max()) + 1
-        region.append(slice(lo, hi))
-        local = idx - lo
-        take.append(local)
-        identity &= bool(np.array_equal(local, np.arange(ext)))
-    return ReadPlan(tuple(region), tuple(take), identity, tuple(out_shape), tuple(offset))
-
-
-def assemble(data: np.ndarray, plan: ReadPlan) -> np.ndarray:
-    """(C, region) -> (C, padded input) following the plan."""
-    if plan.identity:
-        return data
-    return data[np.ix_(np.arange(data.shape[0]), *plan.take)]
+    stride = tile_stride(geometry, tile_out, overlap)
+    spans = [axis_span(s, b, n, r, geometry.padding, t, st, overlap) for s, b, n, r, t, st in
+             zip(block.start, block.shape, volume_shape, geometry.axes, tile_out, stride)]
+    offsets = tuple(itertools.product(*([i * st for i in range(sp[5])] for sp, st in zip(spans, stride))))
+    return ReadPlan(region=tuple(slice(sp[3], sp[4]) for sp in spans),
+                    origin=tuple(sp[0] - r.context for sp, r in zip(spans, geometry.axes)),
+                    offsets=offsets, stride=tuple(stride), out_shape=tuple(sp[1] for sp in spans),
+                    crop=tuple(sp[2] for sp in spans))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.engine.backends import BackendSpec
-from sparseseg.engine.blocks import block_size, make_blocks
-from sparseseg.engine.tiling import check_tile, default_tile_output
-from sparseseg.engine.worker import DONE_DIR, BlockJob, is_done, process_blocks
+from sparseseg.engine.blocks import make_blocks
+from sparseseg.engine.store import done_keys
+from sparseseg.engine.worker import BlockJob, process_blocks
 from sparseseg.errors import SparsesegError
 
 log = logging.getLogger("sparseseg.infer")
@@ -37,15 +36,29 @@ def _run_record(contract, engine_sha, geometry, block, tile, overlap, shape, pro
             "class_names": contract["class_names"]}
 
 
-def _prepare_output(out: Path, record: dict, voxel_size, num_classes, resume: bool, overwrite: bool) -> None:
+def _prepare_output(out: str, record: dict, voxel_size, num_classes, resume: bool, overwrite: bool,
+                    storage_options=None):
+    """Check the output (nothing is touched before every check has passed), take its lease,
+    then create it (or keep it, to resume). Returns the held Lease; the caller releases it."""
     import zarr
 
-    from sparseseg.volume import check_output, ngff_attrs
+    from sparseseg.engine.store import Lease, clear_store, local_path, store_exists
+    from sparseseg.volume import check_output, ngff_attrs, store_error
 
-    if out.exists():
+    options = storage_options or {}
+    zkw = {"storage_options": options} if options and local_path(out) is None else {}
+    try:
+        exists = store_exists(out, options)
+    except Exception as e:  # unreachable store, bad credentials, missing fsspec backend
+        raise SparsesegError(f"cannot reach the output store {out}: {store_error(e)}") from None
+    lease = Lease(out, options)
+    if exists:
+        cur = lease.holder()
+        if cur is not None:                 # one line, whatever the flags
+            raise SparsesegError(lease.refusal(cur))
         if resume:
             try:
-                attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+                attrs = dict(zarr.open_group(str(out), mode="r", **zkw).attrs)
             except Exception:
                 raise SparsesegError(f"{out} exists but is not a sparseseg output; cannot resume into it") from None
             old = attrs.get(RUN_KEY)
@@ -57,32 +70,53 @@ def _prepare_output(out: Path, record: dict, voxel_size, num_classes, resume: bo
                 if old.get(key) != record[key]:
                     raise SparsesegError(f"cannot resume {out}: it was written with a different {what} "
                                          f"({old.get(key)} vs {record[key]}); use --overwrite to start again")
-            return
-        if not overwrite:
+        elif not overwrite:
             raise SparsesegError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
-    check_output(out, replace=True)
-    if out.exists():
-        shutil.rmtree(out)
-    shape = tuple(record["input_shape"])
-    group = zarr.open_group(str(out), mode="w", zarr_format=3)
-    attrs = ngff_attrs("segmentation", voxel_size)
-    attrs[RUN_KEY] = record
-    group.attrs.update(attrs)
-    group.create_array("0", shape=shape, dtype="uint8", chunks=tuple(record["block"]), fill_value=0)
-    if record["probabilities"]:
-        group.create_array("probabilities", shape=(num_classes,) + shape, dtype=record["probabilities"],
-                           chunks=(1,) + tuple(record["block"]), fill_value=0,
-                           attributes={"sparseseg": {"axes": "czyx", "class_names": record["class_names"],
-                                                     "scale": "p*255" if record["probabilities"] == "uint8" else
-                                                     "probability"}})
-    (out / DONE_DIR).mkdir()
+    if local_path(out) is not None:
+        check_output(local_path(out), replace=True)
+    try:
+        lease.acquire()                     # also proves the store is writable, before anything is removed
+    except SparsesegError:
+        raise
+    except Exception as e:
+        why = "its bucket or parent directory does not exist" if isinstance(e, FileNotFoundError) else store_error(e)
+        raise SparsesegError(f"cannot write to the output store {out}: {why}") from None
+    if exists and resume:
+        return lease
+    try:
+        if exists:
+            clear_store(out, options)
+        shape = tuple(record["input_shape"])
+        group = zarr.open_group(str(out), mode="a", zarr_format=3, **zkw)   # holds only our lease now
+        attrs = ngff_attrs("segmentation", voxel_size)
+        attrs[RUN_KEY] = record
+        group.attrs.update(attrs)
+        group.create_array("0", shape=shape, dtype="uint8", chunks=tuple(record["block"]), fill_value=0)
+        if record["probabilities"]:
+            group.create_array("probabilities", shape=(num_classes,) + shape, dtype=record["probabilities"],
+                               chunks=(1,) + tuple(record["block"]), fill_value=0,
+                               attributes={"sparseseg": {"axes": "czyx", "class_names": record["class_names"],
+                                                         "scale": "p*255" if record["probabilities"] == "uint8" else
+                                                         "probability"}})
+    except Exception as e:
+        lease.release()
+        raise SparsesegError(f"cannot write to the output store {out}: {store_error(e)}") from None
+    return lease
 
 
 def _local_cluster(workers: int | None, device: str):
     """A local Dask cluster: one worker per GPU (dask-cuda pins each to its GPU), else CPU
-    workers sharing the cores."""
+    workers sharing the cores: workers x torch threads never exceeds the core count. Returns
+    (client, torch threads per worker; 0 = library default)."""
     from dask.distributed import Client, LocalCluster
 
+    # The cluster's own logs (scheduler, nanny, worker start/stop) only with --verbose.
+    quiet = logging.INFO if logging.getLogger("distributed").isEnabledFor(logging.INFO) else logging.ERROR
+    if quiet == logging.ERROR:
+        import warnings
+
+        # The scheduler's HTTP endpoint moves to a free port when 8787 is taken: nothing to act on.
+        warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
     gpus = 0
     if device != "cpu":
         try:
@@ -91,55 +125,69 @@ def _local_cluster(workers: int | None, device: str):
             gpus = torch.cuda.device_count()
         except ImportError:
             gpus = 0
-    if gpus > 1 and device != "cpu":
+    if gpus:
         try:
             from dask_cuda import LocalCUDACluster
 
-            return Client(LocalCUDACluster(n_workers=workers or gpus, threads_per_worker=1)), 1
+            cluster = LocalCUDACluster(n_workers=workers or gpus, threads_per_worker=1, dashboard_address=None,
+                                       silence_logs=quiet)
+            return Client(cluster), 2
         except ImportError:
-            log.warning("%d GPUs but dask-cuda is not installed: using one GPU worker", gpus)
+            if gpus > 1:
+                log.warning("%d GPUs but dask-cuda is not installed: using one GPU worker", gpus)
             workers = 1
     cores = os.cpu_count() or 1
     n = workers or (1 if gpus else max(1, cores // 4))
-    threads = max(1, cores // n) if not gpus else 1
+    threads = max(1, cores // n) if not gpus else 2
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR)
+                           silence_logs=quiet)
     return Client(cluster), threads
 
 
-def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=1,
+def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=None,
                   overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
-                  group_size=None, progress=None) -> dict:
+                  group_size=None, progress=None, backend="auto", dry_run=False,
+                  assume_voxels_per_second=None, storage_options=None, input_inner=None, retries=2) -> dict:
     from sparseseg.model.checkpoint import file_sha256
     from sparseseg.model.contract import geometry_of_contract, read_contract
-    from sparseseg.volume import open_volume, split_store_path
+    from sparseseg.volume import open_volume
 
     if resume and overwrite:
         raise SparsesegError("--resume and --overwrite exclude each other")
     t_start = time.time()
     contract = read_contract(engine)
     engine_sha = file_sha256(engine)
-    vol = open_volume(input_path)
+    vol = open_volume(input_path, storage_options=storage_options, inner=input_inner)
     if vol.channels != contract["in_channels"]:
         raise SparsesegError(f"{input_path} has {vol.channels} channel(s), the engine expects {contract['in_channels']}")
     geometry = geometry_of_contract(contract)
     shape = vol.shape
-    blk = block_size(geometry, block, shape)
-    tile = check_tile(geometry, tile or default_tile_output(geometry, blk))
-    out = Path(output) if output else default_output(input_path)
+    from sparseseg.engine.backends import resolve_backend
+    from sparseseg.engine.plan import choose, gather_normalization, plan_figures, resolve_device
+
+    spec = BackendSpec(str(Path(engine).resolve()), device, precision, backend=backend)
+    backend_name = resolve_backend(spec)
+    run_device = resolve_device(engine, device)
+    blk, tile, batch = choose(contract, shape, device=run_device, block=block, tile=tile, batch=batch,
+                              overlap=overlap)
+    if dry_run:
+        fig = plan_figures(contract, shape, blk, tile, batch, overlap, assume_voxels_per_second)
+        return {"dry_run": True, "engine": str(engine), "input": str(input_path), "backend": backend_name,
+                "device": run_device, **fig}
+    out = _output_location(output, input_path)
     record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, shape, probabilities)
-    _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite)
+    lease = _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite, storage_options)
 
     blocks = make_blocks(shape, blk)
-    todo = [b for b in blocks if not (resume and is_done(out, b))]
+    done = done_keys(out, storage_options) if resume else set()
+    todo = [b for b in blocks if b.key not in done]
     skipped = len(blocks) - len(todo)
-    spec = BackendSpec(str(Path(engine).resolve()), device, precision)
-    store, inner = split_store_path(input_path)
-    source = str(Path(store).resolve()) + (f":{inner}" if inner else "")   # workers may run elsewhere
-    job = BlockJob(source, str(out.resolve()), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities)
+    job = BlockJob(_worker_location(vol.source), _worker_location(out), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities,
+                   normalization=gather_normalization(contract, vol), storage_options=storage_options or None,
+                   run_id=lease.owner["id"])
     voxels_total = sum(b.voxels for b in todo)
-    log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, backend %s", input_path, len(blocks),
-             blk, len(todo), skipped, tile, Path(engine).suffix)
+    log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, batch %d, %s on %s", input_path,
+             len(blocks), blk, len(todo), skipped, tile, batch, backend_name, run_device)
 
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
@@ -158,38 +206,208 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
             eta = (voxels_total - done_vox) / max(rate, 1e-9)
             log.info("blocks %d/%d, %.3g voxels/s, ETA %.0f s", done_blocks, len(todo), rate, eta)
 
-    backend_name, backend_device = Path(engine).suffix.lstrip("."), device
-    if todo:
-        if workers == 0 and scheduler is None:
-            backend_name, backend_device = _in_process(job, todo, advance)
-        else:
-            backend_name, backend_device = _with_dask(job, todo, advance, workers, scheduler, device, group_size)
-    bar.close()
+    backend_device, failed = run_device, []
+    try:
+        if todo:
+            if workers == 0 and scheduler is None:
+                backend_name, backend_device, failed = _in_process(job, todo, advance, retries)
+            else:
+                backend_name, backend_device, failed = _with_dask(job, todo, advance, workers, scheduler, device,
+                                                                  group_size, retries)
+    finally:
+        bar.close()
+        _finish(out, lease, failed, storage_options)
     seconds = time.time() - t_start
+    voxels_total -= sum(int(np.prod([hi - lo for lo, hi in f["region"]])) for f in failed)
     return {"output": str(out), "voxels": int(np.prod(shape)), "voxels_computed": voxels_total,
             "seconds": round(seconds, 3), "voxels_per_second": round(voxels_total / max(time.time() - t0, 1e-9), 1),
-            "blocks": len(blocks), "blocks_computed": len(todo), "blocks_skipped": skipped,
-            "backend": backend_name, "device": backend_device}
+            "blocks": len(blocks), "blocks_computed": len(todo) - len(failed), "blocks_skipped": skipped,
+            "blocks_failed": len(failed), "failed": failed, **_read_figures(vol, geometry, shape, blk, tile, overlap),
+            "backend": backend_name, "device": backend_device, "block": list(blk), "tile": list(tile),
+            "batch": batch}
 
 
-def _in_process(job, todo, advance):
-    from sparseseg.engine.backends import cached_backend
-
-    backend = cached_backend(job.backend)
+def _in_process(job, todo, advance, retries):
     # One group: reading the next block and writing the previous one overlap with compute.
-    process_blocks(job, todo, on_block=lambda result: advance([result]))
-    return backend.name, backend.device
+    def submit(blocks):
+        from concurrent.futures import Future
+
+        f = Future()
+        f.set_result(run_group(job, blocks, on_block=lambda result: advance([result])))
+        return f
+
+    failed, info = _schedule(submit, iter([todo]), None, retries, lambda: 1)
+    if info is None:
+        info = _backend_info(job)
+    return info[0], info[1], failed
 
 
 def _backend_info(job):
     from sparseseg.engine.backends import cached_backend
 
     b = cached_backend(job.backend)
-    return b.name, b.device
+    return b.name, str(b.device)
 
 
-def _with_dask(job, todo, advance, workers, scheduler, device, group_size):
-    from dask.distributed import as_completed
+def run_group(job, blocks, on_block=None):
+    """The task body: run a group of blocks. It never raises: an exception raised in a Dask
+    task is logged with its traceback by the worker, and a failed block is an expected outcome
+    here (recorded, retried, summarized). Returns (finished results, one-line error or None,
+    (backend name, device) or None)."""
+    finished = []
+
+    def record(result):
+        finished.append(result)
+        if on_block is not None:
+            on_block(result)
+
+    try:
+        process_blocks(job, blocks, on_block=record)
+        return finished, None, _backend_info(job)
+    except Exception as e:
+        return finished, _one_line(e), None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, SparsesegError):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _failure(block, error: str) -> dict:
+    return {"key": block.key, "region": [[s.start, s.stop] for s in block.slices], "error": error}
+
+
+def _schedule(submit, groups, advance, retries: int, window):
+    """Run block groups through `submit(blocks) -> future of run_group's result`, at most
+    `window()` tasks in flight (backpressure: the client holds a bounded number of futures, so
+    memory stays flat and the first tasks start at once however many blocks there are).
+
+    A group that fails is split: its unfinished blocks are rerun alone (wherever the scheduler
+    puts them), each up to `retries` times; a block that still fails is recorded and the run
+    goes on. A task lost with its worker (KilledWorker) is a failed attempt like any other.
+    Returns (failed blocks as dicts, backend info or None)."""
+    import queue
+    from collections import deque
+
+    done_q: queue.Queue = queue.Queue()
+    solo: deque = deque()
+    attempts: dict[str, int] = {}
+    failed: list[dict] = []
+    info = None
+    in_flight = 0
+
+    def launch(blocks, alone):
+        nonlocal in_flight
+        fut = submit(blocks)
+        in_flight += 1
+        fut.add_done_callback(lambda f, b=blocks, a=alone: done_q.put((f, b, a)))
+
+    while True:
+        limit = window()
+        while in_flight < limit:
+            if solo:
+                launch([solo.popleft()], True)
+                continue
+            group = next(groups, None)
+            if group is None:
+                break
+            launch(group, False)
+        if in_flight == 0:
+            break
+        fut, blocks, alone = done_q.get()
+        in_flight -= 1
+        try:
+            finished, error, got = fut.result()
+        except Exception as e:  # the task itself was lost: KilledWorker, a scheduler gone, ...
+            finished, error, got = [], _one_line(e), None
+        info = info or got
+        if finished and advance is not None:
+            advance(finished)
+        if error is None:
+            continue
+        finished_keys = {r[0] for r in finished}
+        for b in blocks:
+            if b.key in finished_keys:
+                continue
+            n = attempts[b.key] = attempts.get(b.key, 0) + 1
+            if n <= retries:
+                solo.append(b)
+            else:
+                log.debug("block %s failed for good: %s", b.key, error)
+                failed.append(_failure(b, error))
+    failed.sort(key=lambda f: f["key"])
+    return failed, info
+
+
+def _read_figures(vol, geometry, shape, block, tile, overlap) -> dict:
+    """Input bytes the store serves per output voxel (whole chunks: the halo's chunk-aligned
+    superset) and the chunk requests, for chunked inputs; {} for files read whole."""
+    from sparseseg.engine.store import read_cost
+
+    chunks = getattr(vol.array, "chunks", None)
+    if not chunks or not isinstance(chunks, tuple):
+        return {}
+    cost = read_cost(geometry, shape, block, tile, overlap, chunks, vol.dtype.itemsize, vol.channels)
+    return {"input_bytes_per_output_voxel": cost["input_bytes_per_output_voxel"],
+            "input_chunk_requests": cost["input_chunk_requests"]}
+
+
+def _output_location(output, input_path) -> str:
+    """The output as a URL (kept as given) or a local path (absolute: workers may run elsewhere)."""
+    from sparseseg.volume import is_url
+
+    if output:
+        return str(output).rstrip("/") if is_url(output) else str(Path(output).resolve())
+    from sparseseg.volume import split_store_path
+
+    store = split_store_path(str(input_path))[0]
+    if is_url(store):
+        raise SparsesegError("name the output with --output when the input is a URL")
+    return str(default_output(input_path).resolve())
+
+
+def _worker_location(source: str) -> str:
+    """A local `store[:inner]` made absolute for workers in other directories; URLs as they are."""
+    from sparseseg.volume import is_url, join_store_path, split_store_path
+
+    if is_url(source):
+        return source
+    store, inner = split_store_path(source)
+    return join_store_path(str(Path(store).resolve()), inner)
+
+
+def _finish(out, lease, failed, storage_options) -> None:
+    """Record the failed blocks beside the markers, then let the output go."""
+    from sparseseg.engine.store import write_meta
+
+    try:
+        write_meta(out, "failed.json", {"failed": failed}, storage_options)
+    except Exception as e:  # the blocks are safe; only this note is missing
+        log.warning("could not record the failed blocks in %s: %s", out, _one_line(e))
+    finally:
+        lease.release()
+
+
+def _cluster_threads(client) -> int:
+    """Torch threads per worker so that the workers on one host never oversubscribe its cores."""
+    from collections import Counter
+
+    workers = client.scheduler_info().get("workers", {})
+    per_host = Counter(w.get("host") for w in workers.values())
+    try:
+        cores = client.run(os.cpu_count)
+    except Exception:
+        return 0
+    fits = [max(1, (cores.get(addr) or 1) // (per_host[w.get("host")] * max(1, w.get("nthreads", 1))))
+            for addr, w in workers.items()]
+    return min(fits) if fits else 0
+
+
+def _with_dask(job, todo, advance, workers, scheduler, device, group_size, retries=2):
+    import time as _time
+    from dataclasses import replace
 
     if scheduler:
         from dask.distributed import Client
@@ -198,27 +416,36 @@ def _with_dask(job, todo, advance, workers, scheduler, device, group_size):
             client = Client(scheduler, timeout=10)
         except (OSError, TimeoutError) as e:
             raise SparsesegError(f"cannot reach the Dask scheduler at {scheduler}: {e}".splitlines()[0]) from None
-        threads = 0
+        threads = _cluster_threads(client)
     else:
         client, threads = _local_cluster(workers, device)
     try:
         if threads:
-            from dataclasses import replace
-
             job = replace(job, backend=replace(job.backend, threads=threads))
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         # Small tasks, several per worker: good balance, and a lost worker loses little work.
         size = group_size or max(1, min(8, len(todo) // (4 * n_workers)))
-        groups = [todo[i:i + size] for i in range(0, len(todo), size)]
-        futures = [client.submit(process_blocks, job, g, pure=False) for g in groups]
-        info = client.submit(_backend_info, job, pure=False)
-        try:
-            for fut in as_completed(futures):
-                advance(fut.result())
-        except BaseException:
-            client.cancel(futures)
-            raise
-        return info.result()
+        groups = (todo[i:i + size] for i in range(0, len(todo), size))
+        cache = {"t": 0.0, "n": 2 * n_workers}
+
+        def window():
+            # Enough tasks queued to keep every worker thread busy; refreshed as workers come and go.
+            if _time.monotonic() - cache["t"] > 5:
+                info = client.scheduler_info().get("workers", {})
+                cache["n"] = max(4, 3 * sum(w.get("nthreads", 1) for w in info.values()))
+                cache["t"] = _time.monotonic()
+            return cache["n"]
+
+        def submit(blocks):
+            return client.submit(run_group, job, blocks, pure=False)
+
+        failed, info = _schedule(submit, groups, advance, retries, window)
+        if info is None:                    # no block succeeded: name what was asked for
+            from sparseseg.engine.backends import resolve_backend
+            from sparseseg.engine.plan import resolve_device
+
+            info = (resolve_backend(job.backend), resolve_device(job.backend.engine, device))
+        return info[0], info[1], failed
     finally:
         cluster = None if scheduler else client.cluster
         client.close()

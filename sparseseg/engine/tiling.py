@@ -1,4 +1,4 @@
-"""Overlap-tile prediction of one region held in memory (the engine runs it per block).
+"""Tile geometry of the engine: valid tile sizes, the tile grid, the blending weights.
 
 Valid-padding networks: tiles of output size T are placed at offsets that are multiples of the
 stride S = floor(T / step) * step, where step = 2^poolings (per axis). Each tile keeps its first
@@ -9,35 +9,19 @@ result equals that single pass (a step of T itself would not: 44 is not a multip
 Same-padding networks: tiles overlap by a fraction and are blended with a Gaussian importance
 map (sigma = T/8, as nnU-Net), accumulated only over the region at hand.
 
-Pure numpy around a `forward(batch) -> logits` callable, so every backend (torch, ONNX
-Runtime, TensorRT) shares it; the GPU path replaces gather/stitch with CUDA kernels.
+Pure geometry (no torch, no I/O): the engine's gather and stitch (engine/tensor_ops.py) follow
+these layouts on the device, and `default_tile` below picks the tile from
+the engine file and the device (sizes measured by engine/measure.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import os
 
 import numpy as np
 
 from sparseseg.errors import SparsesegError
-
-DEFAULT_TILE_INPUT = (64, 96, 96)   # a CPU-friendly default; engines may carry their own
-
-
-def default_tile_output(geometry, shape, budget=DEFAULT_TILE_INPUT) -> tuple[int, int, int]:
-    """A valid tile output size per axis: one tile when the region fits the budget, else the
-    largest valid size within it; never below one grid step (so the stride is never 0)."""
-    out = []
-    for rule, n, b in zip(geometry.axes, shape, budget):
-        if geometry.padding == "valid":
-            cap = b - 2 * rule.context
-            m = rule.output_at_least(n) if n <= cap else (rule.output_at_most(cap) or rule.min_output)
-            m = max(m, rule.output_at_least(rule.step))
-        else:
-            m = max(rule.step, (min(b, max(n, 1)) + rule.step - 1) // rule.step * rule.step)
-        out.append(m)
-    return tuple(out)
 
 
 def check_tile(geometry, tile_out) -> tuple[int, int, int]:
@@ -63,20 +47,29 @@ def tile_stride(geometry, tile_out, overlap: float) -> tuple[int, int, int]:
                  for r, t in zip(geometry.axes, tile_out))
 
 
+def axis_layout(padding: str, n: int, tile: int, stride: int, context: int) -> tuple[int, int]:
+    """Tiles along one axis to cover n output voxels, and the input extent they read."""
+    if padding == "valid":
+        count = max(1, math.ceil(n / stride))
+    else:
+        count = max(1, math.ceil(max(n - tile, 0) / stride) + 1)
+    return count, (count - 1) * stride + tile + 2 * context
+
+
 def tile_layout(geometry, out_shape, tile_out, overlap: float = 0.5):
-    """Tile offsets (in output coordinates) and the input extent the region must provide,
-    counted from `-context` (valid) or 0 (same)."""
+    """Tile offsets per axis (output coordinates), the stride, and the input extent the region
+    must provide, counted from `-context` (valid) or 0 (same)."""
     stride = tile_stride(geometry, tile_out, overlap)
-    counts = []
-    for n, t, s in zip(out_shape, tile_out, stride):
-        if geometry.padding == "valid":
-            counts.append(max(1, math.ceil(n / s)))
-        else:
-            counts.append(max(1, math.ceil(max(n - t, 0) / s) + 1))
-    offsets = [[i * s for i in range(c)] for c, s in zip(counts, stride)]
-    ctx = geometry.context
-    extent = tuple((c - 1) * s + t + 2 * x for c, s, t, x in zip(counts, stride, tile_out, ctx))
-    return offsets, stride, extent
+    offsets, extent = [], []
+    for n, t, s, r in zip(out_shape, tile_out, stride, geometry.axes):
+        count, ext = axis_layout(geometry.padding, n, t, s, r.context)
+        offsets.append([i * s for i in range(count)])
+        extent.append(ext)
+    return offsets, stride, tuple(extent)
+
+
+def tile_input(geometry, tile_out) -> tuple[int, int, int]:
+    return tuple(t + 2 * c for t, c in zip(tile_out, geometry.context))
 
 
 def gaussian_weights(tile, sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -91,95 +84,128 @@ def gaussian_weights(tile, sigma_scale: float = 1 / 8) -> np.ndarray:
     return np.maximum(w, 1e-3)  # no voxel may have zero weight at the tile rim
 
 
-def predict_padded(forward, padded: np.ndarray, geometry, out_shape, tile_out, batch: int = 1,
-                   overlap: float = 0.5, probabilities: bool = False, num_classes: int | None = None):
-    """Predict `out_shape` voxels from `padded` (C, ...) whose index 0 is output position
-    -context; `padded` must span at least `tile_layout(...)[2]`. Returns uint8 labels and,
-    if asked, float32 softmax probabilities (K, ...)."""
-    offsets, stride, extent = tile_layout(geometry, out_shape, tile_out, overlap)
-    if any(p < e for p, e in zip(padded.shape[1:], extent)):
-        raise ValueError(f"padded region {padded.shape[1:]} smaller than the tile layout needs {extent}")
-    ctx = geometry.context
-    in_tile = tuple(t + 2 * c for t, c in zip(tile_out, ctx))
-    valid = geometry.padding == "valid"
-    labels = np.zeros(tuple(out_shape), np.uint8)
-    probs = None
-    acc = wsum = weights = None
-    if not valid:
-        acc_shape = tuple(extent)
-        weights = gaussian_weights(tile_out)
-        wsum = np.zeros(acc_shape, np.float32)
-    positions = list(itertools.product(*offsets))
-    for first in range(0, len(positions), batch):
-        group = positions[first:first + batch]
-        x = np.stack([padded[(slice(None),) + tuple(slice(o, o + t) for o, t in zip(pos, in_tile))]
-                      for pos in group]).astype(np.float32, copy=False)
-        logits = np.asarray(forward(x), dtype=np.float32)
-        if num_classes is None:
-            num_classes = logits.shape[1]
-        if valid:
-            if probabilities and probs is None:
-                probs = np.zeros((num_classes,) + tuple(out_shape), np.float32)
-            for pos, lg in zip(group, logits):
-                keep = tuple(slice(0, min(s, n - o)) for s, n, o in zip(stride, out_shape, pos))
-                dst = tuple(slice(o, o + k.stop) for o, k in zip(pos, keep))
-                lg = lg[(slice(None),) + keep]
-                labels[dst] = lg.argmax(0)
-                if probabilities:
-                    probs[(slice(None),) + dst] = softmax(lg)
-        else:
-            if acc is None:
-                acc = np.zeros((num_classes,) + tuple(extent), np.float32)
-            for pos, lg in zip(group, logits):
-                dst = tuple(slice(o, o + t) for o, t in zip(pos, tile_out))
-                acc[(slice(None),) + dst] += lg * weights
-                wsum[dst] += weights
-    if not valid:
-        crop = tuple(slice(0, n) for n in out_shape)
-        blended = acc[(slice(None),) + crop] / wsum[crop]
-        labels[...] = blended.argmax(0)
-        if probabilities:
-            probs = softmax(blended)
-    return labels, probs
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(0, keepdims=True))
-    return e / e.sum(0, keepdims=True)
-
-
 def pad_region(image: np.ndarray, before, after) -> np.ndarray:
-    """numpy 'reflect' padding of (C, Z, Y, X); an axis of length 1 repeats its only slice."""
-    widths = [(0, 0)] + [(int(b), int(a)) for b, a in zip(before, after)]
-    if all(n > 1 or (b == 0 and a == 0) for n, (b, a) in zip(image.shape[1:], widths[1:])):
-        return np.pad(image, widths, mode="reflect")
-    out = image
-    for axis, (b, a) in enumerate(widths[1:], start=1):
-        if b or a:
-            out = np.pad(out, [(0, 0)] * axis + [(b, a)] + [(0, 0)] * (out.ndim - axis - 1),
-                         mode="reflect" if out.shape[axis] > 1 else "edge")
-    return out
+    """numpy 'reflect' padding of (C, Z, Y, X) through the engine's one reflect rule
+    (`blocks.reflect_index`; an axis of length 1 repeats its only slice)."""
+    from sparseseg.engine.blocks import reflect_index
+
+    idx = [reflect_index(np.arange(-int(b), n + int(a)), n) for n, b, a in zip(image.shape[1:], before, after)]
+    return image[np.ix_(np.arange(image.shape[0]), *idx)]
 
 
-def predict_array(forward, image: np.ndarray, geometry, tile_out=None, batch: int = 1, overlap: float = 0.5,
-                  probabilities: bool = False):
-    """Predict a whole (C, Z, Y, X) array held in memory (reflect padding at its border)."""
-    shape = image.shape[1:]
-    tile_out = check_tile(geometry, tile_out or default_tile_output(geometry, shape))
-    _, _, extent = tile_layout(geometry, shape, tile_out, overlap)
-    before = geometry.context
-    after = tuple(e - n - c for e, n, c in zip(extent, shape, before))
-    padded = pad_region(image, before, after)
-    return predict_padded(forward, padded, geometry, shape, tile_out, batch, overlap, probabilities)
+# ------------------------------------------------------------------ default tile and batch
+
+CPU_BUDGET = 2 << 30            # bytes of activations per CPU worker: fixed, so the default tile (which
+                                # a resumed run must repeat) does not depend on the memory free today
+GPU_BUDGET_FRACTION = 0.6       # of the free device memory (blocks, accumulators and cuDNN need the rest)
+MAX_BATCH = 8
 
 
-def torch_forward(model, device="cpu"):
-    """Wrap an eval-mode torch module as a numpy forward function (in-memory use; the engine's
-    TorchBackend adds CUDA autocast)."""
-    import torch
+def memory_budget(device: str) -> int:
+    """Bytes the network's activations may take: a share of the free GPU memory, or on CPU a
+    fixed CPU_BUDGET (less where the machine has less than 4x that available)."""
+    if device == "cuda":
+        import torch
 
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * GPU_BUDGET_FRACTION)
+    try:
+        avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 * CPU_BUDGET
+    return int(min(CPU_BUDGET, avail // 4))
 
-    return run
+
+def plan_profile(contract: dict) -> dict | None:
+    """A TensorRT plan's optimization profile as output tiles {"min", "opt", "max", "batch"}, or
+    None for engines without one."""
+    if "profile" not in contract:
+        return None
+    from sparseseg.export.tensorrt import profile_tiles
+
+    prof = profile_tiles(contract)
+    return {k: tuple(int(v) for v in prof[k]) for k in ("min", "opt", "max")} | {"batch": int(prof["batch"])}
+
+
+def check_profile_tile(contract: dict, tile) -> None:
+    prof = plan_profile(contract)
+    if prof is None:
+        return
+    if any(t < lo or t > hi for t, lo, hi in zip(tile, prof["min"], prof["max"])):
+        fmt = "x".join
+        raise SparsesegError(f"--tile {fmt(map(str, tile))} is outside the plan's profile "
+                             f"(min {fmt(map(str, prof['min']))}, opt {fmt(map(str, prof['opt']))}, max "
+                             f"{fmt(map(str, prof['max']))}); rebuild the plan with sparseseg-export --tile")
+
+
+def _candidate(geometry, m: int, extent) -> tuple[int, int, int]:
+    """Output tile of about m voxels per axis, each axis capped at one tile covering `extent`."""
+    out = []
+    for rule, n in zip(geometry.axes, extent):
+        if geometry.padding == "valid":
+            cap = rule.output_at_least(max(n, rule.step))
+            t = rule.output_at_least(max(m, rule.step))
+        else:
+            cap = max(rule.step, -(-n // rule.step) * rule.step)
+            t = max(rule.step, -(-m // rule.step) * rule.step)
+        out.append(min(t, cap))
+    return tuple(out)
+
+
+def default_tile(contract: dict, device: str, extent=None, budget: int | None = None) -> tuple[int, int, int]:
+    """The output tile to run an engine file with.
+
+    A TensorRT plan: its profile's opt tile. Otherwise the largest tile of about equal size per
+    axis whose measured activation peak (engine/measure.py) fits the device's memory budget,
+    never larger than one tile covering `extent` (the block) per axis, and never smaller than
+    the tile whose output equals the network's context per side: its input is at most 27
+    (= 3^3) input voxels per output voxel, and for the paper network that is 132^3 in, 44^3
+    out (the paper's 116x132x132 tile needs 37)."""
+    from sparseseg.model.contract import geometry_of_contract
+
+    prof = plan_profile(contract)
+    if prof is not None:
+        return prof["opt"]
+    geometry = geometry_of_contract(contract)
+    extent = tuple(extent) if extent is not None else (1 << 20,) * 3
+    budget = budget if budget is not None else memory_budget(device)
+    floor = max(max(geometry.step), max(geometry.context))
+    # Distinct candidates from the floor up to one tile covering the extent; the activation peak
+    # grows with the tile, so a binary search measures only a handful of them.
+    cands, m = [_candidate(geometry, floor, extent)], floor
+    while not all(c >= e for c, e in zip(cands[-1], extent)):
+        m += max(geometry.step)
+        cand = _candidate(geometry, m, extent)
+        if cand != cands[-1]:
+            cands.append(cand)
+    lo, hi = 0, len(cands) - 1              # cands[0] is taken whatever the budget (the floor)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tile_bytes(contract, cands[mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return cands[lo]
+
+
+def tile_bytes(contract: dict, tile_out, batch: int = 1) -> int:
+    from sparseseg.engine.measure import tile_peak_bytes
+    from sparseseg.model.contract import geometry_of_contract
+
+    geometry = geometry_of_contract(contract)
+    shape = (batch, contract["in_channels"]) + tile_input(geometry, tile_out)
+    return tile_peak_bytes(contract["model_config"], shape)
+
+
+def default_batch(contract: dict, device: str, tile_out, tiles_per_block: int, budget: int | None = None) -> int:
+    """Tiles per forward pass: a TensorRT plan's profile batch; on CUDA as many as the memory
+    budget holds (at most MAX_BATCH and the tiles of a block); on CPU 1 (a batch gains nothing
+    there and multiplies the memory)."""
+    prof = plan_profile(contract)
+    if prof is not None:
+        return max(1, min(prof["batch"], tiles_per_block))
+    if device != "cuda":
+        return 1
+    budget = budget if budget is not None else memory_budget(device)
+    per_tile = tile_bytes(contract, tile_out)
+    return max(1, min(MAX_BATCH, tiles_per_block, budget // max(per_tile, 1)))

@@ -1,9 +1,17 @@
-"""The block worker: read -> tiles -> batched forward -> stitch -> crop -> write -> mark done.
+"""The block worker: read -> device -> gather tiles -> batched forward -> stitch -> argmax ->
+host -> write -> mark done, with everything between the upload and the download on the
+backend's device (torch functions of engine/tensor_ops.py; a GPU keeps the block resident).
 
-A task gets a group of blocks. Inside it, one thread reads the next block (with its halo,
-straight from the input store) and another writes the previous one while this one computes,
-so I/O overlaps with compute. A block is marked done only after its chunks are on disk (fsync),
-so a killed worker never leaves a block that looks finished but is not.
+Per block: the region is read in its stored dtype (uint8/uint16/float32: no host float32 copy),
+copied into a pinned host buffer and uploaded on a copy stream (CUDA); tiles are cut from it on
+the device with reflect padding at the true volume border, normalized only when the engine's
+graph does not normalize itself, and cast to the backend's input dtype. The stitched labels
+(and quantized probabilities) come back on a download stream.
+
+Double buffering: a reader thread reads and uploads block k+1 and a writer thread downloads and
+writes block k-1 while block k computes; they order with the compute through CUDA events, not a
+device-wide synchronize. A block is marked done only after its chunks are stored
+(engine/store.py), so a killed worker never leaves a block that looks finished but is not.
 """
 
 from __future__ import annotations
@@ -13,18 +21,17 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from sparseseg.engine.backends import BackendSpec, cached_backend
-from sparseseg.engine.blocks import Block, assemble, read_plan
-from sparseseg.engine.tiling import predict_padded
+from sparseseg.engine.blocks import Block, read_plan
+from sparseseg.engine.store import open_io, write_block
 from sparseseg.errors import SparsesegError
 
 log = logging.getLogger("sparseseg.engine")
 
-DONE_DIR = ".sparseseg-done"       # inside the output store; zarr ignores it
+NATIVE_DTYPES = (np.uint8, np.uint16, np.float32)     # uploaded as stored; others become float32
 
 
 @dataclass(frozen=True)
@@ -40,119 +47,210 @@ class BlockJob:
     overlap: float
     batch: int
     probabilities: str | None      # None | "uint8" | "float16"
+    storage_options: dict | None = None   # fsspec options for URL inputs/outputs (credentials, endpoint)
+    run_id: str = ""                      # one run's arrays and chunk cache are never reused by another
+    normalization: dict | None = None     # {mean, std, lo, hi} applied in the gather; None: the graph does it
 
 
-_OPEN: dict = {}
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def _open(job: BlockJob):
-    """Input volume, label array and probability array, opened once per process."""
-    key = (job.input, job.output)
-    if key not in _OPEN:
-        import zarr
+class BlockRunner:
+    """The per-worker state of the pipeline: backend, device streams, blending weights,
+    normalization tensors, and the batch size (halved once on CUDA out-of-memory)."""
 
-        from sparseseg.volume import open_volume
+    def __init__(self, job: BlockJob, backend):
+        import torch
 
-        vol = open_volume(job.input)
-        labels = zarr.open_array(str(Path(job.output) / "0"), mode="r+")
-        probs = zarr.open_array(str(Path(job.output) / "probabilities"), mode="r+") if job.probabilities else None
-        _OPEN[key] = (vol, labels, probs)
-    return _OPEN[key]
+        from sparseseg.engine.tiling import gaussian_weights, tile_input
+        from sparseseg.engine.tensor_ops import normalization_tensors
+        from sparseseg.model.shapes import NetGeometry
+
+        self.job, self.backend, self.torch = job, backend, torch
+        self.geometry = NetGeometry.from_dict(job.geometry)
+        self.device = backend.device
+        self.cuda = self.device.type == "cuda"
+        self.tile_in = tile_input(self.geometry, job.tile)
+        self.batch = max(1, int(job.batch))
+        self.halved = False
+        self.num_classes = int(backend.contract["num_classes"])
+        self.norm = normalization_tensors(job.normalization, self.device)
+        self.weights = (torch.from_numpy(gaussian_weights(job.tile)).to(self.device)
+                        if self.geometry.padding == "same" else None)
+        self.prob_dtype = {None: None, "uint8": torch.uint8, "float16": torch.float16,
+                           "float32": torch.float32}[job.probabilities]
+        if self.cuda:
+            self.upload_stream = torch.cuda.Stream(self.device)
+            self.download_stream = torch.cuda.Stream(self.device)
+
+    # ---------------------------------------------------------------- reader thread
+    def stage(self, volume, block: Block):
+        """Read the block's region (stored dtype) and start its upload."""
+        torch = self.torch
+        plan = read_plan(block, self.job.volume_shape, self.geometry, self.job.tile, self.job.overlap)
+        data = volume.read(plan.region)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx", block.slices))
+            raise SparsesegError(f"NaN or Inf in the input of block {block.key} ({where})")
+        if data.dtype not in NATIVE_DTYPES:
+            data = data.astype(np.float32)
+        elif not data.flags.writeable:           # a read-only memory map (.npy): torch wants writable
+            data = data.copy()
+        host = torch.from_numpy(np.ascontiguousarray(data))
+        if not self.cuda:
+            return plan, host, None
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        with torch.cuda.stream(self.upload_stream):
+            region = pinned.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return plan, region, (ready, pinned)
+
+    # ---------------------------------------------------------------- compute (this thread)
+    def forward(self, x):
+        """The batched forward; on CUDA out-of-memory retry once with half the batch (kept for
+        the rest of the run), then stop with a line that names the options to change."""
+        try:
+            return self.backend.forward(x)
+        except Exception as e:        # noqa: BLE001  (only OOM is handled; the rest re-raised)
+            if not _is_oom(e):
+                raise
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+        if self.halved or len(x) == 1:
+            raise SparsesegError(f"out of device memory with tile {list(self.job.tile)} and batch {len(x)}: "
+                                 "pass a smaller --tile or --batch") from None
+        self.halved = True
+        self.batch = max(1, len(x) // 2)
+        log.warning("out of device memory: retrying with batch %d", self.batch)
+        try:
+            return self.torch.cat([self.backend.forward(part) for part in x.split(self.batch)])
+        except Exception as e:        # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            raise SparsesegError(f"out of device memory with tile {list(self.job.tile)} even at batch "
+                                 f"{self.batch}: pass a smaller --tile or --batch") from None
+
+    def compute(self, block: Block, plan, region, staged):
+        from sparseseg.engine import tensor_ops as ops
+
+        torch = self.torch
+        if staged is not None:
+            torch.cuda.current_stream().wait_event(staged[0])
+            region.record_stream(torch.cuda.current_stream())
+        dev, k = self.device, self.num_classes
+        labels = torch.empty(block.shape, dtype=torch.uint8, device=dev)
+        probs = torch.empty((k,) + block.shape, dtype=self.prob_dtype, device=dev) if self.prob_dtype else None
+        valid = self.geometry.padding == "valid"
+        if not valid:
+            acc = torch.zeros((k,) + plan.out_shape, dtype=torch.float32, device=dev)
+            wsum = torch.zeros(plan.out_shape, dtype=torch.float32, device=dev)
+        keep = plan.keep() if valid else None
+        offsets = plan.offsets
+        start, shape = plan.region_start, self.job.volume_shape
+        with torch.inference_mode():
+            i = 0
+            while i < len(offsets):
+                n = self.batch
+                group = offsets[i:i + n]
+                x = ops.gather(region, start, group, plan.origin, shape, self.tile_in, self.norm,
+                               self.backend.input_dtype)
+                logits = self.forward(x)
+                if valid:
+                    ops.stitch_valid(logits, group, keep[i:i + n], labels, probs)
+                else:
+                    ops.accumulate_same(logits, self.weights, group, acc, wsum)
+                i += len(group)
+            if not valid:
+                ops.finalize_same(acc, wsum, plan.crop, labels, probs)
+        return labels, probs
+
+    # ---------------------------------------------------------------- download
+    def start_download(self, labels, probs):
+        """Device results -> host arrays: a copy on the download stream (CUDA), returned as a
+        callable the writer thread waits on."""
+        torch = self.torch
+        if not self.cuda:
+            return lambda: (labels.numpy(), probs.numpy() if probs is not None else None)
+        outs = []
+        with torch.cuda.stream(self.download_stream):
+            self.download_stream.wait_stream(torch.cuda.current_stream())
+            for t in (labels, probs):
+                if t is None:
+                    outs.append(None)
+                    continue
+                t.record_stream(self.download_stream)
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                outs.append(host)
+            done = torch.cuda.Event()
+            done.record()
+
+        def finish():
+            done.synchronize()
+            return tuple(o.numpy() if o is not None else None for o in outs)
+
+        return finish
 
 
-def done_marker(output, block: Block) -> Path:
-    return Path(output) / DONE_DIR / block.key
-
-
-def is_done(output, block: Block) -> bool:
-    return done_marker(output, block).exists()
-
-
-def _fsync_tree(paths):
-    for p in paths:
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _chunk_files(array_dir: Path, block: Block, chunks, lead=()) -> list[Path]:
-    """Files of the chunks a block covers (zarr v3 default key encoding c/i/j/k)."""
-    ranges = [range(s // c, (s + n - 1) // c + 1) for s, n, c in zip(block.start, block.shape, chunks[-3:])]
-    files = []
-    for i in ranges[0]:
-        for j in ranges[1]:
-            for k in ranges[2]:
-                files.append(array_dir.joinpath("c", *map(str, lead), str(i), str(j), str(k)))
-    return files
-
-
-def _read(job: BlockJob, block: Block, geometry):
-    vol, _, _ = _open(job)
-    plan = read_plan(block, job.volume_shape, geometry, job.tile, job.overlap)
-    data = vol.read(plan.region, dtype=np.float32)
-    if not np.isfinite(data).all():
-        where = ", ".join(f"{a} {s.start}:{s.stop}" for a, s in zip("zyx", block.slices))
-        raise SparsesegError(f"NaN or Inf in the input of block {block.key} ({where})")
-    return assemble(data, plan), plan
-
-
-def _compute(job: BlockJob, block: Block, geometry, padded, plan):
-    backend = cached_backend(job.backend)
-    labels, probs = predict_padded(backend.forward, padded, geometry, plan.out_shape, job.tile, job.batch,
-                                   job.overlap, probabilities=job.probabilities is not None,
-                                   num_classes=backend.contract["num_classes"])
-    crop = tuple(slice(o, o + n) for o, n in zip(plan.offset, block.shape))
-    labels = labels[crop]
-    if probs is not None:
-        probs = probs[(slice(None),) + crop]
-        probs = np.round(probs * 255).astype(np.uint8) if job.probabilities == "uint8" else probs.astype(np.float16)
-    return labels, probs
-
-
-def _write(job: BlockJob, block: Block, labels, probs):
-    _, label_arr, prob_arr = _open(job)
-    label_arr[block.slices] = labels
-    files = _chunk_files(Path(job.output) / "0", block, label_arr.chunks)
-    if prob_arr is not None:
-        prob_arr[(slice(None),) + block.slices] = probs
-        for c in range(0, prob_arr.shape[0], prob_arr.chunks[0]):
-            files += _chunk_files(Path(job.output) / "probabilities", block, prob_arr.chunks, lead=(c // prob_arr.chunks[0],))
-    _fsync_tree(files)
-    marker = done_marker(job.output, block)
-    marker.parent.mkdir(exist_ok=True)
-    with open(marker, "w") as f:
-        f.write(f"{block.start} {block.shape}\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def process_blocks(job: BlockJob, blocks: list[Block], on_block=None) -> list[tuple[str, int, float]]:
+def process_blocks(job: BlockJob, blocks: list[Block], on_block=None, io=None, backend=None
+                   ) -> list[tuple[str, int, float]]:
     """Run a group of blocks with read-ahead and write-behind; returns (key, voxels, seconds) per
-    block, and passes each to `on_block` once its write has finished (for in-process progress)."""
-    from sparseseg.model.shapes import NetGeometry
+    block, and passes each to `on_block` once its write has finished (for in-process progress).
+    `io` = (volume, write(block, labels, probs)) and `backend` replace the job's store and engine
+    file (sparseseg.predict runs on an in-memory array and model this way)."""
+    backend = backend or cached_backend(job.backend)
+    if io is None:
+        volume = open_io(job)[0]
 
-    geometry = NetGeometry.from_dict(job.geometry)
+        def write(block, labels, probs):
+            write_block(job, block, labels, probs)
+    else:
+        volume, write = io
+    runner = BlockRunner(job, backend)
     delay = float(os.environ.get("SPARSESEG_BLOCK_DELAY", "0"))   # fault-injection tests only
+    import torch
+
+    threads = torch.get_num_threads()
+    if not runner.cuda and backend.name != "torch":
+        # Gather and stitch are copies; ONNX Runtime and OpenVINO run their own thread pools, and
+        # torch's OpenMP pool spinning beside them costs far more than it gains (10-100x slower
+        # small copies measured on 2 loaded cores). Restored afterwards: the caller's process.
+        torch.set_num_threads(1)
+    try:
+        return _run_blocks(runner, volume, write, blocks, on_block, delay)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_blocks(runner, volume, write, blocks, on_block, delay):
+    def store(block, finish):
+        labels, probs = finish()
+        write(block, labels, probs)
+
     results = []
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        pending_read = reader.submit(_read, job, blocks[0], geometry) if blocks else None
+        pending_read = reader.submit(runner.stage, volume, blocks[0]) if blocks else None
         pending_write = None
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
-            padded, plan = pending_read.result()
+            plan, region, staged = pending_read.result()
             if i + 1 < len(blocks):
-                pending_read = reader.submit(_read, job, blocks[i + 1], geometry)
-            labels, probs = _compute(job, block, geometry, padded, plan)
+                pending_read = reader.submit(runner.stage, volume, blocks[i + 1])
+            labels, probs = runner.compute(block, plan, region, staged)
+            finish = runner.start_download(labels, probs)
+            del region, staged
             if delay:
                 time.sleep(delay)
             if pending_write is not None:
                 pending_write.result()          # surface write errors in order
                 if on_block:
                     on_block(results[-1])
-            pending_write = writer.submit(_write, job, block, labels, probs)
+            pending_write = writer.submit(store, block, finish)
             results.append((block.key, block.voxels, time.perf_counter() - t0))
         if pending_write is not None:
             pending_write.result()

@@ -1,10 +1,18 @@
-"""TensorRT 10 engines from the exported ONNX model, with their contract in a sidecar JSON.
+"""TensorRT plans from the exported ONNX model, with their contract in a sidecar JSON, and the
+runner that executes them on torch tensors.
 
-Written against the documented TensorRT 10 Python API (Builder, OnnxParser, IBuilderConfig,
-IOptimizationProfile, ITimingCache, Runtime). TensorRT's builder cannot be installed on this
-project's CI machines: the pure parts (profile shapes, sidecar, compatibility checks, error
-paths) are unit tested there, the build itself runs in tests marked `tensorrt`, which run
-wherever `tensorrt` imports and a GPU is present.
+Strongly typed builds only: TensorRT 11 removed the precision builder flags (FP16, BF16, INT8)
+and the INT8 calibrators; a network's precision is the ONNX graph's (fp16/bf16 tensors, INT8 from
+Q/DQ nodes). Sources: "Python Migration Patterns for TensorRT 11.x" and "Removed Python APIs and
+Replacements" (docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-
+python-api-patterns.html and ...-python-api-reference.html); the Builder page, where
+NetworkDefinitionCreationFlag.STRONGLY_TYPED exists in 10.x and is "retained for API
+compatibility but ignored" in 11.x (strong typing always on), so one code path serves both.
+Every TensorRT name used here was checked against the tensorrt-cu13-bindings 11.4.0.106 wheel
+(the report of the change lists them); TensorRT cannot be installed on the CI machines, so the
+pure parts (profile shapes, sidecar, compatibility checks, the runner's shape/dtype/context
+logic with a fake engine) are unit tested there and the build itself runs in tests marked
+`tensorrt`, wherever `tensorrt` imports and a GPU is present.
 """
 
 from __future__ import annotations
@@ -12,9 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
-
-import numpy as np
 
 from sparseseg.errors import SparsesegError
 from sparseseg.model.contract import INPUT_NAME, sidecar_path
@@ -22,7 +29,7 @@ from sparseseg.model.contract import INPUT_NAME, sidecar_path
 log = logging.getLogger("sparseseg.export.tensorrt")
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-DEFAULT_TILE_INPUT = (116, 132, 132)   # the paper's tile; engines are built for large tiles
+PAPER_TILE_INPUT = (116, 132, 132)   # the paper's tile: the fallback opt tile of a plan
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU, `pip install tensorrt` "
                 "(wheels come from NVIDIA's package index) or use NVIDIA's TensorRT container")
 
@@ -37,12 +44,12 @@ def import_tensorrt():
     return trt
 
 
-# ------------------------------------------------------------------ pure parts
+# ------------------------------------------------------------------ pure parts: profile
 
-def default_plan_tile(geometry) -> tuple[int, int, int]:
+def paper_tile(geometry) -> tuple[int, int, int]:
     """The largest valid output tile whose input fits the paper's 116x132x132 tile."""
     out = []
-    for rule, budget in zip(geometry.axes, DEFAULT_TILE_INPUT):
+    for rule, budget in zip(geometry.axes, PAPER_TILE_INPUT):
         if geometry.padding == "valid":
             m = rule.output_at_most(budget - 2 * rule.context)
             out.append(m if m and m >= rule.step else rule.output_at_least(rule.step))
@@ -51,22 +58,93 @@ def default_plan_tile(geometry) -> tuple[int, int, int]:
     return tuple(out)
 
 
-def profile_shapes(geometry, channels: int, tiles, batch: int) -> dict:
-    """min/opt/max input shapes (N, C, Z, Y, X) of the optimization profile: batch 1..N at the
-    given output tile sizes (the first is the one to optimize for)."""
+def default_plan_tile(contract: dict, device: str = "cuda") -> tuple[int, int, int]:
+    """The output tile the engine would choose for this network on `device` (the engine's rule,
+    sparseseg.engine.tiling.default_tile, where present), else the paper's tile."""
+    try:
+        from sparseseg.engine.tiling import default_tile
+    except ImportError:
+        default_tile = None
+    if default_tile is not None:
+        return tuple(int(t) for t in default_tile(contract, device))
+    from sparseseg.model.contract import geometry_of_contract
+
+    return paper_tile(geometry_of_contract(contract))
+
+
+def smallest_tile(geometry) -> tuple[int, int, int]:
+    if geometry.padding == "valid":
+        return tuple(r.output_at_least(r.step) for r in geometry.axes)
+    return tuple(r.step for r in geometry.axes)
+
+
+def profile_shapes(geometry, channels: int, tile, tile_min=None, tile_max=None, batch: int = 1) -> dict:
+    """The optimization profile: input shapes (N, C, Z, Y, X) for min/opt/max, batch 1..`batch`,
+    output tiles `tile_min` <= `tile` (opt) <= `tile_max` (default: the smallest valid tile and
+    `tile`), and the output tiles themselves under "tiles"."""
     from sparseseg.engine.tiling import check_tile
 
     if batch < 1:
         raise SparsesegError(f"--batch must be >= 1, got {batch}")
-    inputs = []
-    for tile in tiles:
-        tile = check_tile(geometry, tile)
-        inputs.append(tuple(t + 2 * c for t, c in zip(tile, geometry.context)))
-    lo = tuple(min(s[a] for s in inputs) for a in range(3))
-    hi = tuple(max(s[a] for s in inputs) for a in range(3))
-    return {"min": [1, channels, *lo], "opt": [batch, channels, *inputs[0]], "max": [batch, channels, *hi],
-            "tiles": [list(t) for t in tiles]}
+    opt = check_tile(geometry, tile)
+    lo = check_tile(geometry, tile_min) if tile_min is not None else smallest_tile(geometry)
+    hi = check_tile(geometry, tile_max) if tile_max is not None else opt
+    for axis, a, b, c in zip("zyx", lo, opt, hi):
+        if not a <= b <= c:
+            raise SparsesegError(f"the profile needs --tile-min <= --tile <= --tile-max along {axis}, "
+                                 f"got {a}, {b}, {c}")
 
+    def inp(t):
+        return [t_ + 2 * c_ for t_, c_ in zip(t, geometry.context)]
+
+    return {"min": [1, channels, *inp(lo)], "opt": [batch, channels, *inp(opt)], "max": [batch, channels, *inp(hi)],
+            "tiles": {"min": list(lo), "opt": list(opt), "max": list(hi)}, "batch": batch}
+
+
+def profile_tiles(contract: dict) -> dict:
+    """Output tiles {"min", "opt", "max": (z, y, x), "batch": largest batch} of a plan's
+    optimization profile, from its sidecar contract (derived from the input shapes, so sidecars
+    written before the output tiles were recorded read the same)."""
+    from sparseseg.model.contract import geometry_of_contract
+
+    profile = contract.get("profile")
+    if not isinstance(profile, dict) or not all(k in profile for k in ("min", "opt", "max")):
+        raise SparsesegError("this plan's sidecar records no optimization profile; rebuild it with sparseseg-export")
+    ctx = geometry_of_contract(contract).context
+    tiles = {k: tuple(int(n) - 2 * c for n, c in zip(profile[k][2:], ctx)) for k in ("min", "opt", "max")}
+    tiles["batch"] = int(profile["max"][0])
+    return tiles
+
+
+def describe_profile(profile: dict) -> str:
+    t = profile.get("tiles")
+    if isinstance(t, dict):
+        fmt = "x".join
+        return (f"output tiles {fmt(map(str, t['min']))} .. {fmt(map(str, t['max']))} (opt {fmt(map(str, t['opt']))}), "
+                f"batch 1..{profile['max'][0]}")
+    return f"input shapes {profile['min']} .. {profile['max']}"
+
+
+def check_in_profile(shape, profile: dict) -> None:
+    """A one-line error when an input shape (N, C, Z, Y, X) is outside the plan's profile."""
+    shape = tuple(int(s) for s in shape)
+    lo, hi = profile["min"], profile["max"]
+    if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+        raise SparsesegError(f"input shape {list(shape)} is outside this plan's optimization profile "
+                             f"({describe_profile(profile)}; inputs {lo} .. {hi}); choose a tile and batch in "
+                             "that range or rebuild the plan with sparseseg-export --tile/--tile-min/--tile-max")
+
+
+def check_engine_profile(engine_shapes, profile: dict) -> None:
+    """The deserialized engine's profile (min, opt, max) must be the one its sidecar records."""
+    got = [[int(d) for d in s] for s in engine_shapes]
+    want = [list(profile[k]) for k in ("min", "opt", "max")]
+    if got != want:
+        raise SparsesegError(f"the plan's optimization profile {got} is not the one its sidecar records {want}; "
+                             "the .json belongs to another plan: rebuild both with sparseseg-export")
+
+
+# ------------------------------------------------------------------ pure parts: sidecar
 
 def plan_contract(contract: dict, *, precision, profile, trt_version, gpu_name, compute_capability,
                   version_compatible: bool, workspace_gb: float) -> dict:
@@ -78,6 +156,7 @@ def plan_contract(contract: dict, *, precision, profile, trt_version, gpu_name, 
         "compute_capability": list(compute_capability),
         "version_compatible": bool(version_compatible),
         "hardware_compatibility": "ampere_plus" if version_compatible else "same_gpu",
+        "strongly_typed": True,
         "profile": profile,
         "workspace_gb": workspace_gb,
     })
@@ -113,112 +192,45 @@ def check_plan_compatible(sidecar: dict, trt_version: str, gpu_name: str, comput
 
 
 def timing_cache_path() -> Path:
-    root = Path(os.environ.get("SPARSESEG_CACHE", Path.home() / ".cache" / "sparseseg"))
+    root = Path(os.environ.get("SPARSESEG_CACHE") or Path.home() / ".cache" / "sparseseg")
     return root / "tensorrt-timing.cache"
-
-
-def calibration_batches(volume_path, shape, batch: int, max_batches: int = 16, seed: int = 0):
-    """Random input tiles (N, C, Z, Y, X) from a volume for INT8 calibration."""
-    from sparseseg.engine.tiling import pad_region
-    from sparseseg.volume import check_finite, open_volume
-
-    vol = open_volume(volume_path)
-    if vol.channels != shape[1]:
-        raise SparsesegError(f"--calibration has {vol.channels} channels, the model expects {shape[1]}")
-    rng = np.random.default_rng(seed)
-    spatial = shape[2:]
-    for _ in range(max_batches):
-        tiles = []
-        for _ in range(batch):
-            start = [int(rng.integers(0, max(1, n - s + 1))) for n, s in zip(vol.shape, spatial)]
-            t = vol.read(tuple(slice(a, a + s) for a, s in zip(start, spatial)), dtype=np.float32)
-            check_finite(t, "--calibration volume")
-            if t.shape[1:] != tuple(spatial):
-                t = pad_region(t, (0, 0, 0), [s - n for s, n in zip(spatial, t.shape[1:])])
-            tiles.append(t)
-        yield np.ascontiguousarray(np.stack(tiles))
 
 
 # ------------------------------------------------------------------ build (needs TensorRT + GPU)
 
-def _make_calibrator(trt, batches, cache_file: Path):
-    import torch
-
-    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self._batches = iter(batches)
-            self._current = None
-            self._size = None
-
-        def get_batch_size(self):
-            return self._size or 1
-
-        def get_batch(self, names):
-            try:
-                x = next(self._batches)
-            except StopIteration:
-                return None
-            self._size = x.shape[0]
-            self._current = torch.from_numpy(x).cuda()   # keep alive until the next call
-            return [int(self._current.data_ptr())]
-
-        def read_calibration_cache(self):
-            return cache_file.read_bytes() if cache_file.exists() else None
-
-        def write_calibration_cache(self, cache):
-            cache_file.write_bytes(bytes(cache))
-
-    return EntropyCalibrator()
-
-
-def build_plan(onnx_path, plan_path: Path, contract: dict, *, precision="fp16", tiles=None, batch=1, workspace_gb=4.0,
-               calibration=None, version_compatible=False) -> dict:
-    """Build and serialize an engine; returns the sidecar contract (written next to the plan)."""
+def build_plan(onnx_path, plan_path: Path, contract: dict, profile: dict, *, workspace_gb=4.0,
+               version_compatible=False) -> dict:
+    """Build and serialize a strongly typed engine from an ONNX graph that carries its precision
+    (contract["precision"]); returns the sidecar contract (written next to the plan)."""
+    precision = contract.get("precision", "fp32")
     if precision not in PRECISIONS:
-        raise SparsesegError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and calibration is None:
-        raise SparsesegError("--precision int8 needs --calibration VOLUME (representative images)")
+        raise SparsesegError(f"the ONNX contract's precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     trt = import_tensorrt()
     import torch
 
     if not torch.cuda.is_available():
         raise SparsesegError("building a TensorRT plan needs an NVIDIA GPU; none is visible to torch")
-    from sparseseg.model.contract import geometry_of_contract
-
-    geometry = geometry_of_contract(contract)
-    tiles = tiles or [default_plan_tile(geometry)]
-    profile_dims = profile_shapes(geometry, contract["in_channels"], tiles, batch)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)            # explicit batch is the only mode in TensorRT 10
+    # STRONGLY_TYPED: every tensor's type comes from the graph (TensorRT 10.x); in 11.x the flag
+    # is accepted and ignored because strong typing is always on.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise SparsesegError(f"TensorRT could not parse {onnx_path}: {errors[:300]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    elif precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)      # layers INT8 cannot run fall back to FP16
+    if precision == "fp32":
+        # TF32 is on by default for float32 tensors; an fp32 plan is meant to match fp32 to 1e-4.
+        config.clear_flag(trt.BuilderFlag.TF32)
     if version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT_NAME, profile_dims["min"], profile_dims["opt"], profile_dims["max"])
-    config.add_optimization_profile(profile)
-    if precision == "int8":
-        cal_profile = builder.create_optimization_profile()
-        opt = profile_dims["opt"]
-        cal_profile.set_shape(INPUT_NAME, opt, opt, opt)
-        config.set_calibration_profile(cal_profile)
-        config.int8_calibrator = _make_calibrator(
-            trt, calibration_batches(calibration, opt, batch), Path(str(plan_path) + ".calib"))
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(INPUT_NAME, profile["min"], profile["opt"], profile["max"])
+    config.add_optimization_profile(trt_profile)
 
     cache_file = timing_cache_path()
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
@@ -227,30 +239,29 @@ def build_plan(onnx_path, plan_path: Path, contract: dict, *, precision="fp16", 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise SparsesegError("TensorRT failed to build the engine (see the TensorRT messages above)")
+    from sparseseg.fsutil import atomic_path
+
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    with atomic_path(cache_file) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
 
     props = torch.cuda.get_device_properties(0)
-    side = plan_contract(contract, precision=precision, profile=profile_dims, trt_version=trt.__version__,
+    side = plan_contract(contract, precision=precision, profile=profile, trt_version=trt.__version__,
                          gpu_name=props.name, compute_capability=(props.major, props.minor),
                          version_compatible=version_compatible, workspace_gb=workspace_gb)
-    _write_atomic(plan_path, bytes(serialized))
-    _write_atomic(sidecar_path(plan_path), json.dumps(side, indent=2).encode())
+    # The sidecar first: a plan never sits under its final name without its contract.
+    with atomic_path(sidecar_path(plan_path)) as tmp:
+        tmp.write_text(json.dumps(side, indent=2))
+    with atomic_path(plan_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
     return side
 
 
-def _write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
+# ------------------------------------------------------------------ run
 
 def load_plan(plan_path):
-    """Deserialize a plan after checking its sidecar against this GPU and TensorRT."""
+    """Deserialize a plan after checking its sidecar against this GPU and TensorRT, and the
+    engine's profile against the sidecar's."""
     from sparseseg.model.contract import read_contract
 
     side = read_contract(plan_path)
@@ -268,42 +279,118 @@ def load_plan(plan_path):
     engine = runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
     if engine is None:
         raise SparsesegError(f"{plan_path}: TensorRT could not deserialize this plan")
+    if "profile" in side:
+        check_engine_profile(engine.get_tensor_profile_shape(side.get("input_name", INPUT_NAME), 0), side["profile"])
     return engine, side
 
 
-def run_plan(engine, x: np.ndarray) -> np.ndarray:
-    """One forward pass of a deserialized engine on a host array (tests and verification; the
-    engine's fast path keeps buffers on the GPU)."""
+_TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                 "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+
+
+def torch_dtype(trt_dtype):
+    """The torch dtype of a tensorrt.DataType member (by its name, so it is testable without TensorRT)."""
     import torch
 
-    from sparseseg.model.contract import OUTPUT_NAME
-
-    context = engine.create_execution_context()
-    inp = torch.from_numpy(np.ascontiguousarray(x, np.float32)).cuda()
-    context.set_input_shape(INPUT_NAME, tuple(inp.shape))
-    out = torch.empty(tuple(context.get_tensor_shape(OUTPUT_NAME)), dtype=torch.float32, device="cuda")
-    context.set_tensor_address(INPUT_NAME, inp.data_ptr())
-    context.set_tensor_address(OUTPUT_NAME, out.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise SparsesegError("TensorRT execution failed")
-    stream.synchronize()
-    return out.cpu().numpy()
+    name = getattr(trt_dtype, "name", None) or str(trt_dtype).rsplit(".", 1)[-1]
+    if name not in _TORCH_DTYPES:
+        raise SparsesegError(f"TensorRT tensor type {name} has no torch equivalent here")
+    return getattr(torch, _TORCH_DTYPES[name])
 
 
-def verify_plan(plan_path, onnx_path, ckpt, precision: str, calibration=None) -> tuple[float, float]:
-    """The plan against onnxruntime (fp32 ONNX) on the same tiles as the ONNX check; fp16/bf16
-    and int8 use the loose bound (int8 is reported, its bound is the fp16 one)."""
-    from sparseseg.export.onnx_export import check_parity, ort_session, verification_tiles
-    from sparseseg.model.contract import INPUT_NAME as IN
-    from sparseseg.model.contract import OUTPUT_NAME as OUT
+class PlanRunner:
+    """A deserialized plan that runs on CUDA torch tensors: `forward(x)` takes (N, C, Z, Y, X)
+    on the GPU and returns the logits as a new CUDA tensor, enqueued with execute_async_v3 on
+    torch's current stream (no synchronization: the caller's stream orders it).
 
-    engine, side = load_plan(plan_path)
-    sess = ort_session(onnx_path)
+    One execution context per thread: a context holds the input shape and tensor addresses of
+    one call, so threads (a Dask worker's) must not share one. Each context owns its activation
+    memory, so N threads cost N times the plan's activation memory."""
+
+    def __init__(self, plan_path, engine=None, contract=None):
+        if engine is None:
+            engine, contract = load_plan(plan_path)
+        self.path = str(plan_path)
+        self.engine = engine
+        self.contract = contract
+        self.input_name = contract.get("input_name", INPUT_NAME)
+        self.output_name = contract.get("output_name", "logits")
+        self.profile = contract.get("profile")
+        self.input_dtype = torch_dtype(engine.get_tensor_dtype(self.input_name))
+        self.output_dtype = torch_dtype(engine.get_tensor_dtype(self.output_name))
+        self._local = threading.local()
+
+    def context(self):
+        ctx = getattr(self._local, "context", None)
+        if ctx is None:
+            ctx = self.engine.create_execution_context()
+            if ctx is None:
+                raise SparsesegError(f"{self.path}: TensorRT could not create an execution context "
+                                     "(out of GPU memory?)")
+            self._local.context = ctx
+        return ctx
+
+    @staticmethod
+    def _check_device(x):
+        import torch
+
+        if not (isinstance(x, torch.Tensor) and x.is_cuda):
+            raise SparsesegError("a TensorRT plan runs on CUDA tensors; move the input to the GPU first")
+
+    @staticmethod
+    def _stream_handle(x) -> int:
+        import torch
+
+        return torch.cuda.current_stream(x.device).cuda_stream
+
+    def forward(self, x):
+        import torch
+
+        self._check_device(x)
+        if self.profile is not None:
+            check_in_profile(x.shape, self.profile)
+        x = x.to(self.input_dtype).contiguous()
+        ctx = self.context()
+        if not ctx.set_input_shape(self.input_name, tuple(x.shape)):
+            raise SparsesegError(f"TensorRT rejected input shape {list(x.shape)} for {self.path}"
+                                 + (f" (profile: {describe_profile(self.profile)})" if self.profile else ""))
+        shape = tuple(int(d) for d in ctx.get_tensor_shape(self.output_name))
+        if any(d < 0 for d in shape):
+            raise SparsesegError(f"TensorRT could not infer the output shape for input {list(x.shape)}")
+        out = torch.empty(shape, dtype=self.output_dtype, device=x.device)
+        for name, t in ((self.input_name, x), (self.output_name, out)):
+            if not ctx.set_tensor_address(name, t.data_ptr()):
+                raise SparsesegError(f"TensorRT rejected the address of tensor {name!r} ({self.path})")
+        if not ctx.execute_async_v3(self._stream_handle(x)):
+            raise SparsesegError(f"TensorRT execution failed for input {list(x.shape)} ({self.path})")
+        return out
+
+    __call__ = forward
+
+
+def verify_plan(plan_path, ckpt, precision: str, calibration=None) -> tuple[float, float]:
+    """The plan against the fp32 PyTorch model (on the GPU, TF32 off) on the verification
+    tiles at the profile's opt tile, batch 1; bounds as for the ONNX graph of that precision."""
+    import numpy as np
+    import torch
+
+    from sparseseg.export.onnx_export import check_parity, verification_tiles
+
+    runner = PlanRunner(plan_path)
+    model = ckpt.model.cuda().eval()
     worst = (0.0, 1.0)
-    for what, x in verification_tiles(ckpt, calibration, shape=side["profile"]["opt"][2:]):
-        ref = sess.run([OUT], {IN: x})[0]
-        got = run_plan(engine, x)
-        diff, agree = check_parity(ref, got, "fp32" if precision == "fp32" else "fp16", f"{what} (TensorRT)")
-        worst = (max(worst[0], diff), min(worst[1], agree))
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for what, x in verification_tiles(ckpt, calibration, shape=runner.profile["opt"][2:],
+                                          random_tile=precision != "int8"):
+            xt = torch.from_numpy(np.ascontiguousarray(x)).cuda()
+            with torch.inference_mode():
+                ref = model(xt).float().cpu().numpy()
+            got = runner.forward(xt).float().cpu().numpy()
+            diff, agree = check_parity(ref, got, precision, f"{what} (TensorRT)")
+            worst = (max(worst[0], diff), min(worst[1], agree))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        ckpt.model.cpu()
     return worst

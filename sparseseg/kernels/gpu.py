@@ -1,6 +1,8 @@
-"""GPU launchers with the same signatures as `sparseseg.kernels.reference`, on torch CUDA
+"""GPU launchers with the same signatures as the engine's torch functions
+(`sparseseg.engine.tensor_ops`, re-exported by `sparseseg.kernels.reference`), on torch CUDA
 tensors (shared with CuPy without copies), launched on torch's current stream so they order
-with the network's work."""
+with the network's work. Outputs are written into the tensors the caller passes, as in the
+references."""
 
 from __future__ import annotations
 
@@ -28,66 +30,68 @@ def _ptr(t):
 def _i64(values, device):
     import torch
 
-    return torch.as_tensor(np.asarray(values, np.int64), device=device)
+    return torch.as_tensor(np.asarray(values, np.int64).reshape(-1, 3), device=device).contiguous()
 
 
-def gather(block, offsets, block_origin, volume_shape, tile_shape, mean, std, out_dtype=np.float32):
+def _channel(t):
+    return None if t is None else t.reshape(-1).float().contiguous()
+
+
+def gather(region, region_start, offsets, origin, volume_shape, tile_shape, norm=None, dtype=None):
     import torch
 
-    src = {torch.uint8: "u8", torch.uint16: "u16", torch.float32: "f32"}.get(block.dtype)
-    if src is None:
-        raise TypeError(f"gather supports uint8, uint16 and float32 blocks, not {block.dtype}")
-    half = np.dtype(out_dtype) == np.float16
-    dev = block.device
+    dtype = dtype or torch.float32
+    src = {torch.uint8: "u8", torch.uint16: "u16", torch.float32: "f32"}.get(region.dtype)
+    dst = {torch.float32: "f32", torch.float16: "f16"}.get(dtype)
+    if src is None or dst is None:
+        raise TypeError(f"gather supports uint8/uint16/float32 -> float32/float16, not {region.dtype} -> {dtype}")
+    dev = region.device
     off = _i64(offsets, dev)
-    out = torch.empty((len(off), block.shape[0]) + tuple(tile_shape), dtype=torch.float16 if half else torch.float32,
-                      device=dev)
-    m = torch.as_tensor(np.asarray(mean, np.float32), device=dev)
-    inv = torch.as_tensor((np.float32(1) / np.asarray(std, np.float32)), device=dev)
-    fn = kernel("tile_gather.cu", f"gather_{src}_{'f16' if half else 'f32'}")
+    region = region.contiguous()
+    out = torch.empty((len(off), region.shape[0]) + tuple(tile_shape), dtype=dtype, device=dev)
+    norm = norm or {}
+    mean, inv, lo, hi = (_channel(norm.get(k)) for k in ("mean", "inv_std", "lo", "hi"))
     i = np.int64
-    _launch(fn, out.numel(), (
-        _ptr(block.contiguous()), _ptr(out), _ptr(off), i(block.shape[0]), *map(i, block.shape[1:]),
-        *map(i, block_origin), *map(i, volume_shape), *map(i, tile_shape), _ptr(m), _ptr(inv), i(out.numel())))
+    _launch(kernel("tile_gather.cu", f"gather_{src}_{dst}"), out.numel(), (
+        _ptr(region), _ptr(out), _ptr(off), i(region.shape[0]), *map(i, region.shape[1:]), *map(i, region_start),
+        *map(i, origin), *map(i, volume_shape), *map(i, tile_shape), _ptr(mean), _ptr(inv), _ptr(lo), _ptr(hi),
+        i(out.numel())))
     return out
 
 
-def stitch_valid(logits, dst, keep, block_shape, probabilities=False):
+def stitch_valid(logits, offsets, keep, labels, probs=None):
     import torch
 
+    if probs is not None and probs.dtype != torch.uint8:
+        raise TypeError("the stitch kernel writes uint8 probabilities only")
     dev = logits.device
-    labels = torch.zeros(tuple(block_shape), dtype=torch.uint8, device=dev)
-    probs = torch.zeros((logits.shape[1],) + tuple(block_shape), dtype=torch.uint8, device=dev) if probabilities else None
     name = "stitch_valid_f16" if logits.dtype == torch.float16 else "stitch_valid_f32"
     logits = logits.contiguous() if logits.dtype in (torch.float16, torch.float32) else logits.float().contiguous()
     n, k, oz, oy, ox = logits.shape
     i = np.int64
     _launch(kernel("stitch_valid.cu", name), n * oz * oy * ox, (
-        _ptr(logits), _ptr(labels), _ptr(probs), _ptr(_i64(dst, dev)), _ptr(_i64(keep, dev)), i(k), i(oz), i(oy),
-        i(ox), *map(i, block_shape), i(n * oz * oy * ox)))
-    return labels, probs
+        _ptr(logits), _ptr(labels), _ptr(probs), _ptr(_i64(offsets, dev)), _ptr(_i64(keep, dev)), i(k), i(oz), i(oy),
+        i(ox), *map(i, labels.shape), i(n * oz * oy * ox)))
 
 
-def accumulate_same(logits, weights, pos, acc, wsum):
+def accumulate_same(logits, weights, offsets, acc, wsum):
     import torch
 
     name = "accumulate_f16" if logits.dtype == torch.float16 else "accumulate_f32"
-    logits = logits.contiguous()
+    logits = logits.contiguous() if logits.dtype in (torch.float16, torch.float32) else logits.float().contiguous()
     n, k, tz, ty, tx = logits.shape
     i = np.int64
     _launch(kernel("stitch_same.cu", name), wsum.numel(), (
-        _ptr(logits), _ptr(weights.contiguous()), _ptr(_i64(pos, logits.device)), i(n), i(k), i(tz), i(ty), i(tx),
-        _ptr(acc), _ptr(wsum), *map(i, wsum.shape)))
+        _ptr(logits), _ptr(weights.contiguous()), _ptr(_i64(offsets, logits.device)), i(n), i(k), i(tz), i(ty),
+        i(tx), _ptr(acc), _ptr(wsum), *map(i, wsum.shape)))
 
 
-def finalize_same(acc, wsum, crop_start, block_shape, probabilities=False):
+def finalize_same(acc, wsum, crop_start, labels, probs=None):
     import torch
 
-    k = acc.shape[0]
-    labels = torch.empty(tuple(block_shape), dtype=torch.uint8, device=acc.device)
-    probs = torch.empty((k,) + tuple(block_shape), dtype=torch.uint8, device=acc.device) if probabilities else None
+    if probs is not None and probs.dtype != torch.uint8:
+        raise TypeError("the finalize kernel writes uint8 probabilities only")
     i = np.int64
     _launch(kernel("stitch_same.cu", "finalize_same"), labels.numel(), (
-        _ptr(acc), _ptr(wsum), _ptr(labels), _ptr(probs), i(k), *map(i, wsum.shape), *map(i, crop_start),
-        *map(i, block_shape)))
-    return labels, probs
+        _ptr(acc), _ptr(wsum), _ptr(labels), _ptr(probs), i(acc.shape[0]), *map(i, wsum.shape), *map(i, crop_start),
+        *map(i, labels.shape)))

@@ -1,3 +1,4 @@
+// Reference: sparseseg.engine.tensor_ops.accumulate_same / finalize_same.
 // Stitch for same-padding networks: Gaussian-weighted accumulation of a batch of logits into a
 // region accumulator, then a finalize pass (argmax and quantized probabilities).
 //

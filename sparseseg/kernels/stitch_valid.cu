@@ -1,3 +1,4 @@
+// Reference: sparseseg.engine.tensor_ops.stitch_valid (offsets = dst, keep).
 // Stitch for valid-padding networks: a batch of logits (N, K, oz, oy, ox) -> argmax uint8 labels
 // written at each tile's offset in the block output (bz, by, bx), keeping only the first
 // keep[n] voxels per axis (the crop of the overlap); optionally softmax probabilities quantized
