@@ -214,13 +214,25 @@ def demo_cmd(workdir, iterations, seed):
 @click.option("--no-verify", is_flag=True, help="keep the export even if the parity check fails")
 @click.option("--no-simplify", is_flag=True, help="skip onnxslim/onnxsim even when installed")
 @click.option("--force", is_flag=True, help="replace existing outputs")
+@click.option("--bioimageio", "bioimageio_zip", type=click.Path(dir_okay=False),
+              help="write a BioImage Model Zoo package (.zip) instead of (or, with --onnx/--plan, besides) ONNX")
+@click.option("--author", "authors", multiple=True, help="bioimageio: author name (repeatable)")
+@click.option("--license", "license_id", default="CC-BY-4.0", show_default=True, help="bioimageio: SPDX id")
+@click.option("--cover", type=click.Path(dir_okay=False), help="bioimageio: cover image (e.g. the eval figure)")
 @user_errors
 def export_cmd(model, onnx_path, plan_path, precision, tiles, batch, workspace, calibration, version_compatible,
-               no_verify, no_simplify, force):
+               no_verify, no_simplify, force, bioimageio_zip, authors, license_id, cover):
     """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
     _setup_logging()
     from sparseseg.export.cli import run_export
 
+    if bioimageio_zip:
+        from sparseseg.export.bioimageio import export_bioimageio
+
+        click.echo(export_bioimageio(model, bioimageio_zip, authors=authors or ("sparseseg user",),
+                                     license_id=license_id, cover=cover, calibration=calibration, force=force))
+        if not onnx_path and not plan_path:
+            return
     for line in run_export(model, onnx_path, plan_path, precision, [parse_triple(t, "--tile") for t in tiles], batch,
                            workspace, calibration, version_compatible, not no_verify, not no_simplify, force):
         click.echo(line)
