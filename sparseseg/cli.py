@@ -153,8 +153,11 @@ def densify_cmd(image, labels, out, model_out, tile, overwrite, **kwargs):
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object")
 @click.option("--figure", type=click.Path(dir_okay=False), help="write orthogonal-slice figure (PNG)")
 @click.option("--image", help="image to draw under the figure")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="write an HTML report (IoU per class, orthogonal views, annotated slices)")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), help="report: checkpoint for classes + curve")
 @user_errors
-def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image):
+def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image, report, model_path):
     """IoU per class on annotated voxels: TP / (TP + FP + FN), and the foreground mean."""
     import numpy as np
 
@@ -169,12 +172,20 @@ def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image):
         raise SparsesegError(f"{labels}: no annotated voxel (every voxel is {ignore_label})")
     k = num_classes or int(max(lab[lab != ignore_label].max(), p.max())) + 1
     res = iou_per_class(p, lab, k, ignore_label)
-    if figure:
-        from sparseseg.trainer.figure import draw_figure
+    if figure or report:
+        from sparseseg.trainer.figure import class_names_of, draw_figure, write_report
 
         img = open_volume(image).read(dtype=np.float32) if image else None
-        draw_figure(figure, p, lab, ignore_label, img, title=f"mean foreground IoU {res['mean_foreground_iou']:.3f}")
-        res["figure"] = figure
+        names, history = class_names_of(pred, model_path)
+        mf = res["mean_foreground_iou"]
+        if figure:
+            draw_figure(figure, p, lab, ignore_label, img, title="mean foreground IoU "
+                        + ("n/a" if mf is None else f"{mf:.3f}"), class_names=names)
+            res["figure"] = figure
+        if report:
+            write_report(report, p, lab, dict(res), ignore_label, img, names, history,
+                         sources={"prediction": pred, "labels": labels, "image": image, "model": model_path})
+            res["report"] = report
     if as_json:
         click.echo(json.dumps(res))
     else:
