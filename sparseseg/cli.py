@@ -163,8 +163,11 @@ def densify_cmd(image, labels, out, model_out, tile, overwrite, **kwargs):
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object")
 @click.option("--figure", type=click.Path(dir_okay=False), help="write orthogonal-slice figure (PNG)")
 @click.option("--image", help="image to draw under the figure")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="write an HTML report (IoU per class, orthogonal views, annotated slices)")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False), help="report: checkpoint for classes + curve")
 @user_errors
-def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image):
+def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image, report, model_path):
     """IoU per class on annotated voxels: TP / (TP + FP + FN), and the foreground mean."""
     import numpy as np
 
@@ -179,12 +182,20 @@ def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image):
         raise SparsesegError(f"{labels}: no annotated voxel (every voxel is {ignore_label})")
     k = num_classes or int(max(lab[lab != ignore_label].max(), p.max())) + 1
     res = iou_per_class(p, lab, k, ignore_label)
-    if figure:
-        from sparseseg.trainer.figure import draw_figure
+    if figure or report:
+        from sparseseg.trainer.figure import class_names_of, draw_figure, write_report
 
         img = open_volume(image).read(dtype=np.float32) if image else None
-        draw_figure(figure, p, lab, ignore_label, img, title=f"mean foreground IoU {res['mean_foreground_iou']:.3f}")
-        res["figure"] = figure
+        names, history = class_names_of(pred, model_path)
+        mf = res["mean_foreground_iou"]
+        if figure:
+            draw_figure(figure, p, lab, ignore_label, img, title="mean foreground IoU "
+                        + ("n/a" if mf is None else f"{mf:.3f}"), class_names=names)
+            res["figure"] = figure
+        if report:
+            write_report(report, p, lab, dict(res), ignore_label, img, names, history,
+                         sources={"prediction": pred, "labels": labels, "image": image, "model": model_path})
+            res["report"] = report
     if as_json:
         click.echo(json.dumps(res))
     else:
@@ -229,13 +240,26 @@ def demo_cmd(workdir, iterations, seed):
 @click.option("--no-verify", is_flag=True, help="keep the export even if the parity check fails")
 @click.option("--no-simplify", is_flag=True, help="skip onnxslim/onnxsim even when installed")
 @click.option("--force", is_flag=True, help="replace existing outputs")
+@click.option("--bioimageio", "bioimageio_zip", type=click.Path(dir_okay=False),
+              help="write a BioImage Model Zoo package (.zip) instead of (or, with --onnx/--plan, besides) ONNX")
+@click.option("--author", "authors", multiple=True, help="bioimageio: author name (repeatable)")
+@click.option("--license", "license_id", default="CC-BY-4.0", show_default=True, help="bioimageio: SPDX id")
+@click.option("--cover", type=click.Path(dir_okay=False), help="bioimageio: cover image (e.g. the eval figure)")
 @user_errors
 def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max, batch, workspace, calibration,
-               version_compatible, no_verify, no_simplify, force):
+               version_compatible, no_verify, no_simplify, force,
+               bioimageio_zip, authors, license_id, cover):
     """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
     _setup_logging()
     from sparseseg.export.cli import run_export
 
+    if bioimageio_zip:
+        from sparseseg.export.bioimageio import export_bioimageio
+
+        click.echo(export_bioimageio(model, bioimageio_zip, authors=authors or ("sparseseg user",),
+                                     license_id=license_id, cover=cover, calibration=calibration, force=force))
+        if not onnx_path and not plan_path:
+            return
     for line in run_export(model, onnx_path, plan_path, precision, parse_triple(tile, "--tile"), batch, workspace,
                            calibration, version_compatible, not no_verify, not no_simplify, force,
                            tile_min=parse_triple(tile_min, "--tile-min"), tile_max=parse_triple(tile_max, "--tile-max")):

@@ -1,18 +1,43 @@
-"""The paper's qualitative figure: orthogonal slices with true positives, false negatives and
-false positives of the foreground classes coloured, on annotated voxels only."""
+"""Figures people look at.
+
+* `draw_figure`: the paper's qualitative figure on orthogonal slices, two rows: the predicted
+  classes in per-class colours (the same colours the OME-Zarr label images and napari use), and
+  true positives, false negatives and false positives of the foreground classes on annotated
+  voxels only.
+* `write_report`: one self-contained HTML page for a run: IoU per class, that figure, the
+  annotated slices beside the prediction, and the training curve when a checkpoint's history
+  is given.
+* `draw_curve`: loss and validation IoU against iterations (PNG).
+"""
 
 from __future__ import annotations
+
+import base64
+import html
+import io
+import json
 
 import numpy as np
 
 COLOURS = {"true positive": (0.1, 0.8, 0.2), "false negative": (0.2, 0.4, 1.0), "false positive": (1.0, 0.15, 0.1)}
 
 
-def _overlay(gray, pred, lab, ignore_label):
+def class_colours(num_classes: int) -> np.ndarray:
+    """(K, 4) RGBA in 0..1, as in sparseseg.labels_zarr (background transparent)."""
+    from sparseseg.labels_zarr import label_colours
+
+    return np.asarray(label_colours(max(num_classes, 2)), np.float64) / 255
+
+
+def _gray(gray):
     g = gray.astype(np.float64)
     lo, hi = np.percentile(g, (1, 99)) if g.size else (0, 1)
     g = np.clip((g - lo) / max(hi - lo, 1e-9), 0, 1)
-    rgb = np.repeat(g[..., None], 3, axis=-1) * 0.8
+    return np.repeat(g[..., None], 3, axis=-1) * 0.8
+
+
+def _overlay(gray, pred, lab, ignore_label):
+    rgb = _gray(gray)
     annotated = lab != ignore_label
     fg_true, fg_pred = annotated & (lab != 0), annotated & (pred != 0)
     cases = {"true positive": fg_true & (pred == lab), "false negative": fg_true & (pred != lab),
@@ -20,6 +45,17 @@ def _overlay(gray, pred, lab, ignore_label):
     for name, mask in cases.items():
         rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.array(COLOURS[name])
     return rgb
+
+
+def _classes(gray, values, num_classes, skip=None):
+    """Label values in their class colours over the image (`skip`: values left uncoloured)."""
+    rgb = _gray(gray)
+    colours = class_colours(num_classes)
+    v = values.astype(np.int64)
+    mask = (v < len(colours)) & (v != (skip if skip is not None else -1))
+    c = colours[np.where(mask, v, 0)]
+    alpha = 0.55 * c[..., 3:] * mask[..., None]
+    return rgb * (1 - alpha) + c[..., :3] * alpha
 
 
 def _best_slice(annotated: np.ndarray, axis: int) -> int:
@@ -32,7 +68,25 @@ def _best_slice(annotated: np.ndarray, axis: int) -> int:
     return order[0]
 
 
-def draw_figure(path, pred, labels, ignore_label=255, image=None, title=None):
+def _views(labels, ignore_label):
+    z, y, x = (_best_slice(labels != ignore_label, axis) for axis in range(3))
+    return [("xy (z=%d)" % z, np.s_[z, :, :]), ("xz (y=%d)" % y, np.s_[:, y, :]), ("yz (x=%d)" % x, np.s_[:, :, x])]
+
+
+def _num_classes(pred, labels, ignore_label, class_names):
+    top = max(int(pred.max(initial=0)), int(labels[labels != ignore_label].max(initial=0)))
+    return max(len(class_names or []), top + 1, 2)
+
+
+def _class_legend(num_classes, class_names):
+    from matplotlib.patches import Patch
+
+    colours = class_colours(num_classes)
+    names = list(class_names or []) + [f"class {i}" for i in range(len(class_names or []), num_classes)]
+    return [Patch(color=colours[i][:3], label=names[i]) for i in range(1, num_classes)]
+
+
+def draw_figure(path, pred, labels, ignore_label=255, image=None, title=None, class_names=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,17 +94,151 @@ def draw_figure(path, pred, labels, ignore_label=255, image=None, title=None):
     from matplotlib.patches import Patch
 
     gray = image[0] if image is not None else np.zeros(pred.shape, np.float32)
-    z, y, x = (_best_slice(labels != ignore_label, axis) for axis in range(3))
-    views = [("xy (z=%d)" % z, np.s_[z, :, :]), ("xz (y=%d)" % y, np.s_[:, y, :]), ("yz (x=%d)" % x, np.s_[:, :, x])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
-    for ax, (name, sl) in zip(axes, views):
-        ax.imshow(_overlay(gray[sl], pred[sl], labels[sl], ignore_label), interpolation="nearest", aspect="auto")
-        ax.set_title(name)
+    k = _num_classes(pred, labels, ignore_label, class_names)
+    views = _views(labels, ignore_label)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8.6))
+    for col, (name, sl) in enumerate(views):
+        axes[0, col].imshow(_classes(gray[sl], pred[sl], k, skip=0), interpolation="nearest", aspect="auto")
+        axes[0, col].set_title(f"prediction, {name}")
+        axes[1, col].imshow(_overlay(gray[sl], pred[sl], labels[sl], ignore_label), interpolation="nearest",
+                            aspect="auto")
+        axes[1, col].set_title(f"vs annotation, {name}")
+    for ax in axes.ravel():
         ax.axis("off")
-    fig.legend(handles=[Patch(color=c, label=n) for n, c in COLOURS.items()], loc="lower center", ncol=3)
+    axes[0, 2].legend(handles=_class_legend(k, class_names), loc="upper left", bbox_to_anchor=(1.0, 1.0),
+                      fontsize=8, frameon=False)
+    axes[1, 2].legend(handles=[Patch(color=c, label=n) for n, c in COLOURS.items()], loc="upper left",
+                      bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
-    fig.savefig(path, dpi=90)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def draw_annotated_slices(path, pred, labels, ignore_label=255, image=None, class_names=None, per_axis=2):
+    """The most annotated slices of each axis: the annotation beside the prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gray = image[0] if image is not None else np.zeros(pred.shape, np.float32)
+    k = _num_classes(pred, labels, ignore_label, class_names)
+    annotated = labels != ignore_label
+    rows = []
+    for axis, name in enumerate(("z", "y", "x")):
+        other = tuple(a for a in range(3) if a != axis)
+        counts = annotated.sum(axis=other)
+        for i in [int(i) for i in np.argsort(-counts, kind="stable")[:per_axis] if counts[i] > 0]:
+            sl = tuple(i if a == axis else slice(None) for a in range(3))
+            rows.append((f"{name}={i} ({int(counts[i])} annotated voxels)", sl))
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 2, figsize=(8, 3.2 * len(rows)), squeeze=False)
+    for r, (name, sl) in enumerate(rows):
+        lab = np.where(annotated[sl], labels[sl], 255)
+        axes[r, 0].imshow(_classes(gray[sl], lab, k), interpolation="nearest", aspect="auto")
+        axes[r, 0].set_title(f"annotation, {name}", fontsize=9)
+        axes[r, 1].imshow(_classes(gray[sl], pred[sl], k, skip=0), interpolation="nearest", aspect="auto")
+        axes[r, 1].set_title("prediction", fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.legend(handles=_class_legend(k, class_names), loc="lower center", ncol=min(k, 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
+def draw_curve(path, history):
+    """Training loss (and validation IoU where recorded) against iterations, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.plot([h["iteration"] for h in history], [h["loss"] for h in history], lw=1, color="tab:blue")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss", color="tab:blue")
+    val = [h for h in history if h.get("val_mean_foreground_iou") is not None]
+    if val:
+        av = ax.twinx()
+        av.plot([h["iteration"] for h in val], [h["val_mean_foreground_iou"] for h in val], "o-", ms=3,
+                color="tab:orange")
+        av.set_ylabel("validation mean foreground IoU", color="tab:orange")
+        av.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _png(draw, *args, **kw) -> str | None:
+    buf = io.BytesIO()
+    if draw(buf, *args, **kw) is None:
+        return None
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def write_report(path, pred, labels, result: dict, ignore_label=255, image=None, class_names=None, history=None,
+                 sources: dict | None = None):
+    """One self-contained HTML page (images inline) for a run's evaluation."""
+    k = _num_classes(pred, labels, ignore_label, class_names)
+    names = list(class_names or []) + [f"class {i}" for i in range(len(class_names or []), k)]
+    colours = class_colours(k)
+    mf = result.get("mean_foreground_iou")
+    rows = []
+    for c, v in enumerate(result["iou"]):
+        swatch = "transparent" if c == 0 else "rgb(%d,%d,%d)" % tuple(int(255 * x) for x in colours[c][:3])
+        rows.append(f"<tr><td><span class='sw' style='background:{swatch}'></span>{html.escape(names[c])}</td>"
+                    f"<td>{'n/a' if v is None else f'{v:.4f}'}</td></tr>")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>sparseseg evaluation</title><style>",
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{padding:4px 12px;border-bottom:1px solid #ddd}"
+        ".sw{display:inline-block;width:12px;height:12px;margin-right:6px;border:1px solid #999}"
+        "img{max-width:100%}</style></head><body>",
+        "<h1>sparseseg evaluation</h1>",
+        "<p>IoU = TP / (TP + FP + FN) over annotated voxels "
+        f"({result.get('voxels', 'n/a')} voxels; value {ignore_label} = not annotated).</p>",
+        "<table><tr><th>class</th><th>IoU</th></tr>" + "".join(rows)
+        + f"<tr><th>mean foreground</th><th>{'n/a' if mf is None else f'{mf:.4f}'}</th></tr></table>",
+    ]
+    if sources:
+        parts.append("<p>" + "<br>".join(f"{html.escape(k_)}: <code>{html.escape(str(v))}</code>"
+                                         for k_, v in sources.items()) + "</p>")
+    fig = _png(draw_figure, pred, labels, ignore_label, image, None, names)
+    parts.append(f"<h2>Orthogonal views</h2><img src='data:image/png;base64,{fig}'>")
+    sl = _png(draw_annotated_slices, pred, labels, ignore_label, image, names)
+    if sl:
+        parts.append(f"<h2>Annotated slices</h2><img src='data:image/png;base64,{sl}'>")
+    if history:
+        parts.append(f"<h2>Training</h2><img src='data:image/png;base64,{_png(draw_curve, history)}'>")
+    parts.append("<details><summary>raw result (JSON)</summary><pre>"
+                 + html.escape(json.dumps(result, indent=1)) + "</pre></details></body></html>")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    return path
+
+
+def class_names_of(pred_path, model_path=None):
+    """(class names, training history) from a checkpoint, else the names a sparseseg output
+    records in its attributes; (None, None) when neither says."""
+    if model_path:
+        from sparseseg.model.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(model_path)
+        return list(ck.class_names), ck.extra.get("history")
+    try:
+        import zarr
+
+        from sparseseg.volume import split_store_path
+
+        attrs = dict(zarr.open_group(split_store_path(str(pred_path))[0], mode="r").attrs)
+    except Exception:  # not a zarr group (TIFF, .npy, a bare array): no names recorded
+        return None, None
+    names = (attrs.get("sparseseg_run") or {}).get("class_names") or (attrs.get("sparseseg") or {}).get("class_names")
+    return (list(names) if names else None), None

@@ -76,7 +76,7 @@ def _validate(model, vols, tiles, context, out_shape, num_classes, ignore_label,
 
 
 def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=None, resume: str | None = None,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, on_step=None) -> TrainResult:
     """Train `model_cfg` on TrainingVolumes with sparse labels; checkpoints go to `out_path`."""
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -163,6 +163,7 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
     model.train()
     loss_value = float("nan")
     out_offset = context
+    done = start_it
     for it in range(start_it, cfg.iterations):
         xs, ys = [], []
         for _ in range(cfg.batch_size):
@@ -192,9 +193,12 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
             log.info("iteration %d validation IoU %s (mean foreground %.4f)", done, val["iou"],
                      val["mean_foreground_iou"] or float("nan"))
         history.append(entry)
+        if on_step is not None and on_step(entry):    # the caller (e.g. napari's cancel) stops cleanly
+            log.info("stopped at iteration %d on request", done)
+            break
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
             checkpoint(done)
     bar.close()
-    path = checkpoint(max(cfg.iterations, start_it))
+    path = checkpoint(done)
     model.eval()
-    return TrainResult(model, path, cfg.iterations, time.time() - t0, loss_value, history)
+    return TrainResult(model, path, done, time.time() - t0, loss_value, history)

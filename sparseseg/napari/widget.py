@@ -1,0 +1,491 @@
+"""The "Sparse training" dock widget: paint a few slices, train, densify, correct, retrain.
+
+Long work runs in napari's background workers (napari.qt.threading), so the viewer stays live:
+training reports every iteration through the trainer's `on_step` hook into a list that a timer
+on the GUI thread turns into the progress bar and the loss/validation curve; cancel makes the
+hook return True, so training stops cleanly and still saves its checkpoint. Densify runs the
+engine (block-wise, any volume size) into an OME-Zarr beside the model; the result layer reads
+that store directly and is refreshed as blocks land. Every error becomes a napari notification.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from sparseseg.errors import SparsesegError
+from sparseseg.napari.reader import IGNORE_LABEL, labels_colormap
+
+log = logging.getLogger("sparseseg.napari")
+
+POLL_MS = 250
+
+
+def notify_error(exc: BaseException) -> None:
+    """One line in napari's notifications; the traceback of an unexpected error goes to the log."""
+    from napari.utils.notifications import show_error
+
+    if isinstance(exc, SparsesegError):
+        msg = str(exc)
+    else:
+        log.error("sparseseg widget: unexpected error", exc_info=exc)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    show_error(f"sparseseg: {msg}")
+
+
+def default_options(**kw) -> dict:
+    """Training options as the CLI would parse them (sparseseg.trainer.options.OPTION_KEYS)."""
+    o = dict(preset="small", iterations=200, batch_size=1, lr=1e-3, optimizer="adam", patch=None, padding="valid",
+             ndim="3", base_width=None, depth=None, batchnorm=None, num_classes=None, class_names=None,
+             class_weights=None, dice_weight=0.0, ignore_label=IGNORE_LABEL, voxel_size=None, no_augment=False,
+             val_fraction=0.0, val_every=20, checkpoint_every=0, seed=0, device="auto", no_amp=False)
+    o.update(kw)
+    return o
+
+
+class SparseTrainingWidget(QWidget):
+    """Dock widget: pick image, paint sparse labels, train, densify, retrain."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.last_model: Path | None = None
+        self.dense_layer = None
+        self.extra_options: dict = {}      # programmatic overrides of the training options (tests, scripts)
+        self._history: list = []
+        self._stop = False
+        self._worker = None
+        self._densify_out: Path | None = None
+        self._densify_count = 0
+        self._workdir = Path(tempfile.mkdtemp(prefix="sparseseg-napari-"))
+
+        self.image_combo = QComboBox()
+        self.labels_combo = QComboBox()
+        self.new_labels_btn = QPushButton("New sparse labels")
+        self.preset = QComboBox()
+        self.preset.addItems(["small", "paper"])
+        self.iterations = QSpinBox()
+        self.iterations.setRange(1, 1_000_000)
+        self.iterations.setValue(200)
+        self.device = QComboBox()
+        self.device.addItems(["auto", "cpu", "cuda"])
+        self.val_fraction = QDoubleSpinBox()
+        self.val_fraction.setRange(0.0, 0.9)
+        self.val_fraction.setSingleStep(0.05)
+        self.val_fraction.setValue(0.1)
+        self.model_path = QLineEdit(str(self._workdir / "model.pt"))
+        self.browse_btn = QPushButton("…")
+        self.train_btn = QPushButton("Train")
+        self.retrain_btn = QPushButton("Retrain from here")
+        self.cancel_btn = QPushButton("Cancel")
+        self.densify_btn = QPushButton("Densify")
+        self.probabilities = QCheckBox("probabilities layer")
+        self.progress = QProgressBar()
+        self.status = QLabel("paint a few slices, then train")
+        self.status.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("sparse labels", self.labels_combo)
+        form.addRow("", self.new_labels_btn)
+        form.addRow("preset", self.preset)
+        form.addRow("iterations", self.iterations)
+        form.addRow("device", self.device)
+        form.addRow("validation fraction", self.val_fraction)
+        row = QHBoxLayout()
+        row.addWidget(self.model_path)
+        row.addWidget(self.browse_btn)
+        form.addRow("model", row)
+        buttons = QHBoxLayout()
+        for b in (self.train_btn, self.retrain_btn, self.cancel_btn):
+            buttons.addWidget(b)
+        dens = QHBoxLayout()
+        dens.addWidget(self.densify_btn)
+        dens.addWidget(self.probabilities)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self._make_curve())
+        layout.addLayout(dens)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.new_labels_btn.clicked.connect(self._guard(self.new_sparse_labels))
+        self.browse_btn.clicked.connect(self._browse)
+        self.train_btn.clicked.connect(self._guard(lambda: self.start_training(retrain=False)))
+        self.retrain_btn.clicked.connect(self._guard(lambda: self.start_training(retrain=True)))
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.densify_btn.clicked.connect(self._guard(self.start_densify))
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.connect(self._refresh_layers)
+        self._timer = QTimer(self)
+        self._timer.setInterval(POLL_MS)
+        self._timer.timeout.connect(self._poll)
+        self._refresh_layers()
+        self._set_busy(False)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _guard(self, fn):
+        """Run a button's action; errors become notifications, never a crashed viewer."""
+        def call(*_):
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - the viewer must survive anything a button does
+                notify_error(e)
+                self._set_busy(False)
+        return call
+
+    def _make_curve(self):
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(3.2, 1.8), tight_layout=True)
+        self._ax = fig.add_subplot(111)
+        self._ax_val = self._ax.twinx()
+        self._canvas = FigureCanvasQTAgg(fig)
+        self._canvas.setMinimumHeight(140)
+        self._draw_curve()
+        return self._canvas
+
+    def _draw_curve(self):
+        ax, av = self._ax, self._ax_val
+        ax.clear()
+        av.clear()
+        h = self._history
+        if h:
+            ax.plot([e["iteration"] for e in h], [e["loss"] for e in h], lw=1, color="tab:blue", label="loss")
+            val = [e for e in h if e.get("val_mean_foreground_iou") is not None]
+            if val:
+                av.plot([e["iteration"] for e in val], [e["val_mean_foreground_iou"] for e in val], "o-", ms=3,
+                        color="tab:orange", label="val IoU")
+                av.set_ylim(0, 1)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.set_ylabel("loss", fontsize=7, color="tab:blue")
+        av.set_ylabel("val IoU", fontsize=7, color="tab:orange")
+        for a in (ax, av):
+            a.tick_params(labelsize=6)
+        self._canvas.draw_idle()
+
+    def _browse(self):
+        path, _ = QFileDialog.getSaveFileName(self, "Save the model as", self.model_path.text(), "*.pt")
+        if path:
+            self.model_path.setText(path)
+
+    def _refresh_layers(self, *_):
+        from napari.layers import Image, Labels
+
+        for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
+            current = combo.currentText()
+            names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)]
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names)
+            if current in names:
+                combo.setCurrentText(current)
+            combo.blockSignals(False)
+
+    def _set_busy(self, busy: bool):
+        for b in (self.train_btn, self.retrain_btn, self.densify_btn, self.new_labels_btn):
+            b.setEnabled(not busy)
+        self.cancel_btn.setEnabled(busy)
+        if busy:
+            self._timer.start()
+        else:
+            self._timer.stop()
+
+    def _layer(self, combo, what):
+        name = combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise SparsesegError(f"pick {what} first")
+        return self.viewer.layers[name]
+
+    def image_layer(self):
+        return self._layer(self.image_combo, "an image layer")
+
+    def labels_layer(self):
+        return self._layer(self.labels_combo, "a sparse labels layer (or press 'New sparse labels')")
+
+    @staticmethod
+    def _level0(layer):
+        return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+    def _image_array(self, layer) -> np.ndarray:
+        data = self._level0(layer)
+        if getattr(layer, "rgb", False):
+            raise SparsesegError(f"{layer.name}: RGB layers are not supported; open the channels as (C, Z, Y, X)")
+        if data.ndim == 3:
+            return np.asarray(data, dtype=np.float32)[None]
+        if data.ndim == 4:
+            return np.asarray(data, dtype=np.float32)
+        raise SparsesegError(f"{layer.name}: a 3D image (Z, Y, X) or (C, Z, Y, X) is needed, got shape {data.shape}")
+
+    @staticmethod
+    def _spatial_shape(layer):
+        data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        return tuple(int(s) for s in data.shape[-3:])
+
+    @staticmethod
+    def _voxel(layer):
+        scale = tuple(float(s) for s in layer.scale[-3:])
+        return None if all(s == 1.0 for s in scale) else scale
+
+    # ------------------------------------------------------------------ actions
+
+    def new_sparse_labels(self):
+        """A labels layer of the image's shape, every voxel 'unannotated' (255, transparent)."""
+        image = self.image_layer()
+        shape = self._spatial_shape(image)
+        if len(self._level0(image).shape) not in (3, 4):
+            raise SparsesegError(f"{image.name}: a 3D image is needed, got shape {self._level0(image).shape}")
+        layer = self.viewer.add_labels(np.full(shape, IGNORE_LABEL, np.uint8), name=f"{image.name} sparse labels",
+                                       scale=image.scale[-3:], translate=image.translate[-3:],
+                                       colormap=labels_colormap(2), metadata={"class_names": []})
+        layer.selected_label = 1
+        layer.brush_size = 5
+        self.labels_combo.setCurrentText(layer.name)
+        self.status.setText("paint class 0 (background) and classes 1, 2 … on a few slices; "
+                            "unpainted voxels stay 'unannotated'")
+        return layer
+
+    def _training_volume(self):
+        from sparseseg.trainer.data import TrainingVolume
+
+        image, labels = self.image_layer(), self.labels_layer()
+        ishape, lshape = self._spatial_shape(image), tuple(self._level0(labels).shape)
+        if ishape != lshape:
+            raise SparsesegError(f"labels layer '{labels.name}' has shape {lshape}, image '{image.name}' has {ishape}")
+        lab = np.asarray(self._level0(labels))
+        if lab.size and (lab.min() < 0 or lab.max() > 255):
+            raise SparsesegError(f"labels layer '{labels.name}': values must lie in 0..255")
+        if not (lab != IGNORE_LABEL).any():
+            raise SparsesegError(f"labels layer '{labels.name}' has no annotated voxel: paint a few slices first")
+        return TrainingVolume(self._image_array(image), lab.astype(np.uint8), image.name, self._voxel(image))
+
+    def start_training(self, retrain: bool = False):
+        """Train (or continue from the last model with the corrected labels) in a background worker."""
+        from napari.qt.threading import thread_worker
+
+        from sparseseg.trainer.options import build_configs
+        from sparseseg.trainer.train import train
+
+        if self._worker is not None:
+            raise SparsesegError("busy: wait for the running job or cancel it")
+        out = Path(self.model_path.text()).expanduser()
+        if not out.parent.is_dir():
+            raise SparsesegError(f"model folder does not exist: {out.parent}")
+        vol = self._training_volume()
+        opts = default_options(preset=self.preset.currentText(), device=self.device.currentText(),
+                               iterations=int(self.iterations.value()),
+                               val_fraction=float(self.val_fraction.value()))
+        opts["val_every"] = max(1, opts["iterations"] // 10)
+        labels_meta = self.labels_layer().metadata or {}
+        resume = None
+        if retrain:
+            from sparseseg.model.checkpoint import load_checkpoint
+
+            if self.last_model is None or not self.last_model.is_file():
+                raise SparsesegError("no model to continue from: train first")
+            ck = load_checkpoint(self.last_model)
+            # Same classes as the model being continued, whatever this labels layer holds.
+            opts.update(num_classes=ck.model_config.num_classes, class_names=",".join(ck.class_names),
+                        iterations=ck.iteration + int(self.iterations.value()))
+            resume = str(self.last_model)
+            out = self.last_model
+        else:
+            if out.exists() and out != self.last_model:
+                raise SparsesegError(f"{out} exists; choose another model path, or 'Retrain from here'")
+            names = labels_meta.get("class_names") or []
+            if names:
+                opts["class_names"] = ",".join(names)
+        opts.update(self.extra_options)
+        mcfg, tcfg, names = build_configs([vol], opts)
+        if retrain and mcfg != ck.model_config:
+            raise SparsesegError("this image and labels plan a different network than the last model "
+                                 "(another image size, channel count or preset?); train afresh instead")
+        self._history = [] if not retrain else list(self._history)
+        self._stop = False
+        start = ck.iteration if retrain else 0
+        self._progress_range = (start, tcfg.iterations)
+        self.progress.setRange(start, tcfg.iterations)
+        self.progress.setValue(start)
+
+        def on_step(entry):
+            self._history.append(dict(entry))
+            return self._stop
+
+        worker = thread_worker(train, start_thread=False, ignore_errors=True)(
+            [vol], mcfg, tcfg, names, out_path=out, resume=resume, progress=False, on_step=on_step)
+        worker.returned.connect(self._trained)
+        worker.errored.connect(self._failed)
+        worker.finished.connect(self._finished)
+        self._worker = worker
+        self._set_busy(True)
+        self.status.setText(("continuing" if retrain else "training") + f" to {out} …")
+        worker.start()
+        return worker
+
+    def _trained(self, result):
+        self.last_model = Path(result.checkpoint)
+        stopped = " (stopped early)" if self._stop else ""
+        self.status.setText(f"trained {result.iterations} iterations{stopped} in {result.seconds:.0f} s, loss "
+                            f"{result.final_loss:.4f}: {self.last_model}")
+        self._draw_curve()
+
+    def _failed(self, exc):
+        notify_error(exc)
+        self.status.setText(f"failed: {exc}".splitlines()[0])
+
+    def _finished(self):
+        self._poll()
+        self._densify_out = None
+        self._worker = None
+        self._set_busy(False)
+
+    def cancel(self):
+        """Stop training after the current iteration; the checkpoint is still saved."""
+        self._stop = True
+        self.status.setText("stopping after this iteration …")
+
+    def _poll(self):
+        """GUI-thread timer: progress, curve, and the densify layer as blocks land."""
+        if self._history:
+            last = self._history[-1]["iteration"]
+            self.progress.setValue(min(last, self.progress.maximum()))
+            self._draw_curve()
+        out = self._densify_out
+        if out is not None:
+            self._show_dense(out)
+
+    # ------------------------------------------------------------------ densify
+
+    def _densify_input(self, image) -> str:
+        """The image's own file when the engine can read it unchanged, else a temporary OME-Zarr."""
+        from sparseseg.volume import create_ome_zarr, open_volume
+
+        src = getattr(getattr(image, "source", None), "path", None)
+        data = self._level0(image)
+        if src:
+            try:
+                vol = open_volume(src)
+                channels = data.shape[0] if data.ndim == 4 else 1
+                if vol.shape == self._spatial_shape(image) and vol.channels == channels:
+                    return str(src)
+            except SparsesegError:
+                pass
+        path = self._workdir / f"{image.name.replace('/', '_')}_input_{self._densify_count}.zarr"
+        chunks = tuple(min(s, 64) for s in data.shape[:-2]) + tuple(min(s, 256) for s in data.shape[-2:])
+        arr = create_ome_zarr(path, data.shape, np.dtype(data.dtype).name if np.dtype(data.dtype).kind in "uif"
+                              else "float32", chunks, self._voxel(image), name=image.name)
+        if hasattr(data, "store") or type(data).__module__.startswith("dask"):
+            import dask.array as da
+
+            da.store(da.asarray(data).rechunk(chunks), arr, lock=False)
+        else:
+            arr[...] = np.asarray(data)
+        return str(path)
+
+    def start_densify(self):
+        """Predict the whole image through the engine; the result layer fills block by block."""
+        from napari.qt.threading import thread_worker
+
+        from sparseseg.engine.run import run_inference
+
+        if self._worker is not None:
+            raise SparsesegError("busy: wait for the running job or cancel it")
+        model = self.last_model or Path(self.model_path.text()).expanduser()
+        if not Path(model).is_file():
+            raise SparsesegError("no model yet: train first (or point 'model' at a checkpoint)")
+        image = self.image_layer()
+        source = self._densify_input(image)
+        self._densify_count += 1
+        out = Path(model).parent / f"{image.name.replace('/', '_')}_dense_{self._densify_count}.zarr"
+        while out.exists():
+            self._densify_count += 1
+            out = Path(model).parent / f"{image.name.replace('/', '_')}_dense_{self._densify_count}.zarr"
+        self.dense_layer = None
+        self._densify_out = out
+        self._densify_image = image
+        self._densify_t0 = time.time()
+        self.progress.setRange(0, 0)          # busy: blocks land in no fixed order
+        worker = thread_worker(run_inference, start_thread=False, ignore_errors=True)(
+            str(model), source, str(out), workers=0, overwrite=False, device=self.device.currentText(),
+            probabilities="uint8" if self.probabilities.isChecked() else None, progress=False)
+        worker.returned.connect(self._densified)
+        worker.errored.connect(self._failed)
+        worker.finished.connect(self._finished)
+        self._worker = worker
+        self._set_busy(True)
+        self.cancel_btn.setEnabled(False)     # the engine runs to the end; finished blocks are kept
+        self.status.setText(f"densifying into {out} …")
+        worker.start()
+        return worker
+
+    def _show_dense(self, out: Path):
+        import zarr
+
+        if self.dense_layer is None:
+            if not (out / "0" / "zarr.json").is_file():
+                return
+            try:
+                arr = zarr.open_array(str(out / "0"), mode="r")
+                names = dict(zarr.open_group(str(out), mode="r").attrs).get("sparseseg_run", {}).get("class_names")
+            except Exception:  # the engine is still creating the store
+                return
+            image = self._densify_image
+            self.dense_layer = self.viewer.add_labels(
+                arr, name=f"{image.name} dense", scale=image.scale[-3:], translate=image.translate[-3:],
+                colormap=labels_colormap(len(names or [0, 1]), ignore_label=None),
+                metadata={"class_names": list(names or []), "path": str(out)}, opacity=0.5)
+        else:
+            self.dense_layer.refresh()
+        from sparseseg.engine.worker import DONE_DIR
+
+        done = out / DONE_DIR
+        n = sum(1 for _ in done.iterdir()) if done.is_dir() else 0
+        self.status.setText(f"densifying into {out}: {n} blocks written")
+
+    def _densified(self, summary):
+        import dask.array as da
+        import zarr
+
+        out = Path(summary["output"])
+        self._show_dense(out)
+        self._densify_out = None
+        self.progress.setRange(0, 1)
+        self.progress.setValue(1)
+        group = zarr.open_group(str(out), mode="r")
+        if "probabilities" in group:
+            prob = group["probabilities"]
+            names = dict(group.attrs).get("sparseseg_run", {}).get("class_names") or [str(i) for i in
+                                                                                     range(prob.shape[0])]
+            image = self._densify_image
+            self.viewer.add_image(da.from_zarr(prob), channel_axis=0, name=[f"p({n})" for n in names],
+                                  scale=image.scale[-3:], translate=image.translate[-3:], blending="additive",
+                                  contrast_limits=[0, 255], visible=[i > 0 for i in range(prob.shape[0])])
+        self.status.setText(f"densified {summary['voxels']} voxels in {summary['seconds']:.1f} s "
+                            f"({summary['backend']} on {summary['device']}): {out}. Paint corrections on the "
+                            "sparse labels, then 'Retrain from here'.")
