@@ -11,6 +11,10 @@ from sparseseg.model.config import ModelConfig
 
 def build_net(cfg: ModelConfig) -> nn.Module:
     """The bare network (N, C, ...) -> logits for a configuration."""
+    if cfg.arch == "cheng":
+        from sparseseg.model.cheng import ChengNet
+
+        return ChengNet(cfg)
     from sparseseg.model.unet import UNet
 
     return UNet(cfg)
