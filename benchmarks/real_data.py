@@ -100,6 +100,8 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
     from sparseseg.trainer.train import train
 
     o = cli_defaults()
+    arch = {k: overrides.pop(k) for k in ("arch", "factorized", "feature_augment", "feature_augment_t")
+            if k in overrides}
     o.update(overrides)
     o["iterations"] = iterations
     o["device"] = "cpu"
@@ -107,6 +109,13 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
     o["num_classes"] = len(names)
     vols = [TrainingVolume(tr_img[None], tr_lab, "train")]
     mcfg, tcfg, _ = build_configs(vols, o)
+    if arch and arch.get("arch", "unet") != "unet":
+        # Re-plan for another architecture (works whether or not the CLI has --arch yet).
+        from sparseseg.model.config import plan_model
+
+        mcfg = plan_model(o["preset"], 1, len(names), ndim=int(o["ndim"]), voxel_size=None, shape=tr_lab.shape,
+                          **arch)
+    overrides = {**overrides, **arch}
     res = train(vols, mcfg, tcfg, names, progress=False)
     t0 = time.time()
     with torch.inference_mode():
