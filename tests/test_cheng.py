@@ -160,3 +160,29 @@ def test_export_onnx_round_trip(tmp_path):
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
         assert np.array_equal(got, again) and np.abs(got - ref).max() <= 1e-4
+
+
+def test_cli_trains_cheng_and_rejects_bad_arch_options(tmp_path):
+    from sparseseg.cli import main
+    from sparseseg.model.checkpoint import load_checkpoint
+    from tests.helpers import blobs
+
+    image, labels = blobs((8, 32, 32), seed=2)
+    np.save(tmp_path / "img.npy", image)
+    np.save(tmp_path / "lab.npy", labels)
+    base = ["train", "--image", str(tmp_path / "img.npy"), "--labels", str(tmp_path / "lab.npy"),
+            "--out", str(tmp_path / "m.pt"), "--iterations", "2", "--device", "cpu", "--no-augment",
+            "--patch", "8,16,16"]
+
+    def err(extra, text):
+        r = CliRunner().invoke(main, base + extra)
+        assert r.exit_code == 1 and r.output.startswith("error: ") and text in r.output, r.output
+        assert r.output.count("\n") == 1
+
+    err(["--arch", "resnet"], "unknown --arch 'resnet'")
+    err(["--factorized"], "--factorized applies to --arch cheng only")
+    err(["--arch", "cheng", "--feature-augment", "--feature-augment-t", "3"], "--feature-augment-t")
+    r = CliRunner().invoke(main, base + ["--arch", "cheng", "--factorized", "--feature-augment"])
+    assert r.exit_code == 0, r.output
+    cfg = load_checkpoint(tmp_path / "m.pt").model_config
+    assert (cfg.arch, cfg.factorized, cfg.feature_augment, cfg.padding) == ("cheng", True, True, "same")

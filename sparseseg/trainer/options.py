@@ -13,7 +13,9 @@ from sparseseg.model.config import plan_model
 from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes
 
-OPTION_KEYS = ("preset iterations batch_size lr optimizer patch padding ndim base_width depth batchnorm num_classes "
+ARCH_KEYS = ["arch", "factorized", "feature_augment", "feature_augment_t"]   # see sparseseg.model.cheng
+OPTION_KEYS = ARCH_KEYS + ("preset iterations batch_size lr optimizer patch padding ndim base_width depth "
+               "batchnorm num_classes "
                "class_names class_weights dice_weight ignore_label voxel_size no_augment val_fraction val_every "
                "checkpoint_every seed device no_amp").split()
 
@@ -45,7 +47,9 @@ def build_configs(vols, o: dict):
     smallest = tuple(min(v.labels.shape[a] for v in vols) for a in range(3))
     mcfg = plan_model(o["preset"], vols[0].image.shape[0], k, ndim=int(o["ndim"]), padding=o["padding"],
                       batchnorm=o["batchnorm"], base_width=o["base_width"], depth=o["depth"],
-                      voxel_size=voxel, shape=smallest)
+                      voxel_size=voxel, shape=smallest, arch=o.get("arch", "unet"),
+                      factorized=bool(o.get("factorized")), feature_augment=bool(o.get("feature_augment")),
+                      feature_augment_t=int(o.get("feature_augment_t") or 4))
     weights = ()
     if o["class_weights"]:
         try:
