@@ -78,7 +78,9 @@ def cli_defaults() -> dict:
     from sparseseg.trainer.options import OPTION_KEYS
 
     cmd = click.command()(training_options(lambda **kw: None))
-    d = {p.name: p.default for p in cmd.params}
+    plain = (str, int, float, bool, type(None))
+    # An option without a default has click's UNSET sentinel (click >= 8.2): None, as when parsed.
+    d = {p.name: (p.default if isinstance(p.default, plain) else None) for p in cmd.params}
     return {k: d.get(k) for k in OPTION_KEYS}
 
 
