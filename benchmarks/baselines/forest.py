@@ -128,7 +128,8 @@ def fit_predict(image: np.ndarray, labels: np.ndarray, ignore_label: int = 255, 
             pred[p] = out.reshape(target.shape[1:])
         else:
             pred[...] = out.reshape(target.shape)
-    info = {"method": "random forest (ilastik filter bank)", "trees": n_trees, "mode": "2D per section" if two_d else "3D",
+    info = {"classifier": "random forest (ilastik filter bank)", "trees": n_trees,
+            "mode": "2D per section" if two_d else "3D",
             "sigmas": list(sigmas), "features": int(x.shape[1]), "annotated_voxels": n_annotated,
             "training_samples": int(len(y)), "feature_seconds_train": round(t_feat, 1),
             "fit_seconds": round(t_fit, 1), "total_seconds": round(time.time() - t0, 1)}
