@@ -166,9 +166,9 @@ def main():
     load_before = os.getloadavg()
     # A run from an exported snapshot (git archive, no .git) names its commit in BENCH_COMMIT.
     commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     dirty = "" if os.environ.get("BENCH_COMMIT") else subprocess.run(
-        ["git", "status", "--porcelain", "sparseseg"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        ["git", "status", "--porcelain", "sparseseg"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     data = load(a.dataset, a.task, a.labels)
     t0 = time.time()
     if a.method == "forest":

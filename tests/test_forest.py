@@ -8,7 +8,7 @@ from sparseseg.trainer.sparse import annotated_mask, sparsify
 from tests.helpers import blobs
 
 pytest.importorskip("sklearn")
-from benchmarks.baselines.forest import _features, fit_predict, is_thin  # noqa: E402
+from benchmarks.baselines.forest import _features, fit_predict, is_thin
 
 
 def test_filter_bank_sizes():

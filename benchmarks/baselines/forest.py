@@ -92,10 +92,10 @@ def fit_predict(image: np.ndarray, labels: np.ndarray, ignore_label: int = 255, 
     # Filter only the parts that hold annotations first (sections in 2D), then the rest for prediction.
     if two_d:
         parts = [(z,) for z in range(image.shape[0])]
-        feat_of = lambda vol, p: _features(vol[p[0]], sigmas)  # noqa: E731
+        feat_of = lambda vol, p: _features(vol[p[0]], sigmas)
     else:
         parts = [()]
-        feat_of = lambda vol, p: _features(vol, sigmas)  # noqa: E731
+        feat_of = lambda vol, p: _features(vol, sigmas)
     keep = rng.random(n_annotated) < min(1.0, max_samples / n_annotated)
     xs, ys = [], []
     cache = {}
@@ -131,6 +131,6 @@ def fit_predict(image: np.ndarray, labels: np.ndarray, ignore_label: int = 255, 
     info = {"classifier": "random forest (ilastik filter bank)", "trees": n_trees,
             "mode": "2D per section" if two_d else "3D",
             "sigmas": list(sigmas), "features": int(x.shape[1]), "annotated_voxels": n_annotated,
-            "training_samples": int(len(y)), "feature_seconds_train": round(t_feat, 1),
+            "training_samples": len(y), "feature_seconds_train": round(t_feat, 1),
             "fit_seconds": round(t_fit, 1), "total_seconds": round(time.time() - t0, 1)}
     return pred, info
