@@ -15,6 +15,11 @@ def predict_volume(model, image: np.ndarray, tile=None, batch: int = 1, device="
     from sparseseg.engine.tiling import predict_array, torch_forward
 
     model = model.to(device).eval()
+    spec = model.normalization
+    if not spec["in_graph"]:      # per-volume modes: this image's own statistics, as the engine does
+        from sparseseg.model.normalization import apply, volume_statistics
+
+        image = apply(np.asarray(image, np.float32), volume_statistics(image, spec))
     return predict_array(torch_forward(model, device), image, model.cfg.geometry, tile_out=tile, batch=batch,
                          probabilities=probabilities)
 
