@@ -21,6 +21,26 @@ def read(name):
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 
+def true_shares(dataset: str, task: str) -> list[float]:
+    """Share of each class among the voxels a run predicts (ISBI: the whole stack; VNC: the test half)."""
+    import os
+
+    import numpy as np
+
+    from sparseseg.volume import open_volume
+
+    data = Path(os.environ.get("SPARSESEG_DATA", "/work/shared/data"))
+    if dataset == "isbi":
+        lab = open_volume(data / "isbi2012_em" / "isbi2012_train_label_zyx.tif").read_labels()
+    else:
+        lab = open_volume(data / "drosophila_vnc" / "vnc_stack1_labels_zyx.tif").read_labels()
+        lab = lab[:, :, lab.shape[2] // 2:]
+        if task != "all":
+            lab = (lab == (2 if task == "mito" else 1)).astype(np.uint8)
+    counts = np.bincount(lab.ravel()).astype(float)
+    return (counts / counts.sum()).tolist()
+
+
 def method_of(r):
     return "forest" if r["method"] in ("forest",) or str(r["method"]).startswith("random forest") else r["tag"]
 
@@ -35,6 +55,12 @@ def row(r):
            "wall_seconds": r["wall_seconds"], "options": r.get("options"), "commit": r["commit"], "date": r["date"],
            "machine": r["machine"], "load_before": r["load_before"], "load_after": r["load_after"],
            "protocol": r["protocol"]}
+    if r.get("predicted_fraction"):
+        pred = r["predicted_fraction"]
+        truth = true_shares(r["dataset"], r["task"])
+        # Class weighting makes thin structures too thick: predicted share vs true share shows it.
+        out["predicted_share"] = {n: round(p / sum(pred), 4) for n, p in zip(names, pred)}
+        out["true_share"] = {n: round(t, 4) for n, t in zip(names, truth)}
     if out["method"] == "forest":
         out["training_samples"] = r.get("training_samples")
         out["annotated_voxels"] = r.get("annotated_voxels")
@@ -105,6 +131,9 @@ def main():
     for r in main_rows + lever_rows + cheng_rows:
         print(f"{r['dataset']:5} {r['labels']:6} {r['method']:22} "
               + " ".join(f"{k} {v:.3f}" for k, v in r["iou"].items() if v is not None)
+              + (" | predicted/true share " + " ".join(f"{k} {v:.3f}/{r['true_share'][k]:.3f}"
+                                                       for k, v in r["predicted_share"].items())
+                 if "predicted_share" in r else "")
               + f"  train {r['train_seconds']} s  it {r['iterations']}  params {r['parameters']}  commit {r['commit']}"
               + f"  load {r['load_before'][0]}")
 
