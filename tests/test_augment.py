@@ -34,20 +34,47 @@ def test_identity_augmentation_is_a_crop():
     assert np.array_equal(y.numpy(), labels[3:11, 5:13, 7:15])
 
 
-def test_labels_stay_labels_and_outside_is_ignored():
+def _one_annotated_slice():
     rng = np.random.default_rng(1)
     image = rng.random((1, 16, 40, 40)).astype(np.float32)
     labels = np.full((16, 40, 40), 255, np.uint8)
     labels[8] = rng.integers(0, 3, (40, 40))             # one annotated slice
-    cfg = AugmentConfig(probability=1.0, scale=(1.3, 1.3))
+    return image, labels
+
+
+def _thickness(y):
+    """Labelled voxels per (y, x) column of the output, over the columns that meet the slice."""
+    n = (y.numpy() != 255).sum(0)
+    return n[n > 0]
+
+
+def test_labels_stay_labels_and_outside_is_ignored():
+    image, labels = _one_annotated_slice()
+    # Scaling by 1.3 about the centre and in-plane rotation never thicken a z-slice: with nearest
+    # sampling each output column meets it at most once, and points outside the volume are ignored.
+    cfg = AugmentConfig(probability=1.0, scale=(1.3, 1.3), elastic=False)
     for seed in range(5):
         # patch at the corner: rotation/scale pull in points from outside the volume
         x, y = _sample(cfg, image, labels, (0, 0, 0), (16, 40, 40), (0, 0, 0), (16, 40, 40), seed)
-        vals = set(np.unique(y.numpy()).tolist())
-        assert vals <= {0, 1, 2, 255}                    # nearest: no blended label values
-        # labelled voxels come only from the annotated slice: at most slab-sized share
-        assert (y.numpy() != 255).mean() < 0.25
+        assert set(np.unique(y.numpy()).tolist()) <= {0, 1, 2, 255}        # nearest: no blended values
+        t = _thickness(y)
+        assert t.max() == 1 and t.size > 0.4 * 40 * 40
         assert torch.isfinite(x).all()
+
+
+def test_default_augmentation_keeps_a_slice_thin():
+    """With elastic deformation (sigma 4 voxels on a 32-voxel grid) and scales 0.85-1.15, one
+    annotated slice stays about one voxel thick: 1/scale <= 1.18 on average, a local
+    compression adds a little; a misaligned label field would smear it over many voxels."""
+    image, labels = _one_annotated_slice()
+    means = []
+    for seed in range(8):
+        _, y = _sample(AugmentConfig(probability=1.0), image, labels, (0, 0, 0), (16, 40, 40), (0, 0, 0),
+                       (16, 40, 40), seed)
+        t = _thickness(y)
+        assert t.max() <= 4
+        means.append(t.mean())
+    assert np.mean(means) < 1.35 and max(means) < 1.7
 
 
 def test_2d_planar_augmentation_keeps_slice():

@@ -18,7 +18,8 @@ def test_round_trip(tmp_path):
     ck = load_checkpoint(path)
     assert ck.model_config == cfg and ck.class_names == ["a", "b", "c"] and ck.iteration == 7
     assert ck.train_config["iterations"] == 7 and ck.voxel_size == [2.0, 1.0, 1.0]
-    assert ck.normalization == {"mean": [1.0, 2.0], "std": [3.0, 4.0]}
+    assert ck.normalization == {"mode": "global", "in_graph": True, "mean": [1.0, 2.0], "std": [3.0, 4.0],
+                                "percentiles": None}
     x = torch.randn(1, 2, *cfg.geometry.min_input)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), sparseseg.load_model(path)(x))
@@ -61,3 +62,37 @@ def test_foreign_and_future_checkpoints(tmp_path):
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "trunc.pt")
+
+
+def test_normalization_modes_round_trip_and_legacy(tmp_path):
+    import json
+
+    import numpy as np
+
+    from sparseseg.model.contract import contract_from_checkpoint
+    from sparseseg.model.normalization import apply, volume_statistics
+
+    cfg = tiny_config()
+    model = SegmentationModel(cfg, mean=[5.0], std=[2.0], normalization="percentile", percentiles=(1.0, 99.0))
+    path = save_checkpoint(tmp_path / "p.pt", model, None, ["a", "b"], 255)
+    ck = load_checkpoint(path)
+    # per-volume modes: identity in the graph, the mode and percentiles in the contract
+    assert ck.normalization == {"mode": "percentile", "in_graph": False, "mean": [0.0], "std": [1.0],
+                                "percentiles": [1.0, 99.0]}
+    c = contract_from_checkpoint(ck, "0" * 64)
+    assert c["normalization"]["mode"] == "percentile" and "per input volume" in c["input"]
+    # what the engine does with it: statistics once per volume, then every block alike
+    rng = np.random.default_rng(0)
+    vol = rng.normal(100, 10, (1, 20, 30, 30)).astype(np.float32)
+    vol[0, 0, 0, :5] = 1e6                                   # saturated pixels are clipped away
+    stats = volume_statistics(vol, c["normalization"])
+    assert stats["hi"][0] < 200 and stats["lo"][0] > 0
+    out = apply(vol, stats)
+    assert abs(out.mean()) < 0.05 and abs(out.std() - 1) < 0.05 and out.max() < 4
+    # a legacy checkpoint stored only mean/std: global, inside the graph
+    payload = torch.load(save_checkpoint(tmp_path / "g.pt", SegmentationModel(cfg, [3.0], [4.0]), None, ["a", "b"],
+                                         255), weights_only=True)
+    payload["normalization"] = json.dumps({"mean": [3.0], "std": [4.0]})
+    torch.save(payload, tmp_path / "legacy.pt")
+    assert load_checkpoint(tmp_path / "legacy.pt").normalization == {
+        "mode": "global", "in_graph": True, "mean": [3.0], "std": [4.0], "percentiles": None}

@@ -149,7 +149,7 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ox, "FP32_ATOL", -1.0)        # impossible bound: verification must fail
     code, out = run("export", ck)
     assert code == 1 and "verification failed" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.curve.png", "m.metrics.jsonl", "m.pt"]  # training run log
     code, out = run("export", ck, "--no-verify")
     assert code == 0 and "verification skipped" in out and (tmp_path / "m.onnx").exists()
 

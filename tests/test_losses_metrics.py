@@ -1,8 +1,11 @@
 import numpy as np
+import pytest
 import torch
 
+from sparseseg.errors import SparsesegError
 from sparseseg.trainer.losses import (
     balanced_class_weights,
+    jaccard_classes,
     segmentation_loss,
     soft_jaccard,
     weighted_cross_entropy,
@@ -42,7 +45,52 @@ def test_no_labelled_voxel_gives_zero_not_nan():
 
 def test_balanced_weights():
     w = balanced_class_weights([900, 100, 0])
-    assert w[2] == 0 and w[1] / w[0] == 9 and abs(w[:2].mean() - 1) < 1e-6
+    assert w[2] == 0 and abs(w[1] / w[0] - 9) < 1e-5 and abs(w[:2].mean() - 1) < 1e-6
+
+
+def test_balanced_weights_are_clipped():
+    w = balanced_class_weights([9900, 100])                 # 99:1 unbounded
+    assert abs(w[1] / w[0] - 10) < 1e-5 and abs(w.mean() - 1) < 1e-6
+    assert abs(balanced_class_weights([9900, 100], max_ratio=0)[1] / balanced_class_weights([9900, 100], 0)[0]
+               - 99) < 1e-3
+
+
+def test_jaccard_loss_is_the_papers_formula():
+    # Binary, perfectly confident logits: p is 0/1, so the loss is 1 - (|P&Y| + 1) / (|P|Y| + 1).
+    target = torch.tensor([[0, 0, 1, 1, 1, 255]]).view(1, 1, 1, 6)
+    pred = torch.tensor([0, 1, 1, 1, 0, 1])
+    logits = torch.stack([(pred == 0).float(), (pred == 1).float()]).view(1, 2, 1, 1, 6) * 100
+    # minority class 1 among labelled voxels? counts [2, 3] -> minority is class 0
+    assert jaccard_classes([2, 3]) == (0,) and jaccard_classes([5, 1]) == (1,) and jaccard_classes([5, 1, 1]) == (1, 2)
+    # class 1: P = {1, 2, 3} (voxel 5 is unlabelled), Y = {2, 3, 4}: (2 + 1) / (4 + 1)
+    j1 = float(soft_jaccard(logits, target, 255, classes=(1,)))
+    assert abs(j1 - (1 - 3 / 5)) < 1e-5
+    # class 0: P = {0, 4}, Y = {0, 1}: (1 + 1) / (3 + 1)
+    assert abs(float(segmentation_loss(logits, target, None, 255, loss="jaccard", classes=(0,))) - 0.5) < 1e-5
+
+
+def test_loss_modes():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 2, 3, 3)
+    target = torch.randint(0, 2, (1, 2, 3, 3))
+    w = torch.ones(2)
+    ce = weighted_cross_entropy(logits, target, w, 255)
+    jac = soft_jaccard(logits, target, 255)
+    assert torch.allclose(segmentation_loss(logits, target, w, 255, loss="ce"), ce)
+    assert torch.allclose(segmentation_loss(logits, target, w, 255, loss="ce+jaccard"), ce + jac)
+    assert torch.allclose(segmentation_loss(logits, target, w, 255, 0.5, loss="ce+jaccard"), ce + 0.5 * jac)
+    assert torch.allclose(segmentation_loss(logits, target, w, 255, loss="jaccard"), jac)
+
+
+def test_schedules():
+    from sparseseg.trainer.schedule import lr_at
+
+    assert lr_at(0, 100, 1.0, "constant") == 1.0 == lr_at(99, 100, 1.0, "constant")
+    assert [lr_at(i, 100, 1.0, "step") for i in (49, 50, 74, 75)] == [1.0, 0.1, 0.1, 0.01]
+    assert lr_at(0, 100, 1.0, "poly") == 1.0 and abs(lr_at(50, 100, 1.0, "poly") - 0.5 ** 0.9) < 1e-12
+    assert lr_at(0, 100, 1.0, "poly", warmup=10) == 0.01 and lr_at(10, 100, 1.0, "constant", warmup=10) == 1.0
+    with pytest.raises(SparsesegError, match="unknown schedule"):
+        lr_at(0, 10, 1.0, "cosine")
 
 
 def test_iou_on_known_arrays():

@@ -42,7 +42,8 @@ class Checkpoint:
 
     @property
     def normalization(self) -> dict:
-        return {"mean": self.model.mean.tolist(), "std": self.model.std.tolist()}
+        """{"mode", "in_graph", "mean", "std", "percentiles"} (sparseseg.model.normalization)."""
+        return self.model.normalization
 
 
 def save_checkpoint(path, model: SegmentationModel, train_config, class_names,
@@ -58,7 +59,7 @@ def save_checkpoint(path, model: SegmentationModel, train_config, class_names,
         "train_config": json.dumps(train_config if isinstance(train_config, dict) else train_config.to_dict())
         if train_config else "",
         "geometry": json.dumps(model.cfg.geometry.to_dict()),
-        "normalization": json.dumps({"mean": model.mean.tolist(), "std": model.std.tolist()}),
+        "normalization": json.dumps(model.normalization),
         "class_names": json.dumps(list(class_names)),
         "ignore_label": int(ignore_label),
         "iteration": int(iteration),
@@ -101,7 +102,9 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
     try:
         cfg = ModelConfig.from_dict(json.loads(payload["model_config"]))
         tcfg = json.loads(payload["train_config"]) if payload["train_config"] else None
-        model = SegmentationModel(cfg)
+        # Legacy files store only mean/std: global, inside the graph (the buffers carry them).
+        norm = json.loads(payload.get("normalization") or "{}")
+        model = SegmentationModel(cfg, normalization=norm.get("mode", "global"), percentiles=norm.get("percentiles"))
         model.load_state_dict(payload["state_dict"])
         ckpt = Checkpoint(
             model=model.to(device).eval(), model_config=cfg, train_config=tcfg,

@@ -23,6 +23,11 @@ PRESETS = {
 }
 
 
+ARCHS = ("unet", "cheng")
+CHENG_DEPTH = 4        # input block + three encoder levels (sparseseg.model.cheng.BLOCKS)
+CHENG_WIDTH = 16       # maps after the input block (ENet's 16)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     in_channels: int
@@ -36,6 +41,12 @@ class ModelConfig:
     pool_sizes: tuple = ()
     padding: str = "valid"
     batchnorm: bool = False
+    # "unet" (Cicek 2016) or "cheng" (Cheng & Varshney 2017, sparseseg.model.cheng: always
+    # same padding, BatchNorm, depth 4); the last three fields apply to "cheng" only.
+    arch: str = "unet"
+    factorized: bool = False
+    feature_augment: bool = False
+    feature_augment_t: int = 4
 
     def __post_init__(self):
         if not self.kernel_sizes:
@@ -57,6 +68,26 @@ class ModelConfig:
             raise SparsesegError("kernel sizes must be odd and positive")
         if self.in_channels < 1 or self.num_classes < 2:
             raise SparsesegError("need at least 1 input channel and 2 classes")
+        self._check_arch()
+
+    def _check_arch(self):
+        if self.arch not in ARCHS:
+            raise SparsesegError(f"unknown --arch {self.arch!r} (choose from {', '.join(ARCHS)})")
+        if self.arch != "cheng":
+            for flag, on in (("--factorized", self.factorized), ("--feature-augment", self.feature_augment)):
+                if on:
+                    raise SparsesegError(f"{flag} applies to --arch cheng only (the {self.arch} has no such layers)")
+            return
+        if self.padding != "same":
+            raise SparsesegError("--arch cheng pads its convolutions (padding 'same')")
+        if self.depth != CHENG_DEPTH:
+            raise SparsesegError(f"--arch cheng has {CHENG_DEPTH} resolution levels, got --depth {self.depth}")
+        if self.base_width <= self.in_channels:
+            raise SparsesegError(f"--arch cheng needs --base-width above the {self.in_channels} input channels")
+        strides = {v for p in self.pool_sizes for v in p if v > 1}
+        t = self.feature_augment_t
+        if self.feature_augment and (t < 2 or any(t % s for s in strides)):
+            raise SparsesegError(f"--feature-augment-t must be a multiple of every stride {sorted(strides)}, got {t}")
 
     @property
     def geometry(self):
@@ -116,11 +147,20 @@ def _fit_shape(kernels, pools, valid: bool, sizes) -> None:
 
 def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3, padding: str = "valid",
                batchnorm: bool | None = None, base_width: int | None = None, depth: int | None = None,
-               voxel_size=None, shape=None) -> ModelConfig:
-    """A ModelConfig for a preset, adapted to the data's voxel size and/or shape (Z, Y, X)."""
+               voxel_size=None, shape=None, arch: str = "unet", factorized: bool = False,
+               feature_augment: bool = False, feature_augment_t: int = 4) -> ModelConfig:
+    """A ModelConfig for a preset, adapted to the data's voxel size and/or shape (Z, Y, X).
+
+    For arch "cheng" the preset gives only the patch budget: the network always pads, has
+    BatchNorm and 4 levels, and starts from 16 maps unless `base_width` says otherwise."""
     if preset not in PRESETS:
         raise SparsesegError(f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+    if arch not in ARCHS:
+        raise SparsesegError(f"unknown --arch {arch!r} (choose from {', '.join(ARCHS)})")
     p = PRESETS[preset]
+    if arch == "cheng":
+        p = {**p, "depth": CHENG_DEPTH, "base_width": CHENG_WIDTH, "batchnorm": True}
+        padding = "same"
     depth = depth or p["depth"]
     spacing = tuple(voxel_size) if voxel_size is not None else (1.0, 1.0, 1.0)
     if any(v <= 0 for v in spacing):
@@ -133,4 +173,5 @@ def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3
         in_channels=in_channels, num_classes=num_classes, ndim=ndim,
         base_width=base_width or p["base_width"], depth=depth,
         kernel_sizes=tuple(map(tuple, kernels)), pool_sizes=tuple(map(tuple, pools)),
-        padding=padding, batchnorm=p["batchnorm"] if batchnorm is None else batchnorm)
+        padding=padding, batchnorm=p["batchnorm"] if batchnorm is None else batchnorm, arch=arch,
+        factorized=factorized, feature_augment=feature_augment, feature_augment_t=feature_augment_t)

@@ -29,7 +29,8 @@ def contract_from_checkpoint(ckpt, checkpoint_sha256: str, precision: str = "fp3
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "layout": "NCZYX",
-        "input": "raw float32 intensities; normalization is inside the graph",
+        "input": "raw float32 intensities; normalization is inside the graph" if ckpt.normalization["in_graph"]
+        else f"float32 intensities normalized per input volume ({ckpt.normalization['mode']}): see normalization",
         "output": "float32 class logits",
         "in_channels": cfg.in_channels,
         "num_classes": cfg.num_classes,

@@ -11,6 +11,10 @@ from sparseseg.model.config import ModelConfig
 
 def build_net(cfg: ModelConfig) -> nn.Module:
     """The bare network (N, C, ...) -> logits for a configuration."""
+    if cfg.arch == "cheng":
+        from sparseseg.model.cheng import ChengNet
+
+        return ChengNet(cfg)
     from sparseseg.model.unet import UNet
 
     return UNet(cfg)
@@ -24,15 +28,27 @@ class SegmentationModel(nn.Module):
     5D and the engine treats 2D and 3D networks alike.
     """
 
-    def __init__(self, cfg: ModelConfig, mean=None, std=None):
+    def __init__(self, cfg: ModelConfig, mean=None, std=None, normalization: str = "global", percentiles=None):
+        from sparseseg.model import normalization as norm
+
         super().__init__()
         self.cfg = cfg
         self.net = build_net(cfg)
         c = cfg.in_channels
-        self.register_buffer("mean", torch.as_tensor(mean if mean is not None else [0.0] * c,
-                                                     dtype=torch.float32).reshape(c))
-        self.register_buffer("std", torch.as_tensor(std if std is not None else [1.0] * c,
-                                                    dtype=torch.float32).reshape(c))
+        # "volume"/"percentile" keep an identity here: the caller normalizes each input volume
+        # with its own statistics (see model.normalization), which one graph cannot know.
+        spec = norm.spec(normalization, mean, std, percentiles, channels=c)
+        self.normalization_mode, self.percentiles = spec["mode"], spec["percentiles"]
+        self.register_buffer("mean", torch.as_tensor(spec["mean"], dtype=torch.float32).reshape(c))
+        self.register_buffer("std", torch.as_tensor(spec["std"], dtype=torch.float32).reshape(c))
+
+    @property
+    def normalization(self) -> dict:
+        """The contract field: {"mode", "in_graph", "mean", "std", "percentiles"}."""
+        from sparseseg.model import normalization as norm
+
+        return norm.spec(self.normalization_mode, self.mean.tolist(), self.std.tolist(), self.percentiles,
+                         self.cfg.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1, 1)

@@ -49,20 +49,41 @@ class TrainConfig:
     batch_size: int = 1
     optimizer: str = "adam"         # adam | sgd
     lr: float = 1e-3
+    schedule: str = "constant"      # poly | step | constant (sparseseg.trainer.schedule)
+    warmup: int = 0                 # linear warm-up iterations
     momentum: float = 0.99          # SGD only (the paper's value)
     weight_decay: float = 0.0
     patch_output: tuple = ()        # (Z, Y, X); empty: chosen from the preset and the volume
-    class_weights: tuple = ()       # empty: balanced from labelled-voxel frequencies
-    dice_weight: float = 0.0        # weight of the soft Jaccard term (0: cross-entropy only)
+    class_weights: tuple = ()       # empty: balanced from labelled-voxel frequencies, clipped
+    max_weight_ratio: float = 10.0  # bound on balanced weights (largest / smallest); 0: unbounded
+    loss: str = "ce"                # ce | jaccard | ce+jaccard
+    dice_weight: float = 0.0        # weight of the soft Jaccard term
+    normalization: str = "global"   # global | volume | percentile (sparseseg.model.normalization)
+    percentiles: tuple = (0.5, 99.5)
     ignore_label: int = 255
     seed: int = 0
     device: str = "auto"
     amp: bool = True                # used on CUDA only
-    val_fraction: float = 0.0       # held-out annotated tiles for periodic validation IoU
+    val_slices: int = 0             # annotated slices held out per plane orientation
+    val_fraction: float = 0.0       # or: this share of the annotated slices held out
     val_every: int = 100
+    early_stop: int = 0             # stop after this many validations without a better IoU; 0: never
     checkpoint_every: int = 500
     voxel_size: tuple = ()          # relative spacing used for the elastic field (Z, Y, X)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        from sparseseg.model.normalization import MODES
+        from sparseseg.trainer.losses import LOSSES
+        from sparseseg.trainer.schedule import check_schedule
+
+        if self.loss not in LOSSES:
+            raise SparsesegError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        if self.normalization not in MODES:
+            raise SparsesegError(f"unknown normalization {self.normalization!r} (choose from {', '.join(MODES)})")
+        check_schedule(self.schedule)
+        if self.val_slices and self.val_fraction:
+            raise SparsesegError("--val-slices and --val-fraction exclude each other; give one")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,84 +1,213 @@
-"""Loading and checking training data: images (C, Z, Y, X) with sparse labels (Z, Y, X)."""
+"""Training data: images (C, Z, Y, X) with sparse labels (Z, Y, X), read lazily.
+
+A TrainingVolume holds either arrays in memory or lazily read volumes (sparseseg.volume.Volume:
+zarr, OME-Zarr, .npy memory maps). Everything the trainer reads goes through two views:
+`ImageView` (crops as float32, normalized per volume when the mode asks for it) and
+`LabelView` (crops with held-out slices masked). Labels are summarised in one pass over z-slabs
+(`scan_labels`): per-slice counts, never a list of labelled voxel coordinates, so the sparse
+annotation of a 2048^3 volume costs a few kilobytes of index, not 12 bytes per labelled voxel.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from sparseseg.errors import SparsesegError
-from sparseseg.volume import check_finite, open_volume
+from sparseseg.volume import Volume, check_finite, open_volume
+
+log = logging.getLogger("sparseseg.train")
+
+# Images up to this many bytes as float32 are loaded into memory: random crops from memory are
+# far cheaper than decompressing chunks for every patch; bigger ones stay in the store.
+IN_MEMORY_BYTES = 2 << 30
+SLAB_VOXELS = 1 << 25            # label scan reads ~32 M voxels at a time
 
 
 @dataclass
 class TrainingVolume:
-    image: np.ndarray        # (C, Z, Y, X) float32, raw intensities
-    labels: np.ndarray       # (Z, Y, X) uint8, ignore_label where not annotated
+    image: object            # (C, Z, Y, X) array or a lazily read Volume, raw intensities
+    labels: object           # (Z, Y, X) array or Volume, ignore_label where not annotated
     name: str
     voxel_size: tuple | None = None
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.labels.shape[-3:])
 
-def check_pair(image: np.ndarray, labels: np.ndarray, num_classes: int | None, ignore_label: int, name: str):
-    if image.shape[1:] != labels.shape:
-        raise SparsesegError(f"{name}: image shape {image.shape[1:]} and label shape {labels.shape} differ")
-    check_finite(image, f"image {name}")
-    if not np.issubdtype(labels.dtype, np.integer) and labels.dtype != bool:
-        raise SparsesegError(f"{name}: labels must be integers, got {labels.dtype}")
-    values = np.unique(labels)
-    annotated = values[values != ignore_label]
+    @property
+    def channels(self) -> int:
+        return channels_of(self.image)
+
+    def scan(self, ignore_label: int) -> LabelScan:
+        """The label scan, computed once per volume and ignore value."""
+        cache = self.__dict__.setdefault("_scans", {})
+        if ignore_label not in cache:
+            cache[ignore_label] = scan_labels(self.labels, ignore_label)
+        return cache[ignore_label]
+
+
+def channels_of(image) -> int:
+    return image.channels if isinstance(image, Volume) else int(image.shape[0])
+
+
+def read_image(image, region) -> np.ndarray:
+    """(C, z, y, x) float32 of a spatial region of an array or Volume."""
+    if isinstance(image, Volume):
+        return image.read(region, dtype=np.float32)
+    return np.asarray(image[(slice(None),) + tuple(region)], dtype=np.float32)
+
+
+def read_labels(labels, region) -> np.ndarray:
+    """(z, y, x) uint8 of a spatial region (a fresh copy: callers may write into it)."""
+    if isinstance(labels, Volume):
+        out = labels.read(region)[0]
+    else:
+        out = labels[tuple(region)]
+    return np.array(out, dtype=np.uint8)
+
+
+class ImageView:
+    """Crops of one training image, float32, normalized with `stats` when given (per-volume
+    modes); `image[(slice(None), zs, ys, xs)]` like an array, which is all the augmenter needs."""
+
+    def __init__(self, image, stats: dict | None = None):
+        self.image, self.stats = image, stats
+        self.shape = (channels_of(image),) + tuple(int(s) for s in image.shape[-3:])
+
+    def __getitem__(self, key):
+        x = read_image(self.image, key[1:])
+        if not np.isfinite(x).all():
+            raise SparsesegError("a training image holds NaN or infinite values; clean it before training")
+        if self.stats is not None:
+            from sparseseg.model.normalization import apply
+
+            x = apply(x, self.stats)
+        return x
+
+
+class LabelView:
+    """Crops of one label volume where held-out slices are ignored ("train") or where only the
+    held-out slices are kept ("val"). `held_out` maps axis -> sorted slice indices."""
+
+    def __init__(self, labels, held_out: dict, ignore_label: int, keep: str = "train"):
+        self.labels, self.held_out, self.ignore, self.keep = labels, held_out, ignore_label, keep
+        self.shape = tuple(int(s) for s in labels.shape[-3:])
+
+    def __getitem__(self, key):
+        key = tuple(key)
+        lab = read_labels(self.labels, key)
+        hit = np.zeros(lab.shape, bool) if self.keep == "val" else None
+        for axis, indices in self.held_out.items():
+            sl = key[axis]
+            start, stop = sl.indices(self.shape[axis])[:2]
+            local = [i - start for i in indices if start <= i < stop]
+            if not local:
+                continue
+            index = [slice(None)] * 3
+            index[axis] = local
+            if hit is None:
+                lab[tuple(index)] = self.ignore
+            else:
+                hit[tuple(index)] = True
+        if hit is not None:
+            lab[~hit] = self.ignore
+        return lab
+
+
+@dataclass
+class LabelScan:
+    """What one pass over a label volume tells: labelled voxels per class per z-slice and per
+    y- and x-plane (annotated-slice detection, the sampler, class weights)."""
+
+    per_z: np.ndarray          # (Z, 256) int64 voxels of each value per z-slice (ignore included)
+    per_plane: list            # [per z, per y, per x] labelled (non-ignore) voxel counts
+    ignore_label: int
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        counts = self.per_z.sum(0)
+        counts[self.ignore_label] = 0
+        return counts[:num_classes]
+
+    def labelled_per_z(self) -> np.ndarray:
+        return self.per_z.sum(1) - self.per_z[:, self.ignore_label]
+
+    def values(self) -> np.ndarray:
+        present = np.flatnonzero(self.per_z.sum(0))
+        return present[present != self.ignore_label]
+
+
+def scan_labels(labels, ignore_label: int) -> LabelScan:
+    z, y, x = (int(s) for s in labels.shape[-3:])
+    per_z = np.zeros((z, 256), np.int64)
+    per_y, per_x = np.zeros(y, np.int64), np.zeros(x, np.int64)
+    step = max(1, SLAB_VOXELS // max(1, y * x))
+    for z0 in range(0, z, step):
+        slab = read_labels(labels, (slice(z0, min(z, z0 + step)), slice(None), slice(None)))
+        for i, plane in enumerate(slab):
+            per_z[z0 + i] = np.bincount(plane.ravel(), minlength=256)
+        labelled = slab != ignore_label
+        per_y += labelled.sum((0, 2))
+        per_x += labelled.sum((0, 1))
+    return LabelScan(per_z, [per_z.sum(1) - per_z[:, ignore_label], per_y, per_x], ignore_label)
+
+
+def check_pair(vol: TrainingVolume, num_classes: int | None, ignore_label: int):
+    name, scan = vol.name, vol.scan(ignore_label)
+    if tuple(vol.image.shape[-3:]) != vol.shape:
+        raise SparsesegError(f"{name}: image shape {tuple(vol.image.shape[-3:])} and label shape {vol.shape} differ")
+    if isinstance(vol.image, np.ndarray):
+        check_finite(vol.image, f"image {name}")
+    annotated = scan.values()
     if annotated.size == 0:
         raise SparsesegError(f"{name}: labels contain no annotated voxel (every voxel is {ignore_label})")
-    if (annotated < 0).any():
-        raise SparsesegError(f"{name}: negative label values {annotated[annotated < 0].tolist()}")
     if num_classes is not None and (annotated >= num_classes).any():
         bad = annotated[annotated >= num_classes].tolist()
         raise SparsesegError(f"{name}: label values {bad} >= number of classes {num_classes} "
                              f"(and not the ignore value {ignore_label})")
 
 
-def load_pairs(image_paths, label_paths, ignore_label: int, num_classes: int | None = None):
+def _open_labels(path):
+    lv = open_volume(path)
+    if lv.has_channels and lv.channels != 1:
+        raise SparsesegError(f"{path}: labels must have one channel, found {lv.channels}")
+    dt = lv.dtype
+    if dt != np.uint8 and not (dt == bool or np.issubdtype(dt, np.integer)):
+        raise SparsesegError(f"{path}: labels must be integers, got {dt}")
+    return lv
+
+
+def load_pairs(image_paths, label_paths, ignore_label: int, num_classes: int | None = None,
+               in_memory_bytes: int = IN_MEMORY_BYTES):
+    """Open image/label pairs. Small images (and their labels) are read into memory; larger
+    ones stay lazily read volumes and training reads patches from the store."""
     if len(image_paths) != len(label_paths):
         raise SparsesegError(f"got {len(image_paths)} --image but {len(label_paths)} --labels; give them in pairs")
     if not image_paths:
         raise SparsesegError("no training volume given (--image/--labels)")
     vols = []
     for ip, lp in zip(image_paths, label_paths):
-        iv, lv = open_volume(ip), open_volume(lp)
-        image = np.array(iv.read(dtype=np.float32))   # in memory and writable (not a read-only memmap)
-        labels = lv.read_labels()
-        if labels.dtype != np.uint8:
-            if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        iv, lv = open_volume(ip), _open_labels(lp)
+        voxel = iv.voxel_size or lv.voxel_size
+        if iv.channels * int(np.prod(iv.shape)) * 4 <= in_memory_bytes:
+            image = np.array(iv.read(dtype=np.float32))   # in memory and writable (not a read-only memmap)
+            labels = lv.read_labels()
+            if labels.dtype != np.uint8 and (labels.min(initial=0) < 0 or labels.max(initial=0) > 255):
                 raise SparsesegError(f"{lp}: label values must lie in 0..255")
-        labels = labels.astype(np.uint8)
-        check_pair(image, labels, num_classes, ignore_label, str(ip))
-        vols.append(TrainingVolume(image, labels, str(ip), iv.voxel_size or lv.voxel_size))
-    channels = {v.image.shape[0] for v in vols}
+            vols.append(TrainingVolume(image, labels.astype(np.uint8), str(ip), voxel))
+        else:
+            if lv.dtype.itemsize > 1 or lv.dtype.kind == "i":
+                raise SparsesegError(f"{lp}: labels of a volume trained from the store must be uint8")
+            log.info("%s: %s voxels, training reads patches lazily from the store", ip, "x".join(map(str, iv.shape)))
+            vols.append(TrainingVolume(iv, lv, str(ip), voxel))
+    channels = {v.channels for v in vols}
     if len(channels) > 1:
         raise SparsesegError(f"training images have different channel counts: {sorted(channels)}")
     return vols
 
 
 def infer_num_classes(vols, ignore_label: int) -> int:
-    top = max(int(v.labels[v.labels != ignore_label].max()) for v in vols)
+    top = max(int(v.scan(ignore_label).values().max()) for v in vols)
     return max(2, top + 1)
-
-
-def channel_stats(vols) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std over all voxels of all images (on a strided subsample for big
-    volumes: the statistics only need to be stable, not exact)."""
-    samples = []
-    for v in vols:
-        step = max(1, int(round((v.image[0].size / 4e6) ** (1 / 3))))
-        samples.append(v.image[:, ::step, ::step, ::step].reshape(v.image.shape[0], -1))
-    x = np.concatenate(samples, axis=1).astype(np.float64)
-    std = x.std(1)
-    std = np.where(std > 1e-8, std, 1.0)
-    return x.mean(1).tolist(), std.tolist()
-
-
-def class_counts(vols, num_classes: int, ignore_label: int) -> np.ndarray:
-    counts = np.zeros(num_classes, np.int64)
-    for v in vols:
-        lab = v.labels[v.labels != ignore_label]
-        counts += np.bincount(lab, minlength=num_classes)[:num_classes]
-    return counts

@@ -6,16 +6,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+LOSSES = ("ce", "jaccard", "ce+jaccard")
+MAX_WEIGHT_RATIO = 10.0
 
-def balanced_class_weights(counts) -> np.ndarray:
+
+def balanced_class_weights(counts, max_ratio: float = MAX_WEIGHT_RATIO) -> np.ndarray:
     """Inverse-frequency weights from labelled-voxel counts per class, scaled to mean 1 over
-    the classes present (the paper balances frequent background against rare classes).
-    An absent class gets weight 0: it contributes no term anyway."""
+    the classes present (the paper balances frequent background against rare classes), with
+    the largest at most `max_ratio` times the smallest.
+
+    Why a bound: sparse annotations make frequencies noisy (a rare class seen on three slices
+    can be 1% of the labelled voxels and get a 100x weight), and an unbounded weight makes the
+    network buy a few rare voxels with many false positives, which thickens thin structures.
+    10 keeps a 1:10 imbalance fully balanced and caps the rest. An absent class gets weight 0:
+    it contributes no term anyway."""
     counts = np.asarray(counts, dtype=np.float64)
     present = counts > 0
     w = np.zeros_like(counts)
     w[present] = counts[present].sum() / (present.sum() * counts[present])
+    if max_ratio and present.any():
+        w[present] = np.minimum(w[present], w[present].min() * max_ratio)
     return (w / w[present].mean()).astype(np.float32)
+
+
+def jaccard_classes(counts) -> tuple[int, ...]:
+    """Classes the Jaccard term averages over: the minority class in the binary case (Cheng &
+    Varshney), else the foreground classes 1..K-1."""
+    counts = np.asarray(counts)
+    if len(counts) == 2:
+        return (int(np.argmin(counts)),)
+    return tuple(range(1, len(counts)))
 
 
 def weighted_cross_entropy(logits, target, weights, ignore_label: int):
@@ -30,9 +50,9 @@ def weighted_cross_entropy(logits, target, weights, ignore_label: int):
     return F.cross_entropy(logits.float(), target.long(), weight=weights, ignore_index=ignore_label)
 
 
-def soft_jaccard(logits, target, ignore_label: int):
-    """1 - (sum p*y + 1) / (sum p + sum y - sum p*y + 1) over labelled voxels, averaged over the
-    foreground classes 1..K-1 (Cheng & Varshney 2017)."""
+def soft_jaccard(logits, target, ignore_label: int, classes=None):
+    """1 - (sum p*y + 1) / (sum p + sum y - sum p*y + 1) over labelled voxels, averaged over
+    `classes` (default: the foreground classes 1..K-1) (Cheng & Varshney 2017)."""
     k = logits.shape[1]
     labelled = (target != ignore_label).unsqueeze(1)
     p = torch.softmax(logits.float(), dim=1) * labelled
@@ -41,11 +61,19 @@ def soft_jaccard(logits, target, ignore_label: int):
     inter = (p * y).sum(dims)
     union = p.sum(dims) + y.sum(dims) - inter
     jac = (inter + 1.0) / (union + 1.0)
-    return 1.0 - jac[1:].mean()
+    pick = list(classes) if classes is not None else list(range(1, k))
+    return 1.0 - jac[pick].mean()
 
 
-def segmentation_loss(logits, target, weights, ignore_label: int, dice_weight: float = 0.0):
-    loss = weighted_cross_entropy(logits, target, weights, ignore_label)
-    if dice_weight > 0:
-        loss = loss + dice_weight * soft_jaccard(logits, target, ignore_label)
-    return loss
+def segmentation_loss(logits, target, weights, ignore_label: int, dice_weight: float = 0.0, loss: str = "ce",
+                      classes=None):
+    """`ce`: weighted cross-entropy (plus dice_weight x Jaccard when dice_weight > 0, as before
+    --loss existed); `jaccard`: the Jaccard loss alone; `ce+jaccard`: cross-entropy plus
+    dice_weight (1 when 0) x Jaccard."""
+    if loss == "jaccard":
+        return soft_jaccard(logits, target, ignore_label, classes)
+    value = weighted_cross_entropy(logits, target, weights, ignore_label)
+    w = dice_weight if dice_weight > 0 else (1.0 if loss == "ce+jaccard" else 0.0)
+    if w > 0:
+        value = value + w * soft_jaccard(logits, target, ignore_label, classes)
+    return value

@@ -13,9 +13,12 @@ from sparseseg.model.config import plan_model
 from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes
 
-OPTION_KEYS = ("preset iterations batch_size lr optimizer patch padding ndim base_width depth batchnorm num_classes "
-               "class_names class_weights dice_weight ignore_label voxel_size no_augment val_fraction val_every "
-               "checkpoint_every seed device no_amp").split()
+ARCH_KEYS = ["arch", "factorized", "feature_augment", "feature_augment_t"]   # see sparseseg.model.cheng
+OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio"]
+
+# Options added after the first release: absent from an options dict means the default.
+_DEFAULTS = {"schedule": "constant", "warmup": 0, "loss": "ce", "normalization": "global", "val_slices": 0,
+             "early_stop": 0, "max_weight_ratio": 10.0}
 
 
 def parse_triple(value, name, cast=int):
@@ -33,19 +36,24 @@ def parse_triple(value, name, cast=int):
 
 def build_configs(vols, o: dict):
     """ModelConfig and TrainConfig from the parsed options and the data."""
+    o = {**_DEFAULTS, **o}
     ignore = o["ignore_label"]
+    for v in vols:
+        check_pair(v, None, ignore)
     k = o["num_classes"] or infer_num_classes(vols, ignore)
     for v in vols:
-        check_pair(v.image, v.labels, k, ignore, v.name)
+        check_pair(v, k, ignore)
     names = o["class_names"].split(",") if o["class_names"] else [f"class {i}" for i in range(k)]
     if len(names) != k:
         raise SparsesegError(f"--class-names has {len(names)} names for {k} classes")
     voxel = parse_triple(o["voxel_size"], "--voxel-size", float) or next(
         (v.voxel_size for v in vols if v.voxel_size), None)
-    smallest = tuple(min(v.labels.shape[a] for v in vols) for a in range(3))
-    mcfg = plan_model(o["preset"], vols[0].image.shape[0], k, ndim=int(o["ndim"]), padding=o["padding"],
+    smallest = tuple(min(v.shape[a] for v in vols) for a in range(3))
+    mcfg = plan_model(o["preset"], vols[0].channels, k, ndim=int(o["ndim"]), padding=o["padding"],
                       batchnorm=o["batchnorm"], base_width=o["base_width"], depth=o["depth"],
-                      voxel_size=voxel, shape=smallest)
+                      voxel_size=voxel, shape=smallest, arch=o.get("arch", "unet"),
+                      factorized=bool(o.get("factorized")), feature_augment=bool(o.get("feature_augment")),
+                      feature_augment_t=int(o.get("feature_augment_t") or 4))
     weights = ()
     if o["class_weights"]:
         try:
@@ -60,5 +68,7 @@ def build_configs(vols, o: dict):
         lr=o["lr"], patch_output=parse_triple(o["patch"], "--patch") or (), class_weights=weights,
         dice_weight=o["dice_weight"], ignore_label=ignore, seed=o["seed"], device=o["device"],
         amp=not o["no_amp"], val_fraction=o["val_fraction"], val_every=o["val_every"],
-        checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug)
+        checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug,
+        schedule=o["schedule"], warmup=o["warmup"], loss=o["loss"], normalization=o["normalization"],
+        val_slices=o["val_slices"], early_stop=o["early_stop"], max_weight_ratio=o["max_weight_ratio"])
     return mcfg, tcfg, names

@@ -1,27 +1,38 @@
-"""The training loop, readable top to bottom."""
+"""The training loop, readable top to bottom.
+
+`train()` prepares a `Run` (data views, held-out slices, sampler, model, optimizer), then
+repeats: one step, validation when due, the run log, the caller's callback, checkpoints. Each
+concern is one small function below; new features attach there, not inside the loop.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model import normalization as norm
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.network import SegmentationModel
+from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
 from sparseseg.trainer.config import TrainConfig, patch_output_size
-from sparseseg.trainer.data import channel_stats, class_counts
-from sparseseg.trainer.losses import balanced_class_weights, segmentation_loss
+from sparseseg.trainer.data import ImageView, LabelView
+from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
 from sparseseg.trainer.metrics import confusion, iou_from_confusion
-from sparseseg.trainer.sampler import PatchSampler
+from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
+from sparseseg.trainer.sampler import PatchSampler, index_labels
+from sparseseg.trainer.schedule import lr_at, set_lr
 
 log = logging.getLogger("sparseseg.train")
+
+MAX_VALIDATION_TILES = 64    # a fixed subset bounds the cost of each validation
 
 
 @dataclass
@@ -32,6 +43,35 @@ class TrainResult:
     seconds: float
     final_loss: float
     history: list
+    best_checkpoint: str | None = None
+    best_iou: float | None = None
+
+
+@dataclass
+class Run:
+    """Everything one training run holds; built once by `_prepare`."""
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    class_names: list
+    device: torch.device
+    in_shape: tuple
+    out_shape: tuple
+    images: list                  # ImageView per volume (normalized per volume when the mode asks)
+    train_labels: list            # LabelView per volume, held-out slices masked
+    val_labels: list              # LabelView per volume, only the held-out slices
+    held_out: list                # per volume {axis: [indices]}
+    val_tiles: list               # (volume, output start) tiles over the held-out slices
+    sampler: PatchSampler
+    augmenter: Augmenter
+    model: SegmentationModel
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype
+    weights: torch.Tensor
+    jaccard_classes: tuple
+    rng: np.random.Generator
+    spacing: tuple | None
+    history: list = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,161 +84,307 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _validation_tiles(vols, context, out_shape, fraction, ignore_label, rng):
-    """Hold out whole output tiles (on a grid, input inside the volume) holding annotations:
-    neighbouring voxels of one slice are too correlated to validate on single voxels."""
-    tiles = []
-    for vi, v in enumerate(vols):
-        ranges = [range(c, n - c - o + 1, o) for c, n, o in zip(context, v.labels.shape, out_shape)]
-        for start in np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, 3):
-            sl = tuple(slice(int(s), int(s) + o) for s, o in zip(start, out_shape))
-            if (v.labels[sl] != ignore_label).any():
-                tiles.append((vi, tuple(int(s) for s in start)))
-    if fraction <= 0 or len(tiles) < 2:
-        return []
-    k = max(1, int(round(fraction * len(tiles))))
-    pick = rng.choice(len(tiles), size=min(k, len(tiles) - 1), replace=False)
-    return [tiles[i] for i in sorted(pick)]
-
-
-def _validate(model, vols, tiles, context, out_shape, num_classes, ignore_label, device):
-    model.eval()
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    with torch.inference_mode():
-        for vi, start in tiles:
-            in_sl = tuple(slice(s - c, s + o + c) for s, c, o in zip(start, context, out_shape))
-            out_sl = tuple(slice(s, s + o) for s, o in zip(start, out_shape))
-            x = torch.from_numpy(np.ascontiguousarray(vols[vi].image[(slice(None),) + in_sl]))[None].to(device)
-            pred = model(x)[0].argmax(0).cpu().numpy()
-            cm += confusion(pred, vols[vi].labels[out_sl], num_classes, ignore_label)[:num_classes, :num_classes]
-    model.train()
-    return iou_from_confusion(cm)
-
-
 def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=None, resume: str | None = None,
           progress: bool | None = None, on_step=None) -> TrainResult:
-    """Train `model_cfg` on TrainingVolumes with sparse labels; checkpoints go to `out_path`."""
-    device = resolve_device(cfg.device)
+    """Train `model_cfg` on TrainingVolumes with sparse labels; checkpoints go to `out_path`
+    (the best by validation IoU beside it as `<stem>.best.pt`, with `<stem>.metrics.jsonl` and
+    `<stem>.curve.png`). `on_step(entry)` is called after every iteration with its history
+    entry (iteration, loss, lr, seconds, and val_* when validated); returning True stops
+    training cleanly, with the checkpoint written as at the end."""
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    k = model_cfg.num_classes
-    geom = model_cfg.geometry
-    context = geom.context
+    run = _prepare(vols, model_cfg, cfg, class_names)
+    start = _resume(run, resume) if resume else 0
+    runlog = RunLog(out_path, run.history)
+    bar = _progress_bar(cfg.iterations, start, progress)
+    t0, offset = time.time(), (run.history[-1].get("seconds", 0.0) if run.history else 0.0)
+    done = start
+    for it in range(start, cfg.iterations):
+        entry = _step(run, it)
+        done = it + 1
+        entry["seconds"] = round(offset + time.time() - t0, 3)
+        if _validation_due(run, done):
+            entry.update(_validate(run))
+            _keep_best(run, entry, out_path)
+        run.history.append(entry)
+        runlog.write(entry)
+        _report(bar, entry, cfg.iterations, time.time() - t0)
+        if _stop_requested(on_step, entry) or _early_stop(run):
+            break
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+            _save(run, out_path, done)
+    bar.close()
+    path = _save(run, out_path, done)
+    draw_curve(out_path, run.history)
+    run.model.eval()
+    best = _best_so_far(run.history)
+    best_path = sibling(out_path, ".best.pt") if out_path is not None and best is not None else None
+    final = run.history[-1]["loss"] if run.history else float("nan")
+    return TrainResult(run.model, path, done, time.time() - t0, final, run.history,
+                       str(best_path) if best_path else None, best)
 
-    # Patch size: the largest valid output whose input fits every volume and the preset budget.
+
+# ------------------------------------------------------------------ preparation
+
+def _patch_shapes(vols, model_cfg: ModelConfig, cfg: TrainConfig):
+    """The largest valid output whose input fits every volume and the preset budget."""
+    geom = model_cfg.geometry
     if cfg.patch_output:
         out_shape = tuple(int(v) for v in cfg.patch_output)
         if geom.input_for_output(out_shape) is None:
             raise SparsesegError(f"--patch {out_shape} is not a valid output size for this network")
     else:
-        smallest = tuple(min(v.labels.shape[a] for v in vols) for a in range(3))
+        smallest = tuple(min(v.shape[a] for v in vols) for a in range(3))
         out_shape = patch_output_size(model_cfg, cfg.preset, smallest)
     in_shape = geom.input_for_output(out_shape)
     for v in vols:
-        if any(i > n for i, n in zip(in_shape, v.labels.shape)):
-            raise SparsesegError(f"{v.name}: volume {v.labels.shape} too small for one valid patch without "
-                                 f"padding (input {in_shape}); use --padding same or a smaller --patch")
+        if any(o > n for o, n in zip(out_shape, v.shape)):
+            raise SparsesegError(f"{v.name}: volume {v.shape} smaller than the training patch output {out_shape}; "
+                                 "use a smaller --patch")
+    return in_shape, out_shape
 
-    # Normalization and class weights come from the data, then live in the model/checkpoint.
-    mean, std = channel_stats(vols)
-    counts = class_counts(vols, k, cfg.ignore_label)
-    weights = np.asarray(cfg.class_weights, np.float32) if cfg.class_weights else balanced_class_weights(counts)
+
+def _normalization(vols, cfg: TrainConfig):
+    """(graph mean, graph std, per-volume stats or None): global statistics go into the graph;
+    per-volume modes normalize each volume's crops and leave the graph an identity."""
+    if cfg.normalization == "global":
+        x = np.concatenate([norm.sample(v.image) for v in vols], axis=1)
+        stats = norm.statistics_of_sample(x, "volume")
+        return stats["mean"], stats["std"], [None] * len(vols)
+    spec = norm.spec(cfg.normalization, percentiles=cfg.percentiles)
+    return None, None, [norm.volume_statistics(v.image, spec) for v in vols]
+
+
+def _validation_tiles(held, shapes, out_shape, val_labels, ignore_label, rng):
+    """Output windows covering the held-out slices (an even grid in the slice's plane, centred
+    on it across), those holding held-out labels, at most MAX_VALIDATION_TILES of them."""
+    tiles = set()
+    for vi, h in enumerate(held):
+        n = shapes[vi]
+        for axis, indices in h.items():
+            for i in indices:
+                ranges = []
+                for a in range(3):
+                    if a == axis:
+                        ranges.append([min(max(0, i - out_shape[a] // 2), n[a] - out_shape[a])])
+                    else:
+                        ranges.append(sorted({min(s, n[a] - out_shape[a]) for s in range(0, n[a], out_shape[a])}))
+                tiles.update((vi, (z, y, x)) for z in ranges[0] for y in ranges[1] for x in ranges[2])
+    tiles = sorted(tiles)
+    tiles = [t for t in tiles if (val_labels[t[0]][_window(t[1], out_shape)] != ignore_label).any()]
+    if len(tiles) > MAX_VALIDATION_TILES:
+        tiles = [tiles[i] for i in sorted(rng.choice(len(tiles), MAX_VALIDATION_TILES, replace=False))]
+    return tiles
+
+
+def _window(start, shape):
+    return tuple(slice(s, s + n) for s, n in zip(start, shape))
+
+
+def _optimizer(model, cfg: TrainConfig):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise SparsesegError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
+
+
+def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run:
+    device = resolve_device(cfg.device)
+    rng = np.random.default_rng(cfg.seed)
+    k = model_cfg.num_classes
+    in_shape, out_shape = _patch_shapes(vols, model_cfg, cfg)
+
+    # Held-out slices are masked out of everything training sees: sampler, augmentation reads,
+    # class weights. Only validation reads them.
+    held = holdout.choose_held_out(vols, cfg.ignore_label, cfg.val_slices, cfg.val_fraction, rng)
+    train_labels = [LabelView(v.labels, h, cfg.ignore_label, "train") for v, h in zip(vols, held)]
+    val_labels = [LabelView(v.labels, h, cfg.ignore_label, "val") for v, h in zip(vols, held)]
+    indexed = [index_labels(view, cfg.ignore_label, k) for view in train_labels]
+    counts = sum(c for _, c in indexed)
+    sampler = PatchSampler(train_labels, [t for t, _ in indexed], out_shape, cfg.ignore_label, rng)
+    val_tiles = _validation_tiles(held, [v.shape for v in vols], out_shape, val_labels, cfg.ignore_label, rng)
+    if any(held):
+        log.info("held out for validation: %s (%d tiles)", holdout.describe(held), len(val_tiles))
+
+    weights = np.asarray(cfg.class_weights, np.float32) if cfg.class_weights else \
+        balanced_class_weights(counts, cfg.max_weight_ratio)
     if len(weights) != k:
         raise SparsesegError(f"--class-weights needs {k} values, got {len(weights)}")
-    log.info("patch in %s out %s, class voxels %s, weights %s", in_shape, out_shape, counts.tolist(),
+    log.info("patch in %s out %s, training voxels per class %s, weights %s", in_shape, out_shape, counts.tolist(),
              np.round(weights, 3).tolist())
 
-    val_tiles = _validation_tiles(vols, context, out_shape, cfg.val_fraction, cfg.ignore_label, rng)
-    exclude = None
-    if val_tiles:
-        exclude = [np.zeros(v.labels.shape, bool) for v in vols]
-        for vi, start in val_tiles:
-            exclude[vi][tuple(slice(s, s + o) for s, o in zip(start, out_shape))] = True
-    sampler = PatchSampler([v.labels for v in vols], context, out_shape, cfg.ignore_label, rng, exclude)
+    mean, std, stats = _normalization(vols, cfg)
+    images = [ImageView(v.image, s) for v, s in zip(vols, stats)]
     spacing = cfg.voxel_size or next((v.voxel_size for v in vols if v.voxel_size), None)
-    augmenter = Augmenter(cfg.augment, spacing, model_cfg.ndim == 2, mean, std, cfg.seed, device)
-
-    model = SegmentationModel(model_cfg, mean, std).to(device)
-    if cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    else:
-        raise SparsesegError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
+    gray_mean, gray_std = (mean, std) if mean is not None else ([0.0] * model_cfg.in_channels,
+                                                                [1.0] * model_cfg.in_channels)
+    augmenter = Augmenter(cfg.augment, spacing, model_cfg.ndim == 2, gray_mean, gray_std, cfg.seed, device)
+    model = SegmentationModel(model_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    if not use_amp:
+        amp_dtype = torch.float32
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    weights_t = torch.as_tensor(weights, device=device)
+    return Run(cfg, model_cfg, list(class_names), device, in_shape, out_shape, images, train_labels, val_labels,
+               held, val_tiles, sampler, augmenter, model, _optimizer(model, cfg), scaler, amp_dtype,
+               torch.as_tensor(weights, device=device), jaccard_classes(counts), rng, spacing)
 
-    start_it, history = 0, []
-    if resume:
-        ck = load_checkpoint(resume, device=device)
-        if ck.model_config != model_cfg:
-            raise SparsesegError(f"--resume {resume}: its network configuration differs from this run's")
-        model.load_state_dict(ck.model.state_dict())
-        if "optimizer" in ck.extra:
-            opt.load_state_dict(ck.extra["optimizer"])
-        start_it, history = ck.iteration, list(ck.extra.get("history", []))
-        if "torch_rng" in ck.extra:
-            torch.set_rng_state(ck.extra["torch_rng"])
-            augmenter.gen.set_state(ck.extra["aug_rng"])
-            rng.bit_generator.state = ck.extra["sampler_rng"]
-            augmenter.rng.bit_generator.state = ck.extra["augment_rng"]
-        log.info("resuming at iteration %d", start_it)
 
-    def checkpoint(it):
-        if out_path is None:
-            return None
-        extra = {"optimizer": opt.state_dict(), "history": history, "torch_rng": torch.get_rng_state(),
-                 "aug_rng": augmenter.gen.get_state(), "sampler_rng": rng.bit_generator.state,
-                 "augment_rng": augmenter.rng.bit_generator.state, "patch_output": list(out_shape)}
-        run_cfg = replace(cfg, patch_output=tuple(out_shape), class_weights=tuple(float(w) for w in weights))
-        return str(save_checkpoint(out_path, model, run_cfg, class_names, cfg.ignore_label, it, spacing, extra))
+# ------------------------------------------------------------------ the step
 
-    show = sys.stderr.isatty() if progress is None else progress
+def _batch(run: Run):
+    xs, ys = [], []
+    context = run.model_cfg.geometry.context
+    for _ in range(run.cfg.batch_size):
+        vi, out_start = run.sampler.sample()
+        in_start = tuple(s - c for s, c in zip(out_start, context))
+        x, y = run.augmenter.sample(run.images[vi], run.train_labels[vi], in_start, run.in_shape, context,
+                                    run.out_shape, run.cfg.ignore_label)
+        xs.append(x)
+        ys.append(y)
+    return torch.stack(xs), torch.stack(ys)
+
+
+def _step(run: Run, it: int) -> dict:
+    cfg = run.cfg
+    lr = lr_at(it, cfg.iterations, cfg.lr, cfg.schedule, cfg.warmup)
+    set_lr(run.optimizer, lr)
+    x, y = _batch(run)
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32):
+        logits = run.model(x)
+    loss = segmentation_loss(logits, y, run.weights, cfg.ignore_label, cfg.dice_weight, cfg.loss,
+                             run.jaccard_classes)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return {"iteration": it + 1, "loss": float(loss.detach()), "lr": lr}
+
+
+# ------------------------------------------------------------------ validation, best, early stop
+
+def _validation_due(run: Run, done: int) -> bool:
+    return bool(run.val_tiles) and (done % run.cfg.val_every == 0 or done == run.cfg.iterations)
+
+
+def read_reflected(image, start, shape) -> np.ndarray:
+    """(C, *shape) input window at `start` (may reach past the border: numpy 'reflect',
+    as the engine pads at inference)."""
+    from sparseseg.engine.blocks import reflect_index
+
+    idx = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
+    region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    crop = image[(slice(None),) + region]
+    return crop[np.ix_(range(crop.shape[0]), *[i - r.start for i, r in zip(idx, region)])]
+
+
+def _validate(run: Run) -> dict:
+    """IoU per class on the held-out slices (annotated voxels only)."""
+    k = run.model_cfg.num_classes
+    context = run.model_cfg.geometry.context
+    cm = np.zeros((k, k), np.int64)
+    run.model.eval()
+    with torch.inference_mode():
+        for vi, start in run.val_tiles:
+            x = read_reflected(run.images[vi], [s - c for s, c in zip(start, context)], run.in_shape)
+            pred = run.model(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))[0].argmax(0)
+            lab = run.val_labels[vi][_window(start, run.out_shape)]
+            cm += confusion(pred.cpu().numpy(), lab, k, run.cfg.ignore_label)[:k, :k]
+    run.model.train()
+    res = iou_from_confusion(cm)
+    log.info("validation IoU %s (mean foreground %.4f)", [None if v is None else round(v, 4) for v in res["iou"]],
+             res["mean_foreground_iou"] or float("nan"))
+    return {"val_iou": res["iou"], "val_mean_foreground_iou": res["mean_foreground_iou"]}
+
+
+def _best_so_far(history, before: int | None = None):
+    vals = [e["val_mean_foreground_iou"] for e in history[:before]
+            if e.get("val_mean_foreground_iou") is not None]
+    return max(vals) if vals else None
+
+
+def _keep_best(run: Run, entry: dict, out_path) -> None:
+    """Write `<stem>.best.pt` when this validation beats every earlier one."""
+    iou, best = entry.get("val_mean_foreground_iou"), _best_so_far(run.history)
+    if out_path is None or iou is None or (best is not None and iou <= best):
+        return
+    _save(run, sibling(out_path, ".best.pt"), entry["iteration"], history=run.history + [entry])
+    entry["best"] = True
+
+
+def _stop_requested(on_step, entry: dict) -> bool:
+    if on_step is not None and on_step(entry) is True:
+        log.info("stopping at iteration %d: asked by the caller", entry["iteration"])
+        return True
+    return False
+
+
+def _early_stop(run: Run) -> bool:
+    """True after `early_stop` validations in a row without a better IoU."""
+    if not run.cfg.early_stop:
+        return False
+    vals = [e["val_mean_foreground_iou"] for e in run.history if e.get("val_mean_foreground_iou") is not None]
+    if len(vals) <= run.cfg.early_stop:
+        return False
+    if max(vals[-run.cfg.early_stop:]) > max(vals[:-run.cfg.early_stop]):
+        return False
+    log.info("early stopping: %d validations without a better IoU", run.cfg.early_stop)
+    return True
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+
+def _save(run: Run, path, iteration: int, history=None):
+    if path is None:
+        return None
+    extra = {"optimizer": run.optimizer.state_dict(), "history": run.history if history is None else history,
+             "torch_rng": torch.get_rng_state(), "aug_rng": run.augmenter.gen.get_state(),
+             "sampler_rng": run.rng.bit_generator.state, "augment_rng": run.augmenter.rng.bit_generator.state,
+             "patch_output": list(run.out_shape),
+             "held_out": [{str(a): ix for a, ix in h.items()} for h in run.held_out]}
+    if run.scaler.is_enabled():     # AMP: the loss scale is part of an exact resume
+        extra["grad_scaler"] = run.scaler.state_dict()
+    run_cfg = replace(run.cfg, patch_output=tuple(run.out_shape),
+                      class_weights=tuple(float(w) for w in run.weights.tolist()))
+    return str(save_checkpoint(path, run.model, run_cfg, run.class_names, run.cfg.ignore_label, iteration,
+                               run.spacing, extra))
+
+
+def _resume(run: Run, path) -> int:
+    """Restore weights, optimizer, loss scale, RNG states and history; the next iteration."""
+    ck = load_checkpoint(path, device=run.device)
+    if ck.model_config != run.model_cfg:
+        raise SparsesegError(f"--resume {path}: its network configuration differs from this run's")
+    if ck.normalization["mode"] != run.model.normalization_mode:
+        raise SparsesegError(f"--resume {path}: it was trained with --normalization {ck.normalization['mode']}")
+    run.model.load_state_dict(ck.model.state_dict())
+    extra = ck.extra
+    if "optimizer" in extra:
+        run.optimizer.load_state_dict(extra["optimizer"])
+    if "grad_scaler" in extra and run.scaler.is_enabled():
+        run.scaler.load_state_dict(extra["grad_scaler"])
+    if "torch_rng" in extra:
+        torch.set_rng_state(extra["torch_rng"])
+        run.augmenter.gen.set_state(extra["aug_rng"])
+        run.rng.bit_generator.state = extra["sampler_rng"]
+        run.augmenter.rng.bit_generator.state = extra["augment_rng"]
+    run.history = list(extra.get("history", []))
+    log.info("resuming at iteration %d", ck.iteration)
+    return ck.iteration
+
+
+# ------------------------------------------------------------------ progress
+
+def _progress_bar(total: int, start: int, progress):
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.iterations, initial=start_it, disable=not show, desc="train", unit="it")
-    t0 = time.time()
-    model.train()
-    loss_value = float("nan")
-    out_offset = context
-    done = start_it
-    for it in range(start_it, cfg.iterations):
-        xs, ys = [], []
-        for _ in range(cfg.batch_size):
-            vi, in_start, _ = sampler.sample()
-            x, y = augmenter.sample(vols[vi].image, vols[vi].labels, in_start, in_shape, out_offset, out_shape,
-                                    cfg.ignore_label)
-            xs.append(x)
-            ys.append(y)
-        x, y = torch.stack(xs), torch.stack(ys)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
-            logits = model(x)
-        loss = segmentation_loss(logits, y, weights_t, cfg.ignore_label, cfg.dice_weight)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        loss_value = float(loss.detach())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        done = it + 1
-        if not show and (done % max(1, cfg.iterations // 10) == 0 or done == cfg.iterations):
-            log.info("iteration %d/%d loss %.4f (%.1f s)", done, cfg.iterations, loss_value, time.time() - t0)
-        entry = {"iteration": done, "loss": loss_value}
-        if val_tiles and (done % cfg.val_every == 0 or done == cfg.iterations):
-            val = _validate(model, vols, val_tiles, context, out_shape, k, cfg.ignore_label, device)
-            entry["val_mean_foreground_iou"] = val["mean_foreground_iou"]
-            log.info("iteration %d validation IoU %s (mean foreground %.4f)", done, val["iou"],
-                     val["mean_foreground_iou"] or float("nan"))
-        history.append(entry)
-        if on_step is not None and on_step(entry):    # the caller (e.g. napari's cancel) stops cleanly
-            log.info("stopped at iteration %d on request", done)
-            break
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
-            checkpoint(done)
-    bar.close()
-    path = checkpoint(done)
-    model.eval()
-    return TrainResult(model, path, done, time.time() - t0, loss_value, history)
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, initial=start, disable=not show, desc="train", unit="it")
+
+
+def _report(bar, entry: dict, total: int, seconds: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{entry['loss']:.4f}")
+    done = entry["iteration"]
+    if bar.disable and (done % max(1, total // 10) == 0 or done == total):
+        log.info("iteration %d/%d loss %.4f lr %.2g (%.1f s)", done, total, entry["loss"], entry["lr"], seconds)

@@ -1,0 +1,193 @@
+"""Networks against the incumbent forest on real EM, one run per call, results appended as JSON lines.
+
+Datasets and protocols (IoU scored on voxels nobody annotated):
+  isbi : ISBI 2012 (30 x 512 x 512, membrane vs interior); annotate every 6th section
+         (0, 6, ..., 24), score the other 25 sections.
+  vnc  : Drosophila VNC stack 1 (20 x 1024 x 1024, other / membrane / mitochondria); train on
+         the half x < 512 (every 4th section annotated, or all of it with --labels full), score
+         the other half x >= 512 (all 20 sections). --task mito trains mitochondria vs the rest
+         (Cheng & Varshney's task), --task all the three classes.
+
+Network runs take the CLI's defaults (read from `sparseseg.cli.training_options`, so they follow
+the trainer as it changes) plus overrides (--set key=value, option names as in the CLI with
+underscores), and are bounded by --iterations and --max-minutes (the trainer stops at whichever
+comes first is not available, so pick iterations that fit: the seconds are recorded).
+
+    python benchmarks/real_data.py --dataset isbi --method forest
+    python benchmarks/real_data.py --dataset isbi --method net --set ndim=2 --iterations 400 --tag 2d
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SPARSESEG_DATA", "/work/shared/data"))
+
+
+def load(dataset: str, task: str, labels: str):
+    """(train image (Z,Y,X) float32, train sparse labels, test image, test dense labels,
+    class names, protocol text); the test labels mark trained-on voxels 255."""
+    from sparseseg.trainer.sparse import annotated_mask, sparsify
+    from sparseseg.volume import open_volume
+
+    if dataset == "isbi":
+        d = DATA / "isbi2012_em"
+        img = open_volume(d / "isbi2012_train_image_zyx.tif").read(dtype=np.float32)[0]
+        lab = open_volume(d / "isbi2012_train_label_zyx.tif").read_labels().astype(np.uint8)
+        slices = [(0, z) for z in range(0, lab.shape[0], 6)]
+        test = lab.copy()
+        test[annotated_mask(lab, slices)] = 255
+        return (img, sparsify(lab, slices, 255), img, test, ["interior", "membrane"],
+                f"annotate sections {[s[1] for s in slices]} of {lab.shape[0]}; IoU on the others")
+    d = DATA / "drosophila_vnc"
+    img = open_volume(d / "vnc_stack1_image_zyx.tif").read(dtype=np.float32)[0]
+    lab = open_volume(d / "vnc_stack1_labels_zyx.tif").read_labels().astype(np.uint8)
+    names = ["other", "membrane", "mitochondria"]
+    if task == "mito":
+        lab = (lab == 2).astype(np.uint8)
+        names = ["rest", "mitochondria"]
+    elif task == "membrane":
+        lab = (lab == 1).astype(np.uint8)
+        names = ["rest", "membrane"]
+    half = lab.shape[2] // 2
+    tr_img, tr_lab = np.ascontiguousarray(img[:, :, :half]), np.ascontiguousarray(lab[:, :, :half])
+    te_img, te_lab = np.ascontiguousarray(img[:, :, half:]), np.ascontiguousarray(lab[:, :, half:])
+    if labels == "sparse":
+        slices = [(0, z) for z in range(0, lab.shape[0], 4)]
+        tr_lab = sparsify(tr_lab, slices, 255)
+        proto = f"train x<{half}, sections {[s[1] for s in slices]} annotated; test x>={half}, all sections"
+    else:
+        proto = f"train x<{half}, all sections annotated; test x>={half}, all sections"
+    return tr_img, tr_lab, te_img, te_lab, names, proto
+
+
+def cli_defaults() -> dict:
+    import click
+
+    from sparseseg.cli import training_options
+    from sparseseg.trainer.options import OPTION_KEYS
+
+    cmd = click.command()(training_options(lambda **kw: None))
+    plain = (str, int, float, bool, type(None))
+    # An option without a default has click's UNSET sentinel (click >= 8.2): None, as when parsed.
+    d = {p.name: (p.default if isinstance(p.default, plain) else None) for p in cmd.params}
+    return {k: d.get(k) for k in OPTION_KEYS}
+
+
+def parse_value(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
+    import torch
+
+    from sparseseg.model.network import count_parameters
+    from sparseseg.pipeline import predict_volume
+    from sparseseg.trainer.data import TrainingVolume
+    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.trainer.options import build_configs
+    from sparseseg.trainer.train import train
+
+    o = cli_defaults()
+    arch = {k: overrides.pop(k) for k in ("arch", "factorized", "feature_augment", "feature_augment_t")
+            if k in overrides}
+    o.update(overrides)
+    o["iterations"] = iterations
+    o["device"] = "cpu"
+    o["checkpoint_every"] = 0
+    o["num_classes"] = len(names)
+    vols = [TrainingVolume(tr_img[None], tr_lab, "train")]
+    mcfg, tcfg, _ = build_configs(vols, o)
+    if arch and arch.get("arch", "unet") != "unet":
+        # Re-plan for another architecture (works whether or not the CLI has --arch yet).
+        from sparseseg.model.config import plan_model
+
+        mcfg = plan_model(o["preset"], 1, len(names), ndim=int(o["ndim"]), voxel_size=None, shape=tr_lab.shape,
+                          **arch)
+    overrides = {**overrides, **arch}
+    res = train(vols, mcfg, tcfg, names, progress=False)
+    t0 = time.time()
+    with torch.inference_mode():
+        pred, _ = predict_volume(res.model, te_img[None], device="cpu")
+    scores = iou_per_class(pred, te_lab, len(names), 255)
+    return {"options": {k: v for k, v in o.items() if k in overrides or k == "iterations"},
+            "model_config": mcfg.to_dict(), "parameters": count_parameters(res.model.net),
+            "train_seconds": round(res.seconds, 1), "seconds_per_iteration": round(res.seconds / iterations, 3),
+            "predict_seconds": round(time.time() - t0, 1), "final_loss": res.final_loss,
+            "predicted_fraction": np.bincount(pred.ravel(), minlength=len(names)).astype(float).tolist(),
+            **scores}
+
+
+def run_forest(tr_img, tr_lab, te_img, te_lab, names):
+    from benchmarks.baselines.forest import fit_predict
+    from sparseseg.trainer.metrics import iou_per_class
+
+    if tr_img is te_img:
+        pred, info = fit_predict(tr_img, tr_lab, 255)
+    else:
+        # Train on one half, predict the other: fit on the train image, then apply to the test one.
+        pred, info = fit_predict(tr_img, tr_lab, 255, predict_image=te_img)
+    scores = iou_per_class(pred, te_lab, len(names), 255)
+    info["predicted_fraction"] = np.bincount(pred.ravel(), minlength=len(names)).astype(float).tolist()
+    return {**info, **scores}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=["isbi", "vnc"], required=True)
+    ap.add_argument("--task", choices=["all", "membrane", "mito"], default="all", help="vnc only")
+    ap.add_argument("--labels", choices=["sparse", "full"], default="sparse", help="vnc only")
+    ap.add_argument("--method", choices=["forest", "net"], required=True)
+    ap.add_argument("--iterations", type=int, default=500)
+    ap.add_argument("--set", action="append", default=[], help="training option override key=value")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_data_runs.jsonl"))
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    overrides = {}
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        overrides[k.replace("-", "_")] = parse_value(v)
+    load_before = os.getloadavg()
+    # A run from an exported snapshot (git archive, no .git) names its commit in BENCH_COMMIT.
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    dirty = "" if os.environ.get("BENCH_COMMIT") else subprocess.run(
+        ["git", "status", "--porcelain", "sparseseg"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    data = load(a.dataset, a.task, a.labels)
+    t0 = time.time()
+    if a.method == "forest":
+        r = run_forest(*data[:5])
+    else:
+        r = run_net(*data[:5], a.iterations, overrides)
+    rec = {"dataset": a.dataset, "task": a.task if a.dataset == "vnc" else "membrane",
+           "labels": a.labels if a.dataset == "vnc" else "sparse", "method": a.method, "tag": a.tag,
+           "classes": data[4], "protocol": data[5], **r, "wall_seconds": round(time.time() - t0, 1),
+           "commit": commit + ("+uncommitted sparseseg/ changes" if dirty else ""),
+           "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+                      f"{torch.get_num_threads()} torch threads, cpu",
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "load_before": [round(x, 2) for x in load_before],
+           "load_after": [round(x, 2) for x in os.getloadavg()]}
+    with open(a.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps({k: rec[k] for k in ("dataset", "task", "labels", "method", "tag", "iou", "wall_seconds")}))
+
+
+if __name__ == "__main__":
+    main()
