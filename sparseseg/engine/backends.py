@@ -9,8 +9,9 @@ device from the upload to the argmax, whatever runs the network:
        or OpenVINO (CPU) when asked for
 .plan  TensorRT, through `sparseseg.export.tensorrt.PlanRunner` (one context per thread)
 
-On CPU a .pt engine runs through ONNX Runtime (exported once into a cache keyed by the
-checkpoint's sha256) unless the backend is pinned: on 2 cores it is 1.6-1.7x faster than torch.
+On CPU a .pt engine runs through the fastest installed backend, OpenVINO (f32) else ONNX
+Runtime, from an ONNX export made once into a cache keyed by the checkpoint's sha256, unless
+the backend is pinned (measured on 2 cores: OpenVINO 2.4x ONNX Runtime, ONNX Runtime 1.7x torch).
 Each worker process loads its backend once (`cached_backend`) and reuses it for every block.
 """
 
@@ -290,11 +291,14 @@ def resolve_backend(spec: BackendSpec) -> str:
         raise SparsesegError(f"unknown backend {spec.backend!r} (expected one of {', '.join(BACKENDS)})")
     if spec.backend == "auto":
         if native == "torch" and not want_cuda(spec.device):
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                return "torch"
-            return "onnxruntime"
+            import importlib.util
+
+            # fastest installed CPU backend, measured (benchmarks/results/cpu_backends.json, demo
+            # network, fp32, 2 threads): OpenVINO 2.4x ONNX Runtime, ONNX Runtime 1.7x torch
+            for kind, module in (("openvino", "openvino"), ("onnxruntime", "onnxruntime")):
+                if importlib.util.find_spec(module) is not None:
+                    return kind
+            return "torch"
         return native
     if native == "tensorrt" and spec.backend != "tensorrt" or spec.backend == "tensorrt" and native != "tensorrt":
         raise SparsesegError(f"--backend {spec.backend} cannot run {Path(spec.engine).name} "
