@@ -4,14 +4,16 @@ from sparseseg.demo import run_demo
 from sparseseg.volume import open_volume
 
 
-def test_demo_smoke(tmp_path):
-    """The demo's whole path with 2 iterations (the full run is timed in README/benchmarks)."""
-    summary = run_demo(tmp_path / "demo", iterations=2)
+def test_demo_learns(tmp_path):
+    """The demo's whole path on a smaller volume: it must segment the unannotated voxels
+    (measured: mean foreground IoU 0.750 after 60 iterations, seed 0, 2026-11-23)."""
+    summary = run_demo(tmp_path / "demo", iterations=60, shape=(32, 64, 64))
     for name in summary["files"]:
         assert (tmp_path / "demo" / name).exists(), name
     saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert saved["iterations"] == 2 and len(saved["iou"]) == 3
-    assert open_volume(tmp_path / "demo" / "prediction.zarr").shape == (48, 96, 96)
+    assert saved["iterations"] == 60 and len(saved["iou"]) == 3
+    assert saved["mean_foreground_iou"] > 0.65 and min(saved["iou"]) > 0.5
+    assert open_volume(tmp_path / "demo" / "prediction.zarr").shape == (32, 64, 64)
     assert open_volume(tmp_path / "demo" / "image.zarr").channels == 3
 
 
