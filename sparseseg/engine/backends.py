@@ -124,8 +124,7 @@ def model_contract(model) -> dict:
     cfg = model.cfg
     return {"format": "sparseseg-engine", "in_channels": cfg.in_channels, "num_classes": cfg.num_classes,
             "geometry": cfg.geometry.to_dict(), "model_config": cfg.to_dict(),
-            "normalization": {"mode": "global", "in_graph": True, "mean": model.mean.tolist(),
-                              "std": model.std.tolist()}}
+            "normalization": model.normalization}
 
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
