@@ -292,11 +292,12 @@ def resolve_backend(spec: BackendSpec) -> str:
         if native == "torch" and not want_cuda(spec.device):
             import importlib.util
 
-            # fastest installed CPU backend, measured (benchmarks/results/cpu_backends.json, demo
-            # network, fp32, 2 threads): OpenVINO 2.4x ONNX Runtime, ONNX Runtime 1.7x torch
-            for kind, module in (("openvino", "openvino"), ("onnxruntime", "onnxruntime")):
-                if importlib.util.find_spec(module) is not None:
-                    return kind
+            # ONNX Runtime: 1.7x torch (benchmarks/results/cpu_backends.json, demo network, fp32,
+            # 2 threads). OpenVINO measured 2.4x faster still, but it is opt-in (--backend openvino):
+            # run from the napari widget's background thread it crashed the process (segfault in
+            # tests/test_napari.py, 2026-11-23), which ONNX Runtime does not.
+            if importlib.util.find_spec("onnxruntime") is not None:
+                return "onnxruntime"
             return "torch"
         return native
     if native == "tensorrt" and spec.backend != "tensorrt" or spec.backend == "tensorrt" and native != "tensorrt":

@@ -462,7 +462,7 @@ class SparseTrainingWidget(QWidget):
                 metadata={"class_names": list(names or []), "path": str(out)}, opacity=0.5)
         else:
             self.dense_layer.refresh()
-        from sparseseg.engine.worker import DONE_DIR
+        from sparseseg.engine.store import DONE_DIR
 
         done = out / DONE_DIR
         n = sum(1 for _ in done.iterdir()) if done.is_dir() else 0
