@@ -95,7 +95,7 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
     import torch
 
     from sparseseg.model.network import count_parameters
-    from sparseseg.pipeline import predict_volume
+    from sparseseg import predict
     from sparseseg.trainer.data import TrainingVolume
     from sparseseg.trainer.metrics import iou_per_class
     from sparseseg.trainer.options import build_configs
@@ -121,7 +121,7 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
     res = train(vols, mcfg, tcfg, names, progress=False)
     t0 = time.time()
     with torch.inference_mode():
-        pred, _ = predict_volume(res.model, te_img[None], device="cpu")
+        pred, _ = predict(res.model, te_img[None], device="cpu")
     scores = iou_per_class(pred, te_lab, len(names), 255)
     return {"options": {k: v for k, v in o.items() if k in overrides or k == "iterations"},
             "model_config": mcfg.to_dict(), "parameters": count_parameters(res.model.net),

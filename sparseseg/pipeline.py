@@ -5,16 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 
 log = logging.getLogger("sparseseg.densify")
-
-
-def predict_volume(model, image: np.ndarray, tile=None, batch=None, device="cpu", probabilities=False):
-    """Kept for callers of the old name: `sparseseg.predict` on a model (the engine's path)."""
-    from sparseseg.engine.predict import predict
-
-    return predict(model, image, tile=tile, batch=batch, device=device, probabilities=probabilities or None)
 
 
 def densify(image_path, labels_path, out, options: dict, model_out=None, tile=None, overwrite=False) -> dict:

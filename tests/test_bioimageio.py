@@ -63,7 +63,7 @@ def test_consumer_tiling_respects_the_halo(package):
     from bioimageio.core import load_description, predict
     from bioimageio.core.tensor import Tensor
 
-    from sparseseg.pipeline import predict_volume
+    import sparseseg
 
     image, _ = blobs(shape=(30, 34, 36), seed=5)
     descr = load_description(str(package / "model.zip"))
@@ -71,7 +71,7 @@ def test_consumer_tiling_respects_the_halo(package):
     whole = np.asarray(predict(model=descr, inputs=x).members["probabilities"].data)[0]
     tiled = np.asarray(predict(model=descr, inputs=x, blocksize_parameter=5).members["probabilities"].data)[0]
     ckpt = load_checkpoint(package / "model.pt")
-    _, ours = predict_volume(ckpt.model, image, probabilities=True)
+    _, ours = sparseseg.predict(ckpt.model, image, probabilities=True)
     c = ckpt.model_config.geometry.context
     inner = (slice(None),) + tuple(slice(ci, n - ci) for ci, n in zip(c, image.shape[1:]))
     np.testing.assert_allclose(tiled[inner], whole[inner], atol=1e-5)

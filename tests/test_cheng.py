@@ -101,13 +101,13 @@ def test_anisotropic_plan_keeps_z_unpooled():
 
 
 def test_engine_predicts_whole_volume_tiled():
-    from sparseseg.pipeline import predict_volume
+    from sparseseg import predict
 
     torch.manual_seed(0)
     model = SegmentationModel(cheng(2, True, base_width=8)).eval()
     image = np.random.default_rng(0).normal(size=(1, 2, 50, 70)).astype(np.float32)
-    tiled, _ = predict_volume(model, image, tile=(1, 32, 32), probabilities=True)
-    one, _ = predict_volume(model, image, tile=(1, 56, 72), probabilities=True)
+    tiled, _ = predict(model, image, tile=(1, 32, 32), probabilities=True)
+    one, _ = predict(model, image, tile=(1, 56, 72), probabilities=True)
     assert tiled.shape == one.shape == (2, 50, 70)
     # Blended same-padding tiles agree with one pass over the (padded) volume on most voxels.
     assert (tiled == one).mean() > 0.8

@@ -128,7 +128,7 @@ def _wait(qtbot, widget, timeout=240_000):
 
 def test_widget_paint_train_densify_retrain(make_napari_viewer, qtbot, tmp_path, errors):
     from sparseseg.napari.widget import SparseTrainingWidget
-    from sparseseg.pipeline import predict_volume
+    from sparseseg import predict
 
     image, labels = blobs(shape=(24, 40, 40), seed=3)
     viewer = make_napari_viewer()
@@ -163,7 +163,7 @@ def test_widget_paint_train_densify_retrain(make_napari_viewer, qtbot, tmp_path,
     dense = widget.dense_layer
     assert dense is not None and dense.data.shape == labels.shape
     ckpt = load_checkpoint(widget.last_model)
-    want, _ = predict_volume(ckpt.model, image)
+    want, _ = predict(ckpt.model, image)
     np.testing.assert_array_equal(np.asarray(dense.data[...]), want)     # the engine's exact result
     assert "p(class 1)" in viewer.layers
 

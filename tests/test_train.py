@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 from sparseseg.model.checkpoint import load_checkpoint
-from sparseseg.pipeline import predict_volume
+from sparseseg import predict
 from sparseseg.trainer.config import AugmentConfig
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.metrics import iou_per_class
@@ -18,7 +18,7 @@ def test_tiny_overfit_reaches_high_iou():
     # hold balls often: 8x24x24 reaches 0.89 in 80 iterations (0.76 with 8x16x16).
     res = train([TrainingVolume(image, labels, "toy")], cfg, fast_train_config(iterations=80, patch_output=(8, 24, 24)),
                 ["bg", "ball"], progress=False)
-    pred, _ = predict_volume(res.model, image)
+    pred, _ = predict(res.model, image)
     assert iou_per_class(pred, labels, 2)["iou"][1] > 0.85
 
 
@@ -137,7 +137,7 @@ def test_2d_baseline_learns():
     cfg = tiny_config(ndim=2, width=8)
     res = train([TrainingVolume(image, labels, "toy")], cfg, fast_train_config(iterations=60, patch_output=(1, 24, 24)),
                 ["bg", "fg"], progress=False)
-    pred, _ = predict_volume(res.model, image)
+    pred, _ = predict(res.model, image)
     assert pred.shape == labels.shape
     assert iou_per_class(pred, labels, 2)["iou"][1] > 0.5      # measured 0.60 (balls are 5% of voxels)
 
@@ -168,8 +168,8 @@ def test_per_volume_normalization_is_stored_and_invariant_to_intensity_scale(tmp
     spec = load_checkpoint(tmp_path / "m.pt").normalization
     assert spec["mode"] == "percentile" and spec["in_graph"] is False and spec["percentiles"] == [0.5, 99.5]
     # statistics come from each input: an affine change of intensities changes nothing
-    _, p1 = predict_volume(res.model, image, probabilities=True)
-    _, p2 = predict_volume(res.model, image * 7.0 + 1000.0, probabilities=True)
+    _, p1 = predict(res.model, image, probabilities=True)
+    _, p2 = predict(res.model, image * 7.0 + 1000.0, probabilities=True)
     assert np.abs(p1 - p2).max() < 1e-3
 
 
