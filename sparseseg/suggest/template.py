@@ -10,8 +10,6 @@ sibling and renamed: an interrupted write leaves nothing under the final name.
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +29,9 @@ def write_template(path, shape, voxel_size, suggestions: list[dict], ignore: int
     import zarr
 
     path = check_output(path, overwrite)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from sparseseg.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         attrs = ngff_attrs(path.stem, voxel_size)
         attrs["ome"]["image-label"] = {"version": "0.5", "source": {"image": str(source)}}
@@ -52,11 +50,4 @@ def write_template(path, shape, voxel_size, suggestions: list[dict], ignore: int
                     if data.min() < 0 or data.max() > 255:
                         raise SparsesegError(f"{annotated.source}: label values must fit uint8 (0..255)")
                     arr[reg] = data.astype(np.uint8)
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
