@@ -12,7 +12,6 @@ from sparseseg.errors import SparsesegError
 from sparseseg.export.onnx_export import fold_batchnorm, ort_session
 from sparseseg.export.tensorrt import (
     check_plan_compatible,
-    paper_tile,
     plan_contract,
     profile_shapes,
 )
@@ -227,7 +226,6 @@ def test_int8_export_inserts_calibrated_qdq_and_matches_fp32(tmp_path):
 
 def test_profile_shapes_from_geometry():
     geom = ModelConfig(3, 3).geometry
-    assert paper_tile(geom) == (28, 44, 44)
     p = profile_shapes(geom, 3, (28, 44, 44), tile_max=(60, 60, 60), batch=4)
     assert p["min"] == [1, 3, 100, 100, 100]             # the smallest valid tile (12, 12, 12)
     assert p["opt"] == [4, 3, 116, 132, 132]

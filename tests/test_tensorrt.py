@@ -15,7 +15,6 @@ from sparseseg.export.tensorrt import (
     check_engine_profile,
     check_in_profile,
     default_plan_tile,
-    paper_tile,
     profile_shapes,
     profile_tiles,
     torch_dtype,
@@ -231,10 +230,8 @@ def test_default_plan_tile_follows_the_engine_rule(monkeypatch):
     import sparseseg.engine.tiling as tiling
 
     contract = _contract()
-    monkeypatch.setattr(tiling, "default_tile", lambda c, device: (36, 52, 60), raising=False)
+    monkeypatch.setattr(tiling, "default_tile", lambda c, device: (36, 52, 60))
     assert default_plan_tile(contract, "cuda") == (36, 52, 60)
-    monkeypatch.delattr(tiling, "default_tile", raising=False)
-    assert default_plan_tile(contract, "cuda") == paper_tile(GEOM) == (28, 44, 44)
 
 
 # ------------------------------------------------------------------ end to end (GPU + TensorRT)

@@ -29,7 +29,6 @@ from sparseseg.model.contract import INPUT_NAME, sidecar_path
 log = logging.getLogger("sparseseg.export.tensorrt")
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-PAPER_TILE_INPUT = (116, 132, 132)   # the paper's tile: the fallback opt tile of a plan
 INSTALL_HINT = ("TensorRT is not installed: on a machine with an NVIDIA GPU, `pip install tensorrt` "
                 "(wheels come from NVIDIA's package index) or use NVIDIA's TensorRT container")
 
@@ -46,30 +45,11 @@ def import_tensorrt():
 
 # ------------------------------------------------------------------ pure parts: profile
 
-def paper_tile(geometry) -> tuple[int, int, int]:
-    """The largest valid output tile whose input fits the paper's 116x132x132 tile."""
-    out = []
-    for rule, budget in zip(geometry.axes, PAPER_TILE_INPUT):
-        if geometry.padding == "valid":
-            m = rule.output_at_most(budget - 2 * rule.context)
-            out.append(m if m and m >= rule.step else rule.output_at_least(rule.step))
-        else:
-            out.append(max(rule.step, budget // rule.step * rule.step))
-    return tuple(out)
-
-
 def default_plan_tile(contract: dict, device: str = "cuda") -> tuple[int, int, int]:
-    """The output tile the engine would choose for this network on `device` (the engine's rule,
-    sparseseg.engine.tiling.default_tile, where present), else the paper's tile."""
-    try:
-        from sparseseg.engine.tiling import default_tile
-    except ImportError:
-        default_tile = None
-    if default_tile is not None:
-        return tuple(int(t) for t in default_tile(contract, device))
-    from sparseseg.model.contract import geometry_of_contract
+    """The output tile the engine would choose for this network on `device`: build and run agree."""
+    from sparseseg.engine.tiling import default_tile
 
-    return paper_tile(geometry_of_contract(contract))
+    return tuple(int(t) for t in default_tile(contract, device))
 
 
 def smallest_tile(geometry) -> tuple[int, int, int]:
