@@ -102,7 +102,10 @@ def training_options(fn):
                           "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)"),
         click.option("--ignore-label", type=click.IntRange(0, 255), default=255, show_default=True),
         click.option("--voxel-size", help="Z,Y,X voxel size (default: from file metadata, else from shape)"),
-        click.option("--no-augment", is_flag=True, help="switch off all augmentation"),
+        click.option("--augment", default="full", show_default=True,
+                     help="full (elastic, any rotation, scaling, flips, gray values), lossless (flips, "
+                          "right-angle rotations, gray values: no resampling) or none"),
+        click.option("--no-augment", is_flag=True, help="switch off all augmentation (= --augment none)"),
         click.option("--val-slices", type=click.IntRange(0), default=0, show_default=True,
                      help="annotated slices held out per plane orientation for validation IoU (and best.pt)"),
         click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=0.0, show_default=True,

@@ -87,3 +87,26 @@ def test_2d_planar_augmentation_keeps_slice():
     # no z motion: the slice read is still slice 2 wherever the point lands in the volume
     assert set(np.unique(x.numpy()).round(4).tolist()) <= {1.0}
     assert set(np.unique(y.numpy()).tolist()) <= {1, 255}
+
+
+def test_lossless_mode_moves_voxels_without_resampling():
+    # Flips and right-angle turns only: every output value is one stored voxel value, and the
+    # label at each output voxel is the label stored under the image value read there.
+    rng = np.random.default_rng(3)
+    image = rng.permutation(16 * 31 * 30).reshape(1, 16, 31, 30).astype(np.float32)   # distinct values
+    labels = (image[0] % 3).astype(np.uint8)
+    cfg = AugmentConfig.mode("lossless")
+    cfg = AugmentConfig(**{**cfg.__dict__, "gray": False, "probability": 1.0})
+    turned = 0
+    for seed in range(8):
+        x, y = _sample(cfg, image, labels, (2, 5, 4), (10, 21, 20), (1, 1, 1), (8, 19, 18), seed)
+        # grid_sample's normalised coordinates cost ~1e-6 of a voxel: a neighbour weighs < 1e-5
+        # (values differ by up to 15,000), where a real half-voxel blend would be off by thousands.
+        assert np.abs(x.numpy()[0] - np.round(x.numpy()[0])).max() < 0.15
+        v = np.round(x.numpy()[0])
+        assert np.isin(v, image).all()                              # no blended values
+        inner = v[1:9, 1:20, 1:19]
+        ok = y.numpy() != 255
+        assert np.array_equal(y.numpy()[ok], (inner[ok] % 3).astype(np.uint8))
+        turned += not np.array_equal(v, image[0, 2:12, 5:26, 4:24])
+    assert turned >= 4                                               # it does augment

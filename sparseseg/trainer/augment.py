@@ -85,8 +85,14 @@ class Augmenter:
         a = np.eye(3)
         c = self.cfg
         if c.rotate:
-            t = self.rng.uniform(0, 2 * np.pi)
-            a[1:, 1:] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
+            if c.right_angles:
+                k = int(self.rng.integers(4))
+                # Exact entries (no cos(pi/2) = 6e-17), so coordinates stay integers.
+                c_, s_ = [(1, 0), (0, 1), (-1, 0), (0, -1)][k]
+            else:
+                t = self.rng.uniform(0, 2 * np.pi)
+                c_, s_ = np.cos(t), np.sin(t)
+            a[1:, 1:] = [[c_, -s_], [s_, c_]]
         if c.scale:
             a = a * self.rng.uniform(*c.scale)
         if c.flip:
@@ -101,7 +107,9 @@ class Augmenter:
         dev = self.device
         axes = [torch.arange(n, dtype=torch.float32, device=dev) for n in in_shape]
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)          # patch-local
-        centre = torch.tensor([(n - 1) / 2 for n in in_shape], device=dev)
+        # Right-angle turns about an integer centre keep integer coordinates (no resampling).
+        half = [(n - 1) // 2 if self.cfg.right_angles else (n - 1) / 2 for n in in_shape]
+        centre = torch.tensor(half, dtype=torch.float32, device=dev)
         if self.rng.random() >= self.cfg.probability:
             return grid + torch.tensor(start, dtype=torch.float32, device=dev)
         a = torch.tensor(self._affine(), dtype=torch.float32, device=dev)

@@ -30,16 +30,34 @@ def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None) -> t
     return tuple(out)
 
 
+AUGMENT_MODES = ("full", "lossless", "none")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     elastic: bool = True
     elastic_sigma: float = 4.0      # voxels (paper: N(0, 4 voxels))
     elastic_grid: int = 32          # control-point spacing in voxels (paper: 32)
     rotate: bool = True             # in-plane (y, x) rotation, any angle
+    right_angles: bool = False      # rotations by multiples of 90 degrees only (no resampling)
     scale: tuple = (0.85, 1.15)
     flip: bool = True
     gray: bool = True               # brightness, contrast, gamma
     probability: float = 0.9        # chance that a patch is deformed at all
+
+    @classmethod
+    def mode(cls, name: str) -> AugmentConfig:
+        """full: the paper's elastic deformation, any rotation and scaling (all resample the
+        image); lossless: flips, right-angle rotations and gray values only, so every voxel is
+        read at an integer position and thin structures (2-voxel membranes) are not blurred;
+        none: the patch as stored."""
+        if name == "full":
+            return cls()
+        if name == "lossless":
+            return cls(elastic=False, right_angles=True, scale=())
+        if name == "none":
+            return cls(elastic=False, rotate=False, scale=(), flip=False, gray=False, probability=0.0)
+        raise SparsesegError(f"unknown --augment {name!r} (choose from {', '.join(AUGMENT_MODES)})")
 
 
 @dataclass(frozen=True)

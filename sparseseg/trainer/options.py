@@ -6,19 +6,17 @@ API, `sparseseg-densify` and `sparseseg-train` build them the same way.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from sparseseg.errors import SparsesegError
 from sparseseg.model.config import plan_model
 from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes
 
 ARCH_KEYS = ["arch", "factorized", "feature_augment", "feature_augment_t"]   # see sparseseg.model.cheng
-OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio"]
+OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "augment", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio"]
 
 # Options added after the first release: absent from an options dict means the default.
 _DEFAULTS = {"schedule": "constant", "warmup": 0, "loss": "ce", "normalization": "global", "val_slices": 0,
-             "early_stop": 0, "max_weight_ratio": 10.0}
+             "early_stop": 0, "max_weight_ratio": 10.0, "augment": "full"}
 
 
 def parse_triple(value, name, cast=int):
@@ -60,9 +58,7 @@ def build_configs(vols, o: dict):
             weights = tuple(float(w) for w in o["class_weights"].split(","))
         except ValueError:
             raise SparsesegError(f"--class-weights must be numbers, got {o['class_weights']!r}") from None
-    aug = AugmentConfig()
-    if o["no_augment"]:
-        aug = replace(aug, elastic=False, rotate=False, scale=(), flip=False, gray=False, probability=0.0)
+    aug = AugmentConfig.mode("none" if o["no_augment"] else (o["augment"] or "full"))
     tcfg = TrainConfig(
         preset=o["preset"], iterations=o["iterations"], batch_size=o["batch_size"], optimizer=o["optimizer"],
         lr=o["lr"], patch_output=parse_triple(o["patch"], "--patch") or (), class_weights=weights,
