@@ -91,7 +91,7 @@ def parse_value(v: str):
         return v
 
 
-def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
+def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_every=0):
     import torch
 
     from sparseseg.model.network import count_parameters
@@ -118,7 +118,32 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
         mcfg = plan_model(o["preset"], 1, len(names), ndim=int(o["ndim"]), voxel_size=None, shape=tr_lab.shape,
                           **arch)
     overrides = {**overrides, **arch}
-    res = train(vols, mcfg, tcfg, names, progress=False)
+    curve = []
+    if eval_every:
+        # Learning curve: train in stages (an exact resume from the stage's checkpoint) and score
+        # each stage on the test volume's central 256 x 256 columns (all sections), the last on all.
+        import tempfile
+        from dataclasses import replace
+
+        c = [s // 2 for s in te_img.shape]
+        crop = (slice(None), slice(max(c[1] - 128, 0), c[1] + 128), slice(max(c[2] - 128, 0), c[2] + 128))
+        tmp = tempfile.mkdtemp()
+        ckpt, seconds = str(Path(tmp) / "m.pt"), 0.0
+        if tcfg.schedule != "constant":
+            raise SystemExit("--eval-every trains in stages: only with the constant schedule")
+        for stop in range(eval_every, iterations, eval_every):
+            res = train(vols, mcfg, replace(tcfg, iterations=stop), names, out_path=ckpt,
+                        resume=ckpt if stop > eval_every else None, progress=False)
+            seconds = res.history[-1]["seconds"]          # cumulative over resumes
+            with torch.inference_mode():
+                p, _ = predict(res.model, te_img[crop][None], device="cpu")
+            curve.append({"iteration": stop, "train_seconds": round(seconds, 1),
+                          **iou_per_class(p, te_lab[crop], len(names), 255)})
+            print(json.dumps(curve[-1]), flush=True)
+        res = train(vols, mcfg, tcfg, names, out_path=ckpt, resume=ckpt, progress=False)
+        res = replace(res, seconds=res.history[-1]["seconds"])
+    else:
+        res = train(vols, mcfg, tcfg, names, progress=False)
     t0 = time.time()
     with torch.inference_mode():
         pred, _ = predict(res.model, te_img[None], device="cpu")
@@ -128,6 +153,8 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides):
             "train_seconds": round(res.seconds, 1), "seconds_per_iteration": round(res.seconds / iterations, 3),
             "predict_seconds": round(time.time() - t0, 1), "final_loss": res.final_loss,
             "predicted_fraction": np.bincount(pred.ravel(), minlength=len(names)).astype(float).tolist(),
+            **({"curve_crop": "central 256x256 columns of the test volume, all sections", "curve": curve}
+               if curve else {}),
             **scores}
 
 
@@ -153,6 +180,8 @@ def main():
     ap.add_argument("--method", choices=["forest", "net"], required=True)
     ap.add_argument("--iterations", type=int, default=500)
     ap.add_argument("--set", action="append", default=[], help="training option override key=value")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="also score every N iterations on a central crop (a learning curve)")
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_data_runs.jsonl"))
     a = ap.parse_args()
@@ -174,7 +203,7 @@ def main():
     if a.method == "forest":
         r = run_forest(*data[:5])
     else:
-        r = run_net(*data[:5], a.iterations, overrides)
+        r = run_net(*data[:5], a.iterations, overrides, a.eval_every)
     rec = {"dataset": a.dataset, "task": a.task if a.dataset == "vnc" else "membrane",
            "labels": a.labels if a.dataset == "vnc" else "sparse", "method": a.method, "tag": a.tag,
            "classes": data[4], "protocol": data[5], **r, "wall_seconds": round(time.time() - t0, 1),

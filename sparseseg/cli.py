@@ -113,6 +113,8 @@ def training_options(fn):
         click.option("--val-every", type=click.IntRange(1), default=100, show_default=True),
         click.option("--early-stop", type=click.IntRange(0), default=0, show_default=True,
                      help="stop after this many validations without a better IoU (0: never)"),
+        click.option("--bn-recalibrate", type=click.IntRange(0), default=0, show_default=True,
+                     help="re-estimate BatchNorm statistics on this many un-augmented patches at the end"),
         click.option("--checkpoint-every", type=click.IntRange(0), default=500, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),

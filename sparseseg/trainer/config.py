@@ -85,6 +85,7 @@ class TrainConfig:
     val_slices: int = 0             # annotated slices held out per plane orientation
     val_fraction: float = 0.0       # or: this share of the annotated slices held out
     val_every: int = 100
+    bn_recalibrate: int = 0         # un-augmented patches to re-estimate BatchNorm statistics on, at the end
     early_stop: int = 0             # stop after this many validations without a better IoU; 0: never
     checkpoint_every: int = 500
     voxel_size: tuple = ()          # relative spacing used for the elastic field (Z, Y, X)

@@ -12,11 +12,11 @@ from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes
 
 ARCH_KEYS = ["arch", "factorized", "feature_augment", "feature_augment_t"]   # see sparseseg.model.cheng
-OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "augment", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio"]
+OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "augment", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio", "bn_recalibrate"]
 
 # Options added after the first release: absent from an options dict means the default.
 _DEFAULTS = {"schedule": "constant", "warmup": 0, "loss": "ce", "normalization": "global", "val_slices": 0,
-             "early_stop": 0, "max_weight_ratio": 10.0, "augment": "full"}
+             "early_stop": 0, "max_weight_ratio": 10.0, "augment": "full", "bn_recalibrate": 0}
 
 
 def parse_triple(value, name, cast=int):
@@ -66,5 +66,6 @@ def build_configs(vols, o: dict):
         amp=not o["no_amp"], val_fraction=o["val_fraction"], val_every=o["val_every"],
         checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug,
         schedule=o["schedule"], warmup=o["warmup"], loss=o["loss"], normalization=o["normalization"],
-        val_slices=o["val_slices"], early_stop=o["early_stop"], max_weight_ratio=o["max_weight_ratio"])
+        val_slices=o["val_slices"], early_stop=o["early_stop"], max_weight_ratio=o["max_weight_ratio"],
+        bn_recalibrate=o["bn_recalibrate"])
     return mcfg, tcfg, names

@@ -113,6 +113,8 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
             _save(run, out_path, done)
     bar.close()
+    if cfg.bn_recalibrate and done > start:
+        recalibrate_batchnorm(run, cfg.bn_recalibrate)
     path = _save(run, out_path, done)
     draw_curve(out_path, run.history)
     run.model.eval()
@@ -259,6 +261,35 @@ def _step(run: Run, it: int) -> dict:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     return {"iteration": it + 1, "loss": float(loss.detach()), "lr": lr}
+
+
+def recalibrate_batchnorm(run: Run, patches: int) -> None:
+    """Re-estimate every BatchNorm's running mean and variance as the plain average over
+    `patches` un-augmented training windows, with the final weights.
+
+    Why: with batch 1 the running statistics are an exponential average over augmented patches
+    (gray-value changes, rotations) seen while the weights were still moving; inference then
+    normalizes with statistics no real input has. Çiçek et al. used batch statistics at test
+    time instead, which makes the result depend on the tile; averaging over fixed weights keeps
+    inference deterministic and tile-independent."""
+    bns = [m for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                  # cumulative moving average: equal weight per patch
+    context = run.model_cfg.geometry.context
+    state = run.rng.bit_generator.state    # do not disturb the sampler (resume stays exact)
+    run.model.train()
+    with torch.no_grad():
+        for _ in range(patches):
+            vi, out_start = run.sampler.sample()
+            x = read_reflected(run.images[vi], [s - c for s, c in zip(out_start, context)], run.in_shape)
+            run.model(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))
+    run.rng.bit_generator.state = state
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
 
 
 # ------------------------------------------------------------------ validation, best, early stop
