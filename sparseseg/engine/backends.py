@@ -120,10 +120,17 @@ class TorchBackend(Backend):
 
 
 def model_contract(model) -> dict:
-    """The contract of an in-memory SegmentationModel (what `sparseseg.predict` needs)."""
+    """The contract of an in-memory SegmentationModel (what `sparseseg.predict` needs). Its
+    normalization is the model's own (`model.normalization`): "global" lives in the graph's
+    buffers (in_graph true: the gather leaves the input raw); "volume"/"percentile" keep an
+    identity in the graph (in_graph false: the gather applies the input volume's statistics,
+    plan.gather_normalization). So it is applied exactly once, whichever backend runs."""
+    from sparseseg.model.contract import INPUT_NAME, OUTPUT_NAME
+
     cfg = model.cfg
     return {"format": "sparseseg-engine", "in_channels": cfg.in_channels, "num_classes": cfg.num_classes,
-            "geometry": cfg.geometry.to_dict(), "model_config": cfg.to_dict(),
+            "class_names": [f"class_{k}" for k in range(cfg.num_classes)], "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME, "geometry": cfg.geometry.to_dict(), "model_config": cfg.to_dict(),
             "normalization": model.normalization}
 
 
