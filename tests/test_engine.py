@@ -482,3 +482,38 @@ def test_per_volume_normalization_is_applied_exactly_once(tmp_path, monkeypatch,
     assert np.abs(got - want).max() < 1e-4
     for wrong in (image, apply(once, stats)):          # not at all / twice: far outside that bound
         assert np.abs(_one_pass(model, wrong) - want).max() > 2e-3
+
+
+def test_resume_reuses_the_recorded_tile_when_the_default_changes(tmp_path, monkeypatch):
+    """The default tile/batch depend on free GPU memory: a resume must take the recorded block,
+    tile and batch, not today's defaults (simulated by patching the planner), and an explicitly
+    different --tile is refused in one line."""
+    from sparseseg.engine import tiling
+    from sparseseg.errors import SparsesegError
+
+    ck = make_engine(tmp_path)
+    path, data = volume(tmp_path, shape=(12, 30, 30))
+    out = tmp_path / "o.zarr"
+    first = run_inference(ck, path, out, workers=0, block=(8, 16, 16), tile=(4, 12, 12), batch=2, progress=False,
+                          device="cpu")
+    want = open_volume(out).read_labels()
+    done_dir = out / ".sparseseg" / "done"
+    labels = zarr.open_group(str(out), mode="r+")["0"]
+    for marker in sorted(done_dir.iterdir())[:3]:          # as if killed before these were finished
+        start, shape = (json.loads(part) for part in marker.read_text().replace("] [", "]|[").split("|"))
+        labels[tuple(slice(a, a + b) for a, b in zip(start, shape))] = 0
+        marker.unlink()
+    other = (12, 20, 20) if tuple(first["tile"]) != (12, 20, 20) else (4, 20, 20)
+    monkeypatch.setattr(tiling, "default_tile", lambda *a, **k: other)
+    monkeypatch.setattr(tiling, "default_batch", lambda *a, **k: 5)
+    again = run_inference(ck, path, out, workers=0, resume=True, progress=False, device="cpu")
+    assert again["tile"] == first["tile"] and again["batch"] == 2 and again["block"] == [8, 16, 16]
+    assert again["blocks_skipped"] == first["blocks"] - 3 and again["blocks_computed"] == 3
+    assert np.array_equal(open_volume(out).read_labels(), want)
+    with pytest.raises(SparsesegError) as e:
+        run_inference(ck, path, out, workers=0, resume=True, tile=other, progress=False, device="cpu")
+    assert "--tile 4x12x12" in str(e.value) and "\n" not in str(e.value)
+    r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--output", str(out), "--resume",
+                                  "--tile", ",".join(map(str, other)), "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error: cannot resume")
+    assert len(list(done_dir.iterdir())) == first["blocks"]        # nothing lost by the refusals

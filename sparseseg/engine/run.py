@@ -168,6 +168,11 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     spec = BackendSpec(str(Path(engine).resolve()), device, precision, backend=backend)
     backend_name = resolve_backend(spec)
     run_device = resolve_device(engine, device)
+    if resume and not dry_run:          # the recorded block/tile/batch, not today's defaults
+        from sparseseg.engine.resume import resume_choice
+
+        block, tile, batch = resume_choice(_output_location(output, input_path), block, tile, batch,
+                                           storage_options)
     blk, tile, batch = choose(contract, shape, device=run_device, block=block, tile=tile, batch=batch,
                               overlap=overlap)
     if dry_run:
@@ -176,6 +181,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
                 "device": run_device, **fig}
     out = _output_location(output, input_path)
     record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, shape, probabilities)
+    record["batch"] = batch             # reused on resume (engine/resume.py)
     lease = _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite, storage_options)
 
     blocks = make_blocks(shape, blk)
