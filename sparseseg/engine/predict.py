@@ -96,7 +96,8 @@ def model_backend(model, device: str = "auto", precision: str = "fp32", backend:
 
 
 def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, overlap: float = 0.5,
-            device: str = "auto", precision: str = "fp32", probabilities=None, backend: str = "auto"):
+            device: str = "auto", precision: str = "fp32", probabilities=None, backend: str = "auto",
+            kernels: str | None = None):
     """Dense labels (Z, Y, X) uint8 for an in-memory (Z, Y, X) or (C, Z, Y, X) array, and
     probabilities (K, Z, Y, X) when asked for (`probabilities`: "uint8" (p*255), "float16",
     "float32" or True = float32), else None.
@@ -104,7 +105,8 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
     `model_or_engine_file`: a SegmentationModel (e.g. `sparseseg.load_model(...)` or a model
     just trained), or an engine file (.pt, .onnx, .plan). Both run with the backend
     `sparseseg-infer` would pick for them (a model object as a .pt file: ONNX Runtime on CPU,
-    torch on CUDA), unless `backend` pins one ("torch", "onnxruntime", "openvino")."""
+    torch on CUDA), unless `backend` pins one ("torch", "onnxruntime", "openvino"). `kernels`:
+    "torch" (default, or $SPARSESEG_KERNELS) or "cuda" for the CUDA gather/stitch kernels."""
     from pathlib import Path
 
     from sparseseg.engine.backends import cached_backend
@@ -130,12 +132,16 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
     contract = engine.contract
     if vol.channels != contract["in_channels"]:
         raise SparsesegError(f"the array has {vol.channels} channel(s), the model expects {contract['in_channels']}")
+    from sparseseg.kernels.select import check_kernels, kernels_option
+
+    kernels = kernels_option(kernels)
+    check_kernels(kernels, engine.device.type)
     blk, tile, batch = choose(contract, vol.shape, device=engine.device.type, block=block, tile=tile, batch=batch,
                               overlap=overlap)
     from sparseseg.model.contract import geometry_of_contract
 
     job = BlockJob("<memory>", "<memory>", spec, geometry_of_contract(contract).to_dict(), vol.shape, tile, overlap,
-                   batch, probabilities, normalization=gather_normalization(contract, vol))
+                   batch, probabilities, normalization=gather_normalization(contract, vol), kernels=kernels)
     labels = np.zeros(vol.shape, np.uint8)
     probs = (np.zeros((contract["num_classes"],) + vol.shape, np.dtype(probabilities)) if probabilities else None)
 
