@@ -275,11 +275,11 @@ def cached_onnx(checkpoint) -> Path:
     if path.is_file():
         return path
     from sparseseg.export.onnx_export import export_onnx
-    from sparseseg.fsutil import replace_atomically
+    from sparseseg.fsutil import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, _, _ = export_onnx(load_checkpoint(checkpoint), sha, path, "fp32", simplify=False)
-    replace_atomically(tmp, path)
+    with atomic_path(path) as tmp:
+        export_onnx(load_checkpoint(checkpoint), sha, tmp, "fp32", simplify=False)
     log.info("exported %s to %s for onnxruntime", checkpoint, path)
     return path
 
