@@ -1,6 +1,7 @@
 """The block worker: read -> device -> gather tiles -> batched forward -> stitch -> argmax ->
 host -> write -> mark done, with everything between the upload and the download on the
-backend's device (torch functions of engine/tensor_ops.py; a GPU keeps the block resident).
+backend's device (torch functions of engine/tensor_ops.py, or with --kernels cuda the CUDA
+kernels of sparseseg/kernels on a CUDA device; a GPU keeps the block resident).
 
 Per block: the region is read in its stored dtype (uint8/uint16/float32: no host float32 copy),
 copied into a pinned host buffer and uploaded on a copy stream (CUDA); tiles are cut from it on
