@@ -512,7 +512,7 @@ def test_resume_reuses_the_recorded_tile_when_the_default_changes(tmp_path, monk
     assert np.array_equal(open_volume(out).read_labels(), want)
     with pytest.raises(SparsesegError) as e:
         run_inference(ck, path, out, workers=0, resume=True, tile=other, progress=False, device="cpu")
-    assert "--tile 4x12x12" in str(e.value) and "\n" not in str(e.value)
+    assert "different --tile (4x12x12, not" in str(e.value) and "\n" not in str(e.value)
     r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--output", str(out), "--resume",
                                   "--tile", ",".join(map(str, other)), "--workers", "0", "--device", "cpu"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error: cannot resume")

@@ -34,20 +34,22 @@ def _triple(value):
     return None if value is None else tuple(int(v) for v in value)
 
 
-def resume_choice(out: str, block, tile, batch, storage_options=None):
-    """(block, tile, batch) for resuming into `out`: the recorded ones where the user gave none;
-    an explicit --block/--tile that differs from the record is a one-line error. Batch only
-    groups tiles, so an explicit --batch is taken as given (older records have no batch)."""
+def resume_choice(out: str, engine_sha256: str, block, tile, batch, storage_options=None):
+    """(block, tile, batch) for resuming into `out` with the engine of this sha256: the recorded
+    ones where the user gave none; an explicit --block/--tile that differs from the record is a
+    one-line error. Batch only groups tiles, so an explicit --batch is taken as given (older
+    records have no batch). Another engine's record is not reused (the resume is refused
+    afterwards, naming the engine)."""
     record = recorded_run(out, storage_options)
-    if record is None:
+    if record is None or record.get("engine_sha256") != engine_sha256:
         return block, tile, batch
     x = "x".join
     for name, given, key in (("--block", block, "block"), ("--tile", tile, "tile")):
         old = _triple(record.get(key))
         if given is not None and old is not None and _triple(given) != old:
-            raise SparsesegError(f"cannot resume {out}: it was written with {name} {x(map(str, old))}, not "
-                                 f"{x(map(str, _triple(given)))}; leave {name} out to reuse it, or use --overwrite "
-                                 "to start again")
+            raise SparsesegError(f"cannot resume {out}: it was written with a different {name} ({x(map(str, old))}, "
+                                 f"not {x(map(str, _triple(given)))}); leave {name} out to reuse it, or use "
+                                 "--overwrite to start again")
     block = block if block is not None else _triple(record.get("block"))
     tile = tile if tile is not None else _triple(record.get("tile"))
     if batch is None and record.get("batch") is not None:

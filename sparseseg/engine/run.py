@@ -176,7 +176,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     if resume and not dry_run:          # the recorded block/tile/batch, not today's defaults
         from sparseseg.engine.resume import resume_choice
 
-        block, tile, batch = resume_choice(_output_location(output, input_path), block, tile, batch,
+        block, tile, batch = resume_choice(_output_location(output, input_path), engine_sha, block, tile, batch,
                                            storage_options)
     blk, tile, batch = choose(contract, shape, device=run_device, block=block, tile=tile, batch=batch,
                               overlap=overlap)
