@@ -41,13 +41,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="48,96,96", help="generated volume Z,Y,X (uint8, 3 channels)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--backend", default="auto", help="auto (the engine's choice), torch, onnxruntime, openvino")
+    ap.add_argument("--backend", default="auto",
+                    help="auto (the engine's choice), torch, onnxruntime, openvino")
     ap.add_argument("--kernels", choices=["torch", "cuda"], default="torch")
     ap.add_argument("--tiles", default="old,default",
                     help="comma list of: old (12^3 out), default (the engine's), or Z:Y:X output tiles")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (ONNX Runtime uses its own pool)")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (ONNX Runtime uses its own pool)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per tile setting (the best is kept)")
-    ap.add_argument("--code", default=str(Path(__file__).resolve().parents[1]), help="sparseseg checkout to time")
+    ap.add_argument("--code", default=str(Path(__file__).resolve().parents[1]),
+                    help="sparseseg checkout to time")
     ap.add_argument("--out", default=None, help="append the result to this JSON list")
     a = ap.parse_args()
     sys.path.insert(0, a.code)
@@ -72,7 +75,8 @@ def main():
     rng = np.random.default_rng(0)
 
     def make_volume(name, vshape):
-        vol = zarr.create_array(str(work / name), shape=(3,) + vshape, chunks=(3, 64, 128, 128), dtype="uint8")
+        vol = zarr.create_array(str(work / name), shape=(3,) + vshape, chunks=(3, 64, 128, 128),
+                                dtype="uint8")
         vol[...] = (rng.random((3,) + vshape) * 255).astype(np.uint8)
         return str(work / name)
 
@@ -82,9 +86,11 @@ def main():
     voxels = int(np.prod(shape))
     runs = []
     for name in a.tiles.split(","):
-        tile = OLD_DEFAULT_TILE if name == "old" else None if name == "default" else _triple(name.replace(":", ","))
+        tile = (OLD_DEFAULT_TILE if name == "old" else None if name == "default"
+                else _triple(name.replace(":", ",")))
         plan = run_inference(ck, big, None, tile=tile, dry_run=True, **opts)
-        run_inference(ck, small, work / f"warm_{name}.zarr", tile=tuple(plan["tile_output"]), **opts)  # warm-up
+        # warm-up: ONNX export into the cache, session creation, cuDNN autotuning
+        run_inference(ck, small, work / f"warm_{name}.zarr", tile=tuple(plan["tile_output"]), **opts)
         seconds, summary = [], None
         for i in range(max(1, a.repeats)):
             t0 = time.perf_counter()
@@ -98,8 +104,9 @@ def main():
                "tile_input_voxels_per_output_voxel": plan["tile_input_voxels_per_output_voxel"],
                "flops_per_output_voxel": plan["flops_per_output_voxel"]}
         runs.append(run)
-        print(f"{name:8s} tile {'x'.join(map(str, run['tile_input']))} -> {'x'.join(map(str, run['tile_output']))}"
-              f" batch {run['batch']}: {min(seconds):8.1f} s, {run['voxels_per_second']:10.4g} voxels/s, "
+        x = "x".join
+        print(f"{name:8s} tile {x(map(str, run['tile_input']))} -> {x(map(str, run['tile_output']))} batch"
+              f" {run['batch']}: {min(seconds):8.1f} s, {run['voxels_per_second']:10.4g} voxels/s, "
               f"{run['tile_input_voxels_per_output_voxel']:.4g} tile input voxels and "
               f"{run['flops_per_output_voxel'] / 1e6:.4g} MFLOP per output voxel ({run['backend']} on "
               f"{run['device']})", flush=True)
@@ -108,7 +115,8 @@ def main():
     result = {"what": "run_inference (sparseseg-infer --engine model.pt), uint8 zarr -> zarr, paper network "
                       "with random weights (speed only)",
               "shape": list(shape), "code": a.code, "kernels": a.kernels,
-              "machine": f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads"
+              "machine": f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, "
+                         f"{a.threads} torch threads"
                          + (f", {gpu}" if gpu else ""),
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "load_average_after": list(os.getloadavg()), "runs": runs}
