@@ -1,6 +1,7 @@
 """End-to-end zarr -> zarr voxels/s of the engine on the paper's network: the old default tile
 (12^3 output from 100^3 input) against the current default
-(from the device's memory budget; at least the 132^3 -> 44^3 tile), through `run_inference`
+(from the device's memory budget: at least the 132^3 -> 44^3 tile unless one smaller tile
+covers the block), through `run_inference`
 exactly as `sparseseg-infer --engine model.pt` runs it (in process, default block and backend).
 
 The network is the `paper` preset (4 levels, 32..512 channels, valid convolutions, 3 input
