@@ -6,6 +6,8 @@ replaced by the array and, for a model object, the engine file replaced by the m
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from sparseseg.engine.backends import BackendSpec
@@ -48,13 +50,15 @@ def model_backend_kind(device: str, precision: str, backend: str) -> str:
     if backend not in BACKENDS:
         raise SparsesegError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     if backend == "tensorrt":
-        raise SparsesegError("--backend tensorrt runs .plan files only; export the model with sparseseg-export --plan")
+        raise SparsesegError("--backend tensorrt runs .plan files only; export the model with "
+                             "sparseseg-export --plan")
     if backend == "auto" and precision != "fp32":
         return "torch"              # fp16/bf16 of a model object: torch autocast (CUDA)
     return resolve_backend(BackendSpec("model.pt", device, precision, backend=backend))
 
 
 _MODEL_CACHE: dict = {}       # (digest, kind, device) -> backend: repeated calls on one model export once
+_MODEL_LOCK = threading.Lock()    # e.g. the napari widget's worker thread beside the caller's
 
 
 def model_backend(model, device: str = "auto", precision: str = "fp32", backend: str = "auto"):
@@ -62,21 +66,29 @@ def model_backend(model, device: str = "auto", precision: str = "fp32", backend:
     fp32 ONNX export (the same export as `backends.cached_onnx` makes of a .pt file), written to
     a temporary directory and loaded once; the last model's backend is kept for the next call
     while its weights are unchanged."""
-    import copy
-    import tempfile
-    from pathlib import Path
-
-    from sparseseg.engine.backends import OnnxBackend, OpenVinoBackend, TorchBackend, model_contract
+    from sparseseg.engine.backends import TorchBackend, model_contract
 
     contract = model_contract(model)
     kind = model_backend_kind(device, precision, backend)
     if kind == "torch":
         return TorchBackend(model, contract, device, precision)
     digest = model_digest(model)
-    key = (digest, kind, device)
-    if key in _MODEL_CACHE:
+    with _MODEL_LOCK:
+        key = (digest, kind, device)
+        if key not in _MODEL_CACHE:
+            engine = _exported_backend(model, contract, digest, kind, device, precision)
+            _MODEL_CACHE.clear()
+            _MODEL_CACHE[key] = engine
         return _MODEL_CACHE[key]
+
+
+def _exported_backend(model, contract, digest, kind, device, precision):
+    import copy
+    import tempfile
+    from pathlib import Path
+
     from sparseseg import __version__
+    from sparseseg.engine.backends import OnnxBackend, OpenVinoBackend
     from sparseseg.export.onnx_export import export_onnx
     from sparseseg.model.checkpoint import Checkpoint
 
@@ -88,11 +100,8 @@ def model_backend(model, device: str = "auto", precision: str = "fp32", backend:
         path = Path(tmp) / "model.onnx"
         written, _, _ = export_onnx(ckpt, digest, path, "fp32", simplify=False)
         # Both runtimes read the whole graph when the session is made: the file may go after.
-        engine = OnnxBackend(spec, contract, path=written) if kind == "onnxruntime" else \
+        return OnnxBackend(spec, contract, path=written) if kind == "onnxruntime" else \
             OpenVinoBackend(spec, contract, path=written)
-    _MODEL_CACHE.clear()
-    _MODEL_CACHE[key] = engine
-    return engine
 
 
 def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, overlap: float = 0.5,
