@@ -325,11 +325,14 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
                                         "\"http://...\"}' (default: from the environment, e.g. AWS_*)")
 @click.option("--retries", type=click.IntRange(0), default=2, show_default=True,
               help="extra attempts for a failing block before it is recorded as failed")
+@click.option("--kernels", type=click.Choice(["torch", "cuda"]), default=None,
+              help="gather/stitch on the device: torch functions (default, or $SPARSESEG_KERNELS) or the CUDA "
+                   "kernels (needs CuPy and a CUDA device; not yet verified on a GPU)")
 @click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
 @user_errors
 def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch, overlap, probabilities, resume,
               overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second, input_inner,
-              storage_options, retries, verbose):
+              storage_options, retries, kernels, verbose):
     """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable.
 
     INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
@@ -345,7 +348,7 @@ def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch
                       overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
                       device=device, precision=precision, storage_options=storage_options_from(storage_options),
                       input_inner=input_inner, retries=retries, backend=backend, dry_run=dry_run,
-                      assume_voxels_per_second=assume_voxels_per_second)
+                      assume_voxels_per_second=assume_voxels_per_second, kernels=kernels)
     _echo_failed(s)                                  # on stderr
     if as_json:
         click.echo(json.dumps(s))

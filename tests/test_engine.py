@@ -401,7 +401,8 @@ def test_out_of_memory_halves_the_batch_then_names_the_options(monkeypatch):
     torch.manual_seed(0)
     model = SegmentationModel(tiny_config(depth=2, width=4), mean=[100.0], std=[30.0]).eval()
     image = (np.random.default_rng(0).random((12, 40, 40)) * 200).astype(np.float32)
-    want, _ = sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
+    run = dict(tile=(4, 8, 8), batch=4, device="cpu", backend="torch")     # the patched backend
+    want, _ = sparseseg.predict(model, image, **run)
     forward = backends.TorchBackend.forward
     seen = []
 
@@ -412,8 +413,107 @@ def test_out_of_memory_halves_the_batch_then_names_the_options(monkeypatch):
         return forward(self, x)
 
     monkeypatch.setattr(backends.TorchBackend, "forward", lambda self, x: limited(self, x, 2))
-    got, _ = sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
+    got, _ = sparseseg.predict(model, image, **run)
     assert np.array_equal(got, want) and seen[0] == 4 and max(seen[1:]) == 2
     monkeypatch.setattr(backends.TorchBackend, "forward", lambda self, x: limited(self, x, 0))
     with pytest.raises(SparsesegError, match="out of device memory.*--tile or --batch"):
-        sparseseg.predict(model, image, tile=(4, 8, 8), batch=4, device="cpu")
+        sparseseg.predict(model, image, **run)
+
+
+def _one_pass(model, image):
+    """One forward over the whole reflect-padded (C, Z, Y, X) image, cropped to it: what a
+    valid network's tiled prediction must equal."""
+    g = model.cfg.geometry
+    outs = [r.output_at_least(n) for r, n in zip(g.axes, image.shape[1:])]
+    padded = pad_region(image, g.context, [o - n + c for o, n, c in zip(outs, image.shape[1:], g.context)])
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(padded, np.float32))[None])[0]
+    return torch.softmax(logits, 0).numpy()[(slice(None),) + tuple(slice(0, n) for n in image.shape[1:])]
+
+
+def test_predict_model_object_runs_the_engines_cpu_backend():
+    """A model object on CPU runs through ONNX Runtime (the engine's CPU default for a .pt),
+    agrees with torch, and is exported again when its weights change (no stale cache)."""
+    import sparseseg
+    from sparseseg.engine.predict import model_backend, model_backend_kind
+
+    assert model_backend_kind("cpu", "fp32", "auto") == "onnxruntime"
+    assert model_backend_kind("cpu", "fp32", "torch") == "torch"
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=2, width=4, classes=3), mean=[100.0], std=[30.0]).eval()
+    image = (np.random.default_rng(1).random((14, 30, 30)) * 200).astype(np.float32)
+    seen = []
+    for step in range(2):
+        with torch.no_grad():                   # "train" it: each prediction must follow the weights
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        lab, prob = sparseseg.predict(model, image, device="cpu", probabilities=True)
+        assert model_backend(model, "cpu").name == "onnxruntime"
+        lab_t, prob_t = sparseseg.predict(model, image, device="cpu", backend="torch", probabilities=True)
+        assert (lab == lab_t).mean() >= 0.999 and np.abs(prob - prob_t).max() < 1e-3
+        assert len(np.unique(lab_t)) > 1
+        seen.append(lab_t)
+    assert (seen[0] != seen[1]).mean() > 0.01           # so a stale export would have failed above
+
+
+@pytest.mark.parametrize("mode", ["volume", "percentile"])
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "engine file"])
+def test_per_volume_normalization_is_applied_exactly_once(tmp_path, monkeypatch, mode, backend):
+    """'volume'/'percentile' models keep an identity in the graph and the engine applies the
+    input volume's statistics in the gather: the result equals one pass over the normalized
+    volume, and differs clearly from normalizing twice or not at all."""
+    import sparseseg
+    from sparseseg.model.normalization import apply, volume_statistics
+
+    monkeypatch.setenv("SPARSESEG_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=2, width=4, classes=3), normalization=mode).eval()
+    rng = np.random.default_rng(2)
+    image = (rng.random((1, 14, 30, 30)) * 800 + 3000).astype(np.float32)
+    image[0, 3, 4, 5:9] = 60000.0                      # saturated pixels: the percentile clip matters
+    stats = volume_statistics(image, model.normalization)
+    once = apply(image, stats)
+    want = _one_pass(model, once)
+    if backend == "engine file":
+        source = save_checkpoint(tmp_path / "m.pt", model, None, ["a", "b", "c"], 255)   # .pt: ONNX Runtime
+        _, got = sparseseg.predict(source, image[0], device="cpu", probabilities="float32")
+    else:
+        _, got = sparseseg.predict(model, image[0], device="cpu", backend=backend, probabilities="float32")
+    assert np.abs(got - want).max() < 1e-4
+    for wrong in (image, apply(once, stats)):          # not at all / twice: far outside that bound
+        assert np.abs(_one_pass(model, wrong) - want).max() > 2e-3
+
+
+def test_resume_reuses_the_recorded_tile_when_the_default_changes(tmp_path, monkeypatch):
+    """The default tile/batch depend on free GPU memory: a resume must take the recorded block,
+    tile and batch, not today's defaults (simulated by patching the planner), and an explicitly
+    different --tile is refused in one line."""
+    from sparseseg.engine import tiling
+    from sparseseg.errors import SparsesegError
+
+    ck = make_engine(tmp_path)
+    path, data = volume(tmp_path, shape=(12, 30, 30))
+    out = tmp_path / "o.zarr"
+    first = run_inference(ck, path, out, workers=0, block=(8, 16, 16), tile=(4, 12, 12), batch=2, progress=False,
+                          device="cpu")
+    want = open_volume(out).read_labels()
+    done_dir = out / ".sparseseg" / "done"
+    labels = zarr.open_group(str(out), mode="r+")["0"]
+    for marker in sorted(done_dir.iterdir())[:3]:          # as if killed before these were finished
+        start, shape = (json.loads(part) for part in marker.read_text().replace("] [", "]|[").split("|"))
+        labels[tuple(slice(a, a + b) for a, b in zip(start, shape))] = 0
+        marker.unlink()
+    other = (12, 20, 20) if tuple(first["tile"]) != (12, 20, 20) else (4, 20, 20)
+    monkeypatch.setattr(tiling, "default_tile", lambda *a, **k: other)
+    monkeypatch.setattr(tiling, "default_batch", lambda *a, **k: 5)
+    again = run_inference(ck, path, out, workers=0, resume=True, progress=False, device="cpu")
+    assert again["tile"] == first["tile"] and again["batch"] == 2 and again["block"] == [8, 16, 16]
+    assert again["blocks_skipped"] == first["blocks"] - 3 and again["blocks_computed"] == 3
+    assert np.array_equal(open_volume(out).read_labels(), want)
+    with pytest.raises(SparsesegError) as e:
+        run_inference(ck, path, out, workers=0, resume=True, tile=other, progress=False, device="cpu")
+    assert "different --tile (4x12x12, not" in str(e.value) and "\n" not in str(e.value)
+    r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(path), "--output", str(out), "--resume",
+                                  "--tile", ",".join(map(str, other)), "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error: cannot resume")
+    assert len(list(done_dir.iterdir())) == first["blocks"]        # nothing lost by the refusals

@@ -134,3 +134,120 @@ def test_kernels_import_without_cuda():
 
     src = loader.source("stitch_same.cu")
     assert "__global__" in src and 'include "common.cuh"' not in src and "reflect_index" in src
+
+
+# ---------------------------------------------------------------- the engine's switch (--kernels)
+
+def test_kernel_switch_defaults_to_torch_and_checks_its_input(monkeypatch):
+    from sparseseg.errors import SparsesegError
+    from sparseseg.kernels.select import block_ops, check_kernels, kernels_option
+
+    monkeypatch.delenv("SPARSESEG_KERNELS", raising=False)
+    assert kernels_option(None) == "torch" and kernels_option("cuda") == "cuda"
+    monkeypatch.setenv("SPARSESEG_KERNELS", "cuda")
+    assert kernels_option(None) == "cuda"
+    monkeypatch.setenv("SPARSESEG_KERNELS", "triton")
+    with pytest.raises(SparsesegError, match="unknown kernels 'triton'"):
+        kernels_option(None)
+    with pytest.raises(SparsesegError, match="--kernels cuda needs a CUDA device"):
+        check_kernels("cuda", "cpu")
+    check_kernels("torch", "cpu")
+    assert block_ops("cuda", torch.device("cpu")).name == "torch"      # CPU never runs the kernels
+
+
+def test_worker_calls_the_selected_functions(monkeypatch):
+    """The block worker computes through the functions the switch selects (here a recording
+    wrapper of the torch ones), with the job's --kernels value."""
+    import sparseseg
+    from sparseseg.kernels import select
+    from sparseseg.model.network import SegmentationModel
+    from tests.helpers import tiny_config
+
+    calls, asked = [], []
+
+    class Recording:
+        name = "recording"
+
+        def __init__(self):
+            inner = select.TorchOps()
+            for fn in ("gather", "stitch_valid", "accumulate_same", "finalize_same"):
+                setattr(self, fn, lambda *a, _f=getattr(inner, fn), _n=fn, **k: (calls.append(_n), _f(*a, **k))[1])
+
+    monkeypatch.setattr(select, "block_ops", lambda kernels, device: (asked.append(kernels), Recording())[1])
+    torch.manual_seed(0)
+    image = np.random.default_rng(0).random((10, 20, 20)).astype(np.float32)
+    for padding, fns in (("valid", {"gather", "stitch_valid"}), ("same", {"gather", "accumulate_same",
+                                                                          "finalize_same"})):
+        calls.clear()
+        model = SegmentationModel(tiny_config(depth=2, padding=padding)).eval()
+        sparseseg.predict(model, image, device="cpu", backend="torch", kernels="torch")
+        assert set(calls) == fns
+    assert asked == ["torch", "torch"]
+
+
+def test_cli_kernels_cuda_on_cpu_is_one_line_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from sparseseg.cli import main
+    from sparseseg.model.checkpoint import save_checkpoint
+    from sparseseg.model.network import SegmentationModel
+    from tests.helpers import tiny_config
+
+    ck = save_checkpoint(tmp_path / "m.pt", SegmentationModel(tiny_config()), None, ["a", "b"], 255)
+    np.save(tmp_path / "v.npy", np.zeros((8, 16, 16), np.float32))
+    r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(tmp_path / "v.npy"), "--output",
+                                  str(tmp_path / "o.zarr"), "--device", "cpu", "--kernels", "cuda"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "--kernels cuda needs a CUDA device" in r.output
+    assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_gpu_gather_parity_on_a_real_read_plan(dtype):
+    """The kernel and the torch gather on the data of a real block at the volume border (its
+    region, tile offsets and grid origin from blocks.read_plan), normalization in the gather."""
+    pytest.importorskip("cupy")
+    from sparseseg.engine.blocks import make_blocks, read_plan
+    from sparseseg.engine.tiling import tile_input
+    from sparseseg.kernels import gpu
+    from tests.helpers import tiny_config
+
+    geom = tiny_config(depth=3).geometry
+    shape, tile = (21, 37, 43), (12, 12, 12)
+    vol = (np.random.default_rng(4).random((1,) + shape) * 200).astype(dtype)
+    norm = normalization_tensors({"mean": [90.0], "std": [40.0], "lo": [3.0], "hi": [190.0]}, "cuda")
+    for block in make_blocks(shape, (16, 16, 24)):
+        plan = read_plan(block, shape, geom, tile, 0.5)
+        region = torch.from_numpy(np.ascontiguousarray(vol[(slice(None),) + plan.region])).cuda()
+        for n in (None, norm):
+            args = (region, plan.region_start, plan.offsets, plan.origin, shape, tile_input(geom, tile), n,
+                    torch.float32)
+            assert torch.equal(gpu.gather(*args), ref.gather(*args)), block.key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_gpu_engine_kernels_equal_torch_functions(padding, precision, dtype):
+    """The whole block pipeline on CUDA with --kernels cuda against --kernels torch: several
+    blocks (volume border and interior), per-volume normalization in the gather, uint8
+    probabilities: labels bit for bit, probabilities to one quantization step."""
+    pytest.importorskip("cupy")
+    import sparseseg
+    from sparseseg.model.network import SegmentationModel
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=2, width=8, classes=3, padding=padding),
+                              normalization="percentile").eval()
+    with torch.no_grad():                       # weights that give all three classes (checked on CPU)
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    image = (np.random.default_rng(5).random((20, 36, 44)) * 200).astype(dtype)
+    tile = (12, 12, 12) if padding == "valid" else (8, 16, 16)
+    runs = {k: sparseseg.predict(model, image, tile=tile, block=(16, 16, 24), batch=3, device="cuda",
+                                 backend="torch", precision=precision, probabilities="uint8", kernels=k)
+            for k in ("torch", "cuda")}
+    assert np.array_equal(runs["torch"][0], runs["cuda"][0])
+    assert np.abs(runs["torch"][1].astype(int) - runs["cuda"][1].astype(int)).max() <= 1

@@ -120,10 +120,17 @@ class TorchBackend(Backend):
 
 
 def model_contract(model) -> dict:
-    """The contract of an in-memory SegmentationModel (what `sparseseg.predict` needs)."""
+    """The contract of an in-memory SegmentationModel (what `sparseseg.predict` needs). Its
+    normalization is the model's own (`model.normalization`): "global" lives in the graph's
+    buffers (in_graph true: the gather leaves the input raw); "volume"/"percentile" keep an
+    identity in the graph (in_graph false: the gather applies the input volume's statistics,
+    plan.gather_normalization). So it is applied exactly once, whichever backend runs."""
+    from sparseseg.model.contract import INPUT_NAME, OUTPUT_NAME
+
     cfg = model.cfg
     return {"format": "sparseseg-engine", "in_channels": cfg.in_channels, "num_classes": cfg.num_classes,
-            "geometry": cfg.geometry.to_dict(), "model_config": cfg.to_dict(),
+            "class_names": [f"class_{k}" for k in range(cfg.num_classes)], "input_name": INPUT_NAME,
+            "output_name": OUTPUT_NAME, "geometry": cfg.geometry.to_dict(), "model_config": cfg.to_dict(),
             "normalization": model.normalization}
 
 
@@ -268,11 +275,11 @@ def cached_onnx(checkpoint) -> Path:
     if path.is_file():
         return path
     from sparseseg.export.onnx_export import export_onnx
-    from sparseseg.fsutil import replace_atomically
+    from sparseseg.fsutil import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, _, _ = export_onnx(load_checkpoint(checkpoint), sha, path, "fp32", simplify=False)
-    replace_atomically(tmp, path)
+    with atomic_path(path) as tmp:
+        export_onnx(load_checkpoint(checkpoint), sha, tmp, "fp32", simplify=False)
     log.info("exported %s to %s for onnxruntime", checkpoint, path)
     return path
 

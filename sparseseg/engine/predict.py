@@ -6,8 +6,11 @@ replaced by the array and, for a model object, the engine file replaced by the m
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
+from sparseseg.engine.backends import BackendSpec
 from sparseseg.errors import SparsesegError
 
 
@@ -25,18 +28,97 @@ class ArrayVolume:
         return out.astype(dtype, copy=False) if dtype is not None else out
 
 
+def model_digest(model) -> str:
+    """sha256 of what decides a model's outputs: configuration, normalization and every tensor
+    of its state (weights change between two calls during training)."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([model.cfg.to_dict(), model.normalization], sort_keys=True).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_backend_kind(device: str, precision: str, backend: str) -> str:
+    """The backend a model object runs with: the engine's rule for a .pt engine file
+    (backends.resolve_backend): on CPU ONNX Runtime where installed (1.7x torch, measured), on
+    CUDA torch; `backend` pins one ("torch", "onnxruntime", "openvino")."""
+    from sparseseg.engine.backends import BACKENDS, resolve_backend
+
+    if backend not in BACKENDS:
+        raise SparsesegError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    if backend == "tensorrt":
+        raise SparsesegError("--backend tensorrt runs .plan files only; export the model with "
+                             "sparseseg-export --plan")
+    if backend == "auto" and precision != "fp32":
+        return "torch"              # fp16/bf16 of a model object: torch autocast (CUDA)
+    return resolve_backend(BackendSpec("model.pt", device, precision, backend=backend))
+
+
+_MODEL_CACHE: dict = {}       # (digest, kind, device) -> backend: repeated calls on one model export once
+_MODEL_LOCK = threading.Lock()    # e.g. the napari widget's worker thread beside the caller's
+
+
+def model_backend(model, device: str = "auto", precision: str = "fp32", backend: str = "auto"):
+    """The backend for an in-memory SegmentationModel. ONNX Runtime / OpenVINO run the model's
+    fp32 ONNX export (the same export as `backends.cached_onnx` makes of a .pt file), written to
+    a temporary directory and loaded once; the last model's backend is kept for the next call
+    while its weights are unchanged."""
+    from sparseseg.engine.backends import TorchBackend, model_contract
+
+    contract = model_contract(model)
+    kind = model_backend_kind(device, precision, backend)
+    if kind == "torch":
+        return TorchBackend(model, contract, device, precision)
+    digest = model_digest(model)
+    with _MODEL_LOCK:
+        key = (digest, kind, device)
+        if key not in _MODEL_CACHE:
+            engine = _exported_backend(model, contract, digest, kind, device, precision)
+            _MODEL_CACHE.clear()
+            _MODEL_CACHE[key] = engine
+        return _MODEL_CACHE[key]
+
+
+def _exported_backend(model, contract, digest, kind, device, precision):
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from sparseseg import __version__
+    from sparseseg.engine.backends import OnnxBackend, OpenVinoBackend
+    from sparseseg.export.onnx_export import export_onnx
+    from sparseseg.model.checkpoint import Checkpoint
+
+    cpu_model = copy.deepcopy(model).cpu().eval()         # the caller's model stays where it is
+    cfg = cpu_model.cfg
+    ckpt = Checkpoint(cpu_model, cfg, None, list(contract["class_names"]), 255, 0, None, __version__, {})
+    spec = BackendSpec("<in-memory model>", device, precision, backend=kind)
+    with tempfile.TemporaryDirectory(prefix="sparseseg-predict-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        written, _, _ = export_onnx(ckpt, digest, path, "fp32", simplify=False)
+        # Both runtimes read the whole graph when the session is made: the file may go after.
+        return OnnxBackend(spec, contract, path=written) if kind == "onnxruntime" else \
+            OpenVinoBackend(spec, contract, path=written)
+
+
 def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, overlap: float = 0.5,
-            device: str = "auto", precision: str = "fp32", probabilities=None, backend: str = "auto"):
+            device: str = "auto", precision: str = "fp32", probabilities=None, backend: str = "auto",
+            kernels: str | None = None):
     """Dense labels (Z, Y, X) uint8 for an in-memory (Z, Y, X) or (C, Z, Y, X) array, and
     probabilities (K, Z, Y, X) when asked for (`probabilities`: "uint8" (p*255), "float16",
     "float32" or True = float32), else None.
 
     `model_or_engine_file`: a SegmentationModel (e.g. `sparseseg.load_model(...)` or a model
-    just trained), or an engine file (.pt, .onnx, .plan) run with the backend `sparseseg-infer`
-    would pick."""
+    just trained), or an engine file (.pt, .onnx, .plan). Both run with the backend
+    `sparseseg-infer` would pick for them (a model object as a .pt file: ONNX Runtime on CPU,
+    torch on CUDA), unless `backend` pins one ("torch", "onnxruntime", "openvino"). `kernels`:
+    "torch" (default, or $SPARSESEG_KERNELS) or "cuda" for the CUDA gather/stitch kernels."""
     from pathlib import Path
 
-    from sparseseg.engine.backends import BackendSpec, TorchBackend, cached_backend, model_contract
+    from sparseseg.engine.backends import cached_backend
     from sparseseg.engine.blocks import make_blocks
     from sparseseg.engine.plan import choose, gather_normalization
     from sparseseg.engine.worker import BlockJob, process_blocks
@@ -54,18 +136,21 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
         spec = BackendSpec(str(Path(model_or_engine_file).resolve()), device, precision, backend=backend)
         engine = cached_backend(spec)
     else:
-        contract = model_contract(model_or_engine_file)
-        engine = TorchBackend(model_or_engine_file, contract, device, precision)
-        spec = BackendSpec("<in-memory model>", device, precision, backend="torch")
+        engine = model_backend(model_or_engine_file, device, precision, backend)
+        spec = BackendSpec("<in-memory model>", device, precision, backend=engine.name)
     contract = engine.contract
     if vol.channels != contract["in_channels"]:
         raise SparsesegError(f"the array has {vol.channels} channel(s), the model expects {contract['in_channels']}")
+    from sparseseg.kernels.select import check_kernels, kernels_option
+
+    kernels = kernels_option(kernels)
+    check_kernels(kernels, engine.device.type)
     blk, tile, batch = choose(contract, vol.shape, device=engine.device.type, block=block, tile=tile, batch=batch,
                               overlap=overlap)
     from sparseseg.model.contract import geometry_of_contract
 
     job = BlockJob("<memory>", "<memory>", spec, geometry_of_contract(contract).to_dict(), vol.shape, tile, overlap,
-                   batch, probabilities, normalization=gather_normalization(contract, vol))
+                   batch, probabilities, normalization=gather_normalization(contract, vol), kernels=kernels)
     labels = np.zeros(vol.shape, np.uint8)
     probs = (np.zeros((contract["num_classes"],) + vol.shape, np.dtype(probabilities)) if probabilities else None)
 

@@ -147,7 +147,8 @@ def _local_cluster(workers: int | None, device: str):
 def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=None,
                   overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
                   group_size=None, progress=None, backend="auto", dry_run=False,
-                  assume_voxels_per_second=None, storage_options=None, input_inner=None, retries=2) -> dict:
+                  assume_voxels_per_second=None, storage_options=None, input_inner=None, retries=2,
+                  kernels=None) -> dict:
     from sparseseg.model.checkpoint import file_sha256
     from sparseseg.model.contract import geometry_of_contract, read_contract
     from sparseseg.volume import open_volume
@@ -168,6 +169,15 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     spec = BackendSpec(str(Path(engine).resolve()), device, precision, backend=backend)
     backend_name = resolve_backend(spec)
     run_device = resolve_device(engine, device)
+    from sparseseg.kernels.select import check_kernels, kernels_option
+
+    kernels = kernels_option(kernels)
+    check_kernels(kernels, run_device)
+    if resume and not dry_run:          # the recorded block/tile/batch, not today's defaults
+        from sparseseg.engine.resume import resume_choice
+
+        block, tile, batch = resume_choice(_output_location(output, input_path), engine_sha, block, tile, batch,
+                                           storage_options)
     blk, tile, batch = choose(contract, shape, device=run_device, block=block, tile=tile, batch=batch,
                               overlap=overlap)
     if dry_run:
@@ -176,6 +186,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
                 "device": run_device, **fig}
     out = _output_location(output, input_path)
     record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, shape, probabilities)
+    record["batch"] = batch             # reused on resume (engine/resume.py)
     lease = _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite, storage_options)
 
     blocks = make_blocks(shape, blk)
@@ -184,7 +195,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     skipped = len(blocks) - len(todo)
     job = BlockJob(_worker_location(vol.source), _worker_location(out), spec, geometry.to_dict(), shape, tile, overlap, batch, probabilities,
                    normalization=gather_normalization(contract, vol), storage_options=storage_options or None,
-                   run_id=lease.owner["id"])
+                   run_id=lease.owner["id"], kernels=kernels)
     voxels_total = sum(b.voxels for b in todo)
     log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, batch %d, %s on %s", input_path,
              len(blocks), blk, len(todo), skipped, tile, batch, backend_name, run_device)

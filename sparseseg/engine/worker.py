@@ -1,6 +1,7 @@
 """The block worker: read -> device -> gather tiles -> batched forward -> stitch -> argmax ->
 host -> write -> mark done, with everything between the upload and the download on the
-backend's device (torch functions of engine/tensor_ops.py; a GPU keeps the block resident).
+backend's device (torch functions of engine/tensor_ops.py, or with --kernels cuda the CUDA
+kernels of sparseseg/kernels on a CUDA device; a GPU keeps the block resident).
 
 Per block: the region is read in its stored dtype (uint8/uint16/float32: no host float32 copy),
 copied into a pinned host buffer and uploaded on a copy stream (CUDA); tiles are cut from it on
@@ -50,6 +51,7 @@ class BlockJob:
     storage_options: dict | None = None   # fsspec options for URL inputs/outputs (credentials, endpoint)
     run_id: str = ""                      # one run's arrays and chunk cache are never reused by another
     normalization: dict | None = None     # {mean, std, lo, hi} applied in the gather; None: the graph does it
+    kernels: str = "torch"                # gather/stitch: torch functions, or "cuda" kernels on a CUDA device
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -82,6 +84,9 @@ class BlockRunner:
                         if self.geometry.padding == "same" else None)
         self.prob_dtype = {None: None, "uint8": torch.uint8, "float16": torch.float16,
                            "float32": torch.float32}[job.probabilities]
+        from sparseseg.kernels.select import block_ops
+
+        self.ops = block_ops(job.kernels, self.device)      # engine/tensor_ops.py unless --kernels cuda
         if self.cuda:
             self.upload_stream = torch.cuda.Stream(self.device)
             self.download_stream = torch.cuda.Stream(self.device)
@@ -136,9 +141,7 @@ class BlockRunner:
                                  f"{self.batch}: pass a smaller --tile or --batch") from None
 
     def compute(self, block: Block, plan, region, staged):
-        from sparseseg.engine import tensor_ops as ops
-
-        torch = self.torch
+        torch, ops = self.torch, self.ops
         if staged is not None:
             torch.cuda.current_stream().wait_event(staged[0])
             region.record_stream(torch.cuda.current_stream())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -303,7 +302,6 @@ def export_bioimageio(model_path, out_zip, *, authors=("sparseseg user",), licen
     shape = test_input_shape(geometry)
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=".sparseseg-bioimageio-", dir=out_zip.parent))
-    tmp_zip = out_zip.with_name(f".{out_zip.name}.tmp-{os.getpid()}")
     try:
         zoo = ZooModel(ckpt.model, geometry.context)
         files = {"onnx": "weights.onnx", "torchscript": "weights_torchscript.pt", "test_input": "test_input.npy",
@@ -337,8 +335,10 @@ def export_bioimageio(model_path, out_zip, *, authors=("sparseseg user",), licen
         descr, tested = _validate(tmp_dir / "rdf.yaml", test)
         from bioimageio.spec import save_bioimageio_package
 
-        save_bioimageio_package(descr, output_path=tmp_zip)
-        os.replace(tmp_zip, out_zip)
+        from sparseseg.fsutil import atomic_path
+
+        with atomic_path(out_zip) as tmp_zip:
+            save_bioimageio_package(descr, output_path=tmp_zip)
     except SparsesegError:
         raise
     except Exception as e:  # pydantic/IO errors from the zoo libraries: one line, nothing left behind
@@ -346,8 +346,6 @@ def export_bioimageio(model_path, out_zip, *, authors=("sparseseg user",), licen
         raise SparsesegError(f"could not build the bioimage.io package: {msg[:300]}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        if tmp_zip.exists():
-            tmp_zip.unlink()
     how = "validated with bioimageio.spec and test-run with bioimageio.core" if tested else \
         "validated with bioimageio.spec"
     return (f"packaged {out_zip} (bioimage.io model spec 0.5: ONNX + TorchScript, input {INPUT_ID} sizes "

@@ -7,7 +7,6 @@ or int8 Q/DQ nodes calibrated on --calibration), because TensorRT builds strongl
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from sparseseg.errors import SparsesegError
@@ -17,7 +16,7 @@ def run_export(model, onnx_path, plan_path, precision, tile, batch, workspace, c
                verify: bool, simplify: bool, force: bool, tile_min=None, tile_max=None) -> list[str]:
     from sparseseg.engine.tiling import check_tile
     from sparseseg.export.onnx_export import ExportReport, export_onnx, verify_onnx
-    from sparseseg.fsutil import replace_atomically, temporary_sibling
+    from sparseseg.fsutil import atomic_path, temporary_sibling
     from sparseseg.model.checkpoint import file_sha256, load_checkpoint
     from sparseseg.model.contract import contract_from_checkpoint
 
@@ -59,21 +58,19 @@ def run_export(model, onnx_path, plan_path, precision, tile, batch, workspace, c
         opt = tile or default_plan_tile(contract_from_checkpoint(ckpt, sha, precision), "cuda")
         profile = profile_shapes(geometry, ckpt.model_config.in_channels, opt, tile_min, tile_max, batch)
 
-    tmp, contract, simplified = export_onnx(ckpt, sha, onnx_out, "fp32" if precision == "int8" else precision,
-                                            simplify=simplify)
-    qtmp = temporary_sibling(tmp)
-    try:
-        if precision == "int8":
-            contract = _quantize(tmp, qtmp, contract, ckpt, calibration)
-        report = ExportReport(str(onnx_out), False, None, None, False, simplified, precision)
-        if verify:
-            diff, agree, real = verify_onnx(tmp, ckpt, precision, calibration)
-            report = ExportReport(str(onnx_out), True, diff, agree, real, simplified, precision)
-        replace_atomically(tmp, onnx_out)
-    finally:
-        for p in (tmp, qtmp):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+    with atomic_path(onnx_out) as tmp:          # renamed into place only once verified
+        _, contract, simplified = export_onnx(ckpt, sha, tmp, "fp32" if precision == "int8" else precision,
+                                              simplify=simplify)
+        qtmp = temporary_sibling(tmp)           # scratch of the int8 rewrite
+        try:
+            if precision == "int8":
+                contract = _quantize(tmp, qtmp, contract, ckpt, calibration)
+            report = ExportReport(str(onnx_out), False, None, None, False, simplified, precision)
+            if verify:
+                diff, agree, real = verify_onnx(tmp, ckpt, precision, calibration)
+                report = ExportReport(str(onnx_out), True, diff, agree, real, simplified, precision)
+        finally:
+            qtmp.unlink(missing_ok=True)
     lines = [report.line()]
     if plan_out is not None:
         from sparseseg.export.tensorrt import build_plan, describe_profile, verify_plan

@@ -131,24 +131,16 @@ class ExportReport:
                 + (f", simplified with {self.simplified}" if self.simplified else ""))
 
 
-def atomic_target(path: Path, force: bool) -> Path:
-    """The temporary sibling to write before renaming into `path` (after the output checks)."""
-    from sparseseg.fsutil import temporary_sibling
-    from sparseseg.volume import check_output
-
-    check_output(path, force, "--force")
-    return temporary_sibling(path)
-
-
 def export_onnx(ckpt, ckpt_sha256: str, out: Path, precision: str = "fp32", simplify: bool = True) -> tuple:
-    """Write the ONNX model (fp32, fp16 or bf16) to a temporary sibling of `out` and return
-    (tmp_path, contract, simplifier); the caller renames it into place after verification."""
+    """Write the ONNX model (fp32, fp16 or bf16) to `out` and return (out, contract, simplifier).
+    Callers that put it under a final name pass the temporary of `fsutil.atomic_path`, so it is
+    renamed into place only after verification."""
     if precision not in ("fp32", "fp16", "bf16"):
         raise SparsesegError(f"ONNX precision must be fp32, fp16 or bf16 here, got {precision}")
     model = export_module(ckpt, precision)
     geom = ckpt.model_config.geometry
     dummy = torch.zeros((1, ckpt.model_config.in_channels) + geom.min_input)
-    tmp = atomic_target(out, force=True)  # existence was checked by the caller
+    tmp = Path(out)
     axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
