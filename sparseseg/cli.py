@@ -294,7 +294,14 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.command("infer")
 @click.option("--engine", required=True, help="unet.plan (TensorRT), unet.onnx (onnxruntime) or model.pt (PyTorch)")
 @click.argument("input_path", metavar="INPUT")
-@click.option("--output", help="OME-Zarr output (default: INPUT_segmentation.zarr beside the input)")
+@click.option("--output", help="OME-Zarr output (default: INPUT_segmentation.zarr beside the input); "
+                               "IMAGE.zarr/labels/NAME writes a label image beside the OME-Zarr image IMAGE.zarr")
+@click.option("--as-label", "as_label", metavar="NAME",
+              help="INPUT is an OME-Zarr image: write the segmentation beside it as the label image "
+                   "INPUT/labels/NAME (NGFF 0.5 image-label, class names and colours)")
+@click.option("--pyramid", type=click.IntRange(0), default=0, show_default=True,
+              help="also write N downsampled levels (labels: nearest, probabilities: mean), block-wise, once "
+                   "every block is written; a label image always has its image's levels")
 @click.option("--workers", type=click.IntRange(0), help="local Dask worker processes (0: run in this process)")
 @click.option("--scheduler", help="address of an existing Dask scheduler to join")
 @click.option("--block", help="write block (= output chunk) size Z,Y,X")
@@ -325,9 +332,9 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
               help="extra attempts for a failing block before it is recorded as failed")
 @click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
 @user_errors
-def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch, overlap, probabilities, resume,
-              overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second, input_inner,
-              storage_options, retries, verbose):
+def infer_cmd(engine, input_path, output, as_label, pyramid, workers, scheduler, block, tile, batch, overlap,
+              probabilities, resume, overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second,
+              input_inner, storage_options, retries, verbose):
     """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable.
 
     INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
@@ -343,7 +350,7 @@ def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch
                       overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
                       device=device, precision=precision, storage_options=storage_options_from(storage_options),
                       input_inner=input_inner, retries=retries, backend=backend, dry_run=dry_run,
-                      assume_voxels_per_second=assume_voxels_per_second)
+                      assume_voxels_per_second=assume_voxels_per_second, pyramid=pyramid, as_label=as_label)
     _echo_failed(s)                                  # on stderr
     if as_json:
         click.echo(json.dumps(s))

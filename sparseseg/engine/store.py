@@ -61,6 +61,8 @@ def open_io(job):
         group = zarr.open_group(str(job.output), mode="r+", **kwargs)
         labels = group["0"]
         probs = group["probabilities"] if job.probabilities else None
+        if isinstance(probs, zarr.Group):   # with a pyramid, probabilities are an image of their own
+            probs = probs["0"]
         _OPEN[key] = (vol, labels, probs)
     return _OPEN[key]
 
@@ -111,11 +113,12 @@ def write_block(job, block, labels: np.ndarray, probs: np.ndarray | None) -> Non
         prob_arr[(slice(None),) + block.slices] = probs
     root = local_path(job.output)
     if root is not None:                    # an object store's PUT is durable when it returns
-        files = _chunk_files(root / "0", block, label_arr.chunks)
+        files = _chunk_files(root.joinpath(*label_arr.path.split("/")), block, label_arr.chunks)
         if prob_arr is not None:
+            prob_dir = root.joinpath(*prob_arr.path.split("/"))
             for c in range(0, prob_arr.shape[0], prob_arr.chunks[0]):
                 lead = (c // prob_arr.chunks[0],)
-                files += _chunk_files(root / "probabilities", block, prob_arr.chunks, lead=lead)
+                files += _chunk_files(prob_dir, block, prob_arr.chunks, lead=lead)
         _fsync_files(files)
     mark_done(job.output, block, getattr(job, "storage_options", None))
 
@@ -364,6 +367,21 @@ def clear_store(output, storage_options=None) -> None:
     files = [f for f in fs.find(path) if f.rstrip("/") != keep]
     if files:
         fs.rm(files)
+
+
+def read_meta(output, name: str, storage_options=None) -> dict | None:
+    """A JSON file written by write_meta, or None when there is none (or it is unreadable)."""
+    import json
+
+    try:
+        root = local_path(output)
+        if root is not None:
+            return json.loads((root / META_DIR / name).read_bytes())
+        fs, path = filesystem(output, storage_options)
+        fs.invalidate_cache(f"{path.rstrip('/')}/{META_DIR}")
+        return json.loads(fs.cat_file(f"{path.rstrip('/')}/{META_DIR}/{name}"))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def write_meta(output, name: str, data: dict, storage_options=None) -> None:
