@@ -159,19 +159,26 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
 @click.command("densify")
 @click.argument("image")
 @click.argument("labels")
-@click.option("--out", required=True, help="dense segmentation, OME-Zarr (.zarr)")
+@click.option("--out", help="dense segmentation, OME-Zarr (.zarr); IMAGE.zarr/labels/NAME writes a label image "
+                            "beside the OME-Zarr image IMAGE.zarr")
+@click.option("--as-label", "as_label", metavar="NAME",
+              help="IMAGE is an OME-Zarr image: write the segmentation beside it as IMAGE/labels/NAME")
 @click.option("--model-out", type=click.Path(dir_okay=False), help="also keep the trained checkpoint here")
 @click.option("--tile", help="prediction tile output size Z,Y,X")
 @click.option("--overwrite", is_flag=True, help="replace existing outputs")
 @training_options
 @user_errors
-def densify_cmd(image, labels, out, model_out, tile, overwrite, **kwargs):
+def densify_cmd(image, labels, out, as_label, model_out, tile, overwrite, **kwargs):
     """Train on one volume's own sparse labels and write its dense segmentation (semi-automated)."""
     _setup_logging()
+    from sparseseg.engine.run import check_output_target, resolve_output
     from sparseseg.pipeline import densify
     from sparseseg.volume import check_output
 
-    check_output(out, overwrite)
+    if not out and not as_label:
+        raise SparsesegError("name the output: --out OUT.zarr, or --as-label NAME beside an OME-Zarr IMAGE")
+    out, label_image = resolve_output(out, image, as_label)
+    check_output_target(out, label_image, image, overwrite)        # before minutes of training
     if model_out:
         check_output(model_out, overwrite)
     summary = densify(image, labels, out, _train_options_only(kwargs), model_out=model_out,

@@ -185,3 +185,28 @@ def test_label_output_errors_are_one_line(work, tmp_path):
         code, out = _infer(*args)
         assert code == 1 and words in out and "Traceback" not in out, out
     assert not (img / "labels").exists()                     # nothing written by a refused run
+
+
+def test_densify_as_label(tmp_path):
+    from tests.helpers import blobs
+
+    image, labels = blobs(shape=(16, 32, 32))
+    img = _image(tmp_path / "img.zarr", image[0], levels=2)
+    sparse = np.full_like(labels, 255)
+    sparse[4:12] = labels[4:12]
+    np.save(tmp_path / "lab.npy", sparse)
+    fast = ["--depth", "2", "--base-width", "4", "--iterations", "2", "--device", "cpu", "--no-augment",
+            "--class-names", "bg,ball"]
+    res = CliRunner().invoke(main, ["densify", str(img), str(tmp_path / "lab.npy"), "--as-label", "dense", *fast])
+    assert res.exit_code == 0, res.output
+    root = zarr.open_group(str(img), mode="r")
+    v05.Image.from_zarr(root)
+    assert root["labels"].attrs["ome"]["labels"] == ["dense"]
+    seg = root["labels"]["dense"]
+    assert [p["class"] for p in seg.attrs["ome"]["image-label"]["properties"]] == ["bg", "ball"]
+    np.testing.assert_array_equal(seg["1"][...], seg["0"][::2, ::2, ::2])
+    # An existing label image is refused before any training.
+    res = CliRunner().invoke(main, ["densify", str(img), str(tmp_path / "lab.npy"), "--as-label", "dense", *fast])
+    assert res.exit_code == 1 and "exists" in res.output and "--overwrite" in res.output
+    res = CliRunner().invoke(main, ["densify", str(img), str(tmp_path / "lab.npy"), *fast])
+    assert res.exit_code == 1 and "--as-label" in res.output

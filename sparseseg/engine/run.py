@@ -67,6 +67,22 @@ def resolve_output(output, input_path, as_label: str | None = None, input_inner:
     return out, None
 
 
+def check_output_target(out, label_image, input_path, overwrite: bool) -> None:
+    """The output checks a command makes before long work (densify trains first): an existing
+    output needs `overwrite`; a label image must fit its image. Nothing is written."""
+    from sparseseg.labels_zarr import label_exists, label_levels
+    from sparseseg.volume import check_output, is_url, open_volume
+
+    if label_image is None:
+        if not is_url(out):
+            check_output(out, overwrite)
+        return
+    label_levels(label_image, open_volume(str(input_path)).shape)
+    if label_exists(label_image, Path(out).name) and not overwrite:
+        raise SparsesegError(f"{out} exists; pass --overwrite to replace it")
+    check_output(Path(label_image) / "labels", replace=True)
+
+
 def _output_levels(shape, voxel_size, pyramid: int, label_image) -> tuple[list, list]:
     """(z, y, x) shapes and scales of the output's levels: a label image has its image's levels
     (NGFF); a standalone output has 1 + `pyramid` (fewer when the volume is down to one voxel)."""
