@@ -14,9 +14,12 @@ time (nearest neighbour for labels, so no value is invented; mean for probabilit
 is bounded by a chunk, not the volume. Axes whose voxel size is more than twice the finest are
 not downsampled until the others catch up (thin EM stacks keep their sections).
 
-How the engine uses it: `create_label_image(...)` (or `create_image(...)`) returns the level-0
-array to write blocks into; after the last block, `write_pyramid(group_path, method)` fills the
-coarser levels.
+How the engine uses it (sparseseg/engine/run.py): `label_levels` checks a label image against
+its image before anything is written; `init_label_image` (or `init_levels` for a standalone
+output) writes the metadata and every level's array into the output group around the engine's
+lease; blocks go into level 0; after the last block `write_pyramid(group, method)` fills the
+coarser levels. `create_label_image` / `create_image` / `write_labels` do the same for a whole
+array in memory (the napari writer).
 """
 
 from __future__ import annotations

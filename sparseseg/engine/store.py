@@ -2,7 +2,10 @@
 URLs), write a block's chunks and then its done marker, list the done markers once.
 
 Markers and the run's bookkeeping live inside the output store, under `.sparseseg/` (zarr
-ignores names it does not know), so they travel with the output: `OUT.zarr/.sparseseg/done/<key>`.
+ignores names it does not know), so they travel with the output: `OUT.zarr/.sparseseg/done/<key>`,
+or `IMAGE.zarr/labels/NAME/.sparseseg/` for a label image. `.sparseseg/` holds no zarr.json, so it
+is no zarr node: NGFF validators and viewers (ome-zarr-models, ome-zarr-py, napari) never list it
+(tests/test_ome_outputs.py).
 A marker is written only after the block's chunks are stored; on a local filesystem the chunk
 files, the marker and their directories are fsync'd first, so a power cut never leaves a block
 that looks finished but is not. On an object store a PUT is durable when it returns.
