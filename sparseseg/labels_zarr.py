@@ -316,7 +316,7 @@ def write_pyramid(group, method: str = "nearest") -> int:
         src, dst = group[paths[level - 1]], group[paths[level]]
         lead = dst.ndim - 3
         ratio = [b / a for a, b in zip(scales[level - 1][lead:], scales[level][lead:])]
-        factor = tuple(int(round(r)) for r in ratio)
+        factor = tuple(round(r) for r in ratio)
         if any(abs(r - f) > 1e-6 or f < 1 for r, f in zip(ratio, factor)):
             raise SparsesegError(f"level {paths[level]} is not an integer downsampling of level "
                                  f"{paths[level - 1]} (scale ratio {ratio})")

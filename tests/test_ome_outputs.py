@@ -95,7 +95,7 @@ def test_pyramid_levels_blockwise_and_napari_reader(work, tmp_path):
     from sparseseg.napari.reader import read
 
     layers = read(str(tmp_path / "o.zarr"))
-    (data, kwargs, kind), (pdata, pkw, pkind) = layers
+    (data, kwargs, kind), (_, pkw, pkind) = layers
     assert kind == "labels" and kwargs["multiscale"] and len(data) == 3
     assert tuple(kwargs["scale"]) == (2.0, 1.0, 1.0) and kwargs["metadata"]["class_names"] == ["a", "b", "c"]
     np.testing.assert_array_equal(np.asarray(data[1]), lab[::2, ::2, ::2])
