@@ -134,9 +134,10 @@ def _prepare_output(out: str, record: dict, levels, num_classes, resume: bool, o
             for key, what in (("engine_sha256", "engine"), ("geometry", "network geometry"), ("block", "--block"),
                               ("tile", "--tile"), ("overlap", "overlap"), ("input_shape", "input shape"),
                               ("probabilities", "--probabilities"), ("levels", "number of levels (--pyramid)")):
-                if old.get(key, 1 if key == "levels" else None) != record[key]:
+                was = old.get(key, 1 if key == "levels" else None)      # outputs from before levels had 1
+                if was != record[key]:
                     raise SparsesegError(f"cannot resume {out}: it was written with a different {what} "
-                                         f"({old.get(key)} vs {record[key]}); use --overwrite to start again")
+                                         f"({was} vs {record[key]}); use --overwrite to start again")
         elif not overwrite:
             raise SparsesegError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
     if label_image is not None:             # IMAGE.zarr/labels may not exist yet: IMAGE.zarr must be writable
