@@ -297,11 +297,15 @@ def _chunk_starts(shape, chunks):
     return np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, len(shape))
 
 
-def write_pyramid(group, method: str = "nearest") -> int:
+def write_pyramid(group, method: str = "nearest", threads: int | None = None) -> int:
     """Fill levels 1.. of an NGFF multiscales group (a path or an open zarr group) from level 0,
-    one output chunk (and one channel chunk) at a time: memory is bounded by a few chunks, not
-    the volume. Idempotent: a pyramid interrupted half-way is simply written again. Returns the
-    number of levels written."""
+    one output chunk (and one channel chunk) at a time: memory is bounded by a few chunks per
+    thread, not the volume. `threads` (default: up to 4, by the cores) work on distinct output
+    chunks, which hides an object store's latency. Idempotent: a pyramid interrupted half-way is
+    simply written again. Returns the number of levels written."""
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     import zarr
 
     if method not in ("nearest", "mean"):
@@ -312,23 +316,46 @@ def write_pyramid(group, method: str = "nearest") -> int:
     paths = [d["path"] for d in ms["datasets"]]
     scales = [next(t["scale"] for t in d["coordinateTransformations"] if t["type"] == "scale")
               for d in ms["datasets"]]
-    for level in range(1, len(paths)):
-        src, dst = group[paths[level - 1]], group[paths[level]]
-        lead = dst.ndim - 3
-        ratio = [b / a for a, b in zip(scales[level - 1][lead:], scales[level][lead:])]
-        factor = tuple(round(r) for r in ratio)
-        if any(abs(r - f) > 1e-6 or f < 1 for r, f in zip(ratio, factor)):
-            raise SparsesegError(f"level {paths[level]} is not an integer downsampling of level "
-                                 f"{paths[level - 1]} (scale ratio {ratio})")
-        lead_starts = _chunk_starts(dst.shape[:lead], dst.chunks[:lead]) if lead else [()]
-        for lead_start in lead_starts:
-            lead_sel = tuple(slice(int(s), min(int(s) + c, n)) for s, c, n in
-                             zip(lead_start, dst.chunks[:lead], dst.shape[:lead]))
-            for start in _chunk_starts(dst.shape[lead:], dst.chunks[lead:]):
-                region = tuple(slice(int(s), min(int(s) + c, n)) for s, c, n in zip(start, dst.chunks[lead:],
-                                                                                     dst.shape[lead:]))
+    threads = max(1, threads or min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads, thread_name_prefix="sparseseg-pyramid") as pool:
+        for level in range(1, len(paths)):          # each level reads the finished one before it
+            src, dst = group[paths[level - 1]], group[paths[level]]
+            factor = _level_factor(scales[level - 1], scales[level], dst.ndim - 3, paths[level - 1], paths[level])
+
+            def one(lead_sel, region, src=src, dst=dst, factor=factor):
                 dst[lead_sel + region] = _downsample_block(src, lead_sel, region, factor, method)
+
+            pending = set()
+            for lead_sel, region in _output_chunks(dst):
+                if len(pending) >= 2 * threads:     # bounded: a few chunks in flight, never the level
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                pending.add(pool.submit(one, lead_sel, region))
+            for f in pending:
+                f.result()
     return len(paths) - 1
+
+
+def _level_factor(finer, coarser, lead: int, finer_path, coarser_path) -> tuple[int, ...]:
+    ratio = [b / a for a, b in zip(finer[lead:], coarser[lead:])]
+    factor = tuple(round(r) for r in ratio)
+    if any(abs(r - f) > 1e-6 or f < 1 for r, f in zip(ratio, factor)):
+        raise SparsesegError(f"level {coarser_path} is not an integer downsampling of level {finer_path} "
+                             f"(scale ratio {ratio})")
+    return factor
+
+
+def _output_chunks(dst):
+    """(channel selection, spatial region) of every chunk of `dst`."""
+    lead = dst.ndim - 3
+    lead_starts = _chunk_starts(dst.shape[:lead], dst.chunks[:lead]) if lead else [()]
+    for lead_start in lead_starts:
+        lead_sel = tuple(slice(int(s), min(int(s) + c, n)) for s, c, n in
+                         zip(lead_start, dst.chunks[:lead], dst.shape[:lead]))
+        for start in _chunk_starts(dst.shape[lead:], dst.chunks[lead:]):
+            yield lead_sel, tuple(slice(int(s), min(int(s) + c, n)) for s, c, n in
+                                  zip(start, dst.chunks[lead:], dst.shape[lead:]))
 
 
 def write_labels(path, data: np.ndarray, class_names, voxel_size=None, name: str = "segmentation",

@@ -141,6 +141,8 @@ def test_as_label_writes_a_label_image_beside_the_input(work, tmp_path):
         assert seg[str(level)].shape == root[str(level)].shape
     np.testing.assert_array_equal(seg["0"][...], work["ref"])
     np.testing.assert_array_equal(seg["2"][...], work["ref"][::4, ::4, ::4])
+    v05.Image.from_zarr(seg["probabilities"])                          # beside the labels, same levels
+    assert seg["probabilities"]["2"].shape == (3, 4, 10, 12) and seg["probabilities"]["2"][...].any()
 
     # ome-zarr-py finds it as a label image with its colours.
     pytest.importorskip("ome_zarr")
@@ -170,7 +172,7 @@ def test_as_label_writes_a_label_image_beside_the_input(work, tmp_path):
     from sparseseg.napari.reader import read
 
     kinds = [(kw["name"], kind) for _, kw, kind in read(str(img))]
-    assert kinds[:3] == [("img", "image"), ("truth", "labels"), ("seg", "labels")]
+    assert kinds == [("img", "image"), ("truth", "labels"), ("seg", "labels"), (["p(a)", "p(b)", "p(c)"], "image")]
 
 
 def test_label_output_errors_are_one_line(work, tmp_path):
