@@ -286,3 +286,40 @@ def test_widget_opens_suggestion_template_and_goes_to_its_slices(make_napari_vie
     widget._guard(lambda: widget.open_template(tmp_path / "img.npy"))()
     assert "zarr" in errors[-1] or "template" in errors[-1]
     assert len(errors) == 2 and widget.template_btn.isEnabled()
+
+
+def test_widget_densifies_into_a_label_image_beside_the_ome_zarr_image(make_napari_viewer, qtbot, tmp_path, errors):
+    from sparseseg.napari.widget import SparseTrainingWidget
+    from tests.test_export import trained_checkpoint
+
+    v05 = pytest.importorskip("ome_zarr_models.v05")
+    image, _ = blobs(shape=(16, 32, 40), seed=5)
+    img = tmp_path / "img.zarr"
+    _ome_image(img, image[0])
+    lz.write_labels(None, np.zeros((16, 32, 40), np.uint8), ["bg", "ball"], name="truth", beside_image=img)
+    trained_checkpoint(tmp_path / "m.pt")
+    viewer = make_napari_viewer()
+    viewer.open(str(img), plugin="sparseseg")
+    widget = SparseTrainingWidget(viewer)
+    widget.image_combo.setCurrentText("img")
+    widget.model_path.setText(str(tmp_path / "m.pt"))
+    widget.device.setCurrentText("cpu")
+    widget.beside_image.setChecked(True)
+    widget.probabilities.setChecked(True)
+    widget.densify_btn.click()
+    _wait(qtbot, widget)
+    assert not errors, errors
+    root = zarr.open_group(str(img), mode="r")
+    assert root["labels"].attrs["ome"]["labels"] == ["truth", "img_dense_1"]
+    v05.Image.from_zarr(root)
+    seg = root["labels"]["img_dense_1"]
+    assert seg["1"].shape == root["1"].shape
+    np.testing.assert_array_equal(np.asarray(widget.dense_layer.data), seg["0"][...])
+    np.testing.assert_array_equal(seg["1"][...], seg["0"][::2, ::2, ::2])
+    assert "p(fg)" in viewer.layers
+
+    # An image that is no OME-Zarr image: a notification, nothing written.
+    viewer.add_image(image[0], name="in memory")
+    widget.image_combo.setCurrentText("in memory")
+    widget.densify_btn.click()
+    assert "OME-Zarr" in errors[-1] and widget._worker is None

@@ -106,6 +106,9 @@ class SparseTrainingWidget(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.densify_btn = QPushButton("Densify")
         self.probabilities = QCheckBox("probabilities layer")
+        self.beside_image = QCheckBox("as a label image of the OME-Zarr image")
+        self.beside_image.setToolTip("write the result into IMAGE.zarr/labels/<name> (NGFF image-label), so "
+                                     "napari, Fiji/MoBIE, webKnossos and Neuroglancer open it over the image")
         self.progress = QProgressBar()
         self.status = QLabel("paint a few slices, then train")
         self.status.setWordWrap(True)
@@ -136,6 +139,7 @@ class SparseTrainingWidget(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self._make_curve())
         layout.addLayout(dens)
+        layout.addWidget(self.beside_image)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
@@ -507,12 +511,17 @@ class SparseTrainingWidget(QWidget):
         if not Path(model).is_file():
             raise SparsesegError("no model yet: train first (or point 'model' at a checkpoint)")
         image = self.image_layer()
+        folder = Path(model).parent
+        if self.beside_image.isChecked():
+            folder = self._label_folder(image)
         source = self._densify_input(image)
         self._densify_count += 1
-        out = Path(model).parent / f"{image.name.replace('/', '_')}_dense_{self._densify_count}.zarr"
+        stem = image.name.replace("/", "_")
+        suffix = "" if self.beside_image.isChecked() else ".zarr"
+        out = folder / f"{stem}_dense_{self._densify_count}{suffix}"
         while out.exists():
             self._densify_count += 1
-            out = Path(model).parent / f"{image.name.replace('/', '_')}_dense_{self._densify_count}.zarr"
+            out = folder / f"{stem}_dense_{self._densify_count}{suffix}"
         self.dense_layer = None
         self._densify_out = out
         self._densify_image = image
@@ -530,6 +539,16 @@ class SparseTrainingWidget(QWidget):
         self.status.setText(f"densifying into {out} …")
         worker.start()
         return worker
+
+    def _label_folder(self, image) -> Path:
+        """IMAGE.zarr/labels for an image layer opened from an NGFF 0.5 OME-Zarr image group."""
+        from sparseseg.labels_zarr import label_levels
+
+        src = getattr(getattr(image, "source", None), "path", None)
+        if not src or not Path(src).is_dir():
+            raise SparsesegError(f"'{image.name}' was not opened from an OME-Zarr image: untick 'as a label image'")
+        label_levels(src, self._spatial_shape(image))      # an NGFF 0.5 image of this shape, else one line
+        return Path(src) / "labels"
 
     def _show_dense(self, out: Path):
         import zarr
@@ -567,6 +586,8 @@ class SparseTrainingWidget(QWidget):
         group = zarr.open_group(str(out), mode="r")
         if "probabilities" in group:
             prob = group["probabilities"]
+            if isinstance(prob, zarr.Group):      # beside a multiscale image: an image of its own
+                prob = prob["0"]
             names = dict(group.attrs).get("sparseseg_run", {}).get("class_names") or [str(i) for i in
                                                                                      range(prob.shape[0])]
             image = self._densify_image
