@@ -159,6 +159,12 @@ def test_as_label_writes_a_label_image_beside_the_input(work, tmp_path):
     s = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and s["blocks_skipped"] == s["blocks"] and s["blocks_computed"] == 0
 
+    # INPUT may name the image's level 0 (img.zarr:0): the label image still goes beside the image.
+    code, out = _infer("--engine", work["engine"], f"{img}:0", "--as-label", "seg", "--probabilities", "uint8",
+                       "--resume")
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["output"] == str((img / "labels" / "seg").resolve())
+
     # --output IMAGE.zarr/labels/NAME is the same thing; --overwrite replaces only that label image.
     code, out = _infer("--engine", work["engine"], img, "--output", img / "labels" / "truth", "--overwrite")
     assert code == 0, out

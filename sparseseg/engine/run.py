@@ -55,6 +55,8 @@ def resolve_output(output, input_path, as_label: str | None = None, input_inner:
         if is_url(store):
             raise SparsesegError("--as-label needs a local OME-Zarr image as INPUT; for a URL input name --output")
         image = Path(store).joinpath(*inner.split("/")) if inner else Path(store)
+        if inner and not is_ome_image(image) and is_ome_image(image.parent):
+            image = image.parent            # INPUT named a level of the image (img.zarr:0): its image group
         if not is_ome_image(image):
             raise SparsesegError(f"--as-label needs INPUT to be an OME-Zarr image group; {image} is not one")
         image = image.resolve()
