@@ -278,6 +278,13 @@ def test_widget_opens_suggestion_template_and_goes_to_its_slices(make_napari_vie
     on_disk = zarr.open_array(str(template / "0"), mode="r")
     assert on_disk[xy["index"], 16, 16] == 1 and on_disk[xy["index"], 0, 0] == 255
 
+    # Without an image layer the template brings its image along.
+    alone = make_napari_viewer()
+    w2 = SparseTrainingWidget(alone)
+    w2.open_template(template)
+    assert [type(la).__name__ for la in alone.layers] == ["Image", "Labels"]
+    assert w2.image_combo.currentText() == "img" and w2.suggestions.count() == 6
+
     # Wrong inputs: one-line notifications, the viewer and the template untouched.
     viewer.add_image(image[0][:8], name="other")
     widget.image_combo.setCurrentText("other")

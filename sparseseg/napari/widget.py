@@ -314,6 +314,8 @@ class SparseTrainingWidget(QWidget):
         scale = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t["type"] == "scale"),
                      [1.0, 1.0, 1.0])[-3:]
         translate = [0.0, 0.0, 0.0]
+        if not self.image_combo.currentText():
+            self._open_template_image(meta.get("image"), p)
         if self.image_combo.currentText():
             image = self.image_layer()
             if self._spatial_shape(image) != tuple(arr.shape):
@@ -340,6 +342,21 @@ class SparseTrainingWidget(QWidget):
         self.status.setText(f"{len(slices)} suggested slices from {p.name}; paint them (painting writes into the "
                             "template), then train")
         return layer
+
+    def _open_template_image(self, image, template: Path) -> None:
+        """No image layer yet: open the image the template was suggested for, when it is still
+        where `sparseseg-suggest` read it (as given, or beside the template)."""
+        if not image:
+            return
+        for cand in (Path(image), template.parent / image):
+            if cand.exists():
+                try:
+                    self.viewer.open(str(cand), plugin="sparseseg")
+                except Exception as e:  # noqa: BLE001 - the template opens without its image
+                    log.warning("could not open the template's image %s: %s", cand, e)
+                    return
+                self._refresh_layers()
+                return
 
     def go_to_suggestion(self, index: int | None = None):
         """Show suggested slice `index` (default: the one chosen in the box) in 2D: its plane on
