@@ -161,19 +161,26 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
 @click.command("densify")
 @click.argument("image")
 @click.argument("labels")
-@click.option("--out", required=True, help="dense segmentation, OME-Zarr (.zarr)")
+@click.option("--out", help="dense segmentation, OME-Zarr (.zarr); IMAGE.zarr/labels/NAME writes a label image "
+                            "beside the OME-Zarr image IMAGE.zarr")
+@click.option("--as-label", "as_label", metavar="NAME",
+              help="IMAGE is an OME-Zarr image: write the segmentation beside it as IMAGE/labels/NAME")
 @click.option("--model-out", type=click.Path(dir_okay=False), help="also keep the trained checkpoint here")
 @click.option("--tile", help="prediction tile output size Z,Y,X")
 @click.option("--overwrite", is_flag=True, help="replace existing outputs")
 @training_options
 @user_errors
-def densify_cmd(image, labels, out, model_out, tile, overwrite, **kwargs):
+def densify_cmd(image, labels, out, as_label, model_out, tile, overwrite, **kwargs):
     """Train on one volume's own sparse labels and write its dense segmentation (semi-automated)."""
     _setup_logging()
+    from sparseseg.engine.run import check_output_target, resolve_output
     from sparseseg.pipeline import densify
     from sparseseg.volume import check_output
 
-    check_output(out, overwrite)
+    if not out and not as_label:
+        raise SparsesegError("name the output: --out OUT.zarr, or --as-label NAME beside an OME-Zarr IMAGE")
+    out, label_image = resolve_output(out, image, as_label)
+    check_output_target(out, label_image, image, overwrite)        # before minutes of training
     if model_out:
         check_output(model_out, overwrite)
     summary = densify(image, labels, out, _train_options_only(kwargs), model_out=model_out,
@@ -296,7 +303,14 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.command("infer")
 @click.option("--engine", required=True, help="unet.plan (TensorRT), unet.onnx (onnxruntime) or model.pt (PyTorch)")
 @click.argument("input_path", metavar="INPUT")
-@click.option("--output", help="OME-Zarr output (default: INPUT_segmentation.zarr beside the input)")
+@click.option("--output", help="OME-Zarr output (default: INPUT_segmentation.zarr beside the input); "
+                               "IMAGE.zarr/labels/NAME writes a label image beside the OME-Zarr image IMAGE.zarr")
+@click.option("--as-label", "as_label", metavar="NAME",
+              help="INPUT is an OME-Zarr image: write the segmentation beside it as the label image "
+                   "INPUT/labels/NAME (NGFF 0.5 image-label, class names and colours)")
+@click.option("--pyramid", type=click.IntRange(0), default=0, show_default=True,
+              help="also write N downsampled levels (labels: nearest, probabilities: mean), block-wise, once "
+                   "every block is written; a label image always has its image's levels")
 @click.option("--workers", type=click.IntRange(0), help="local Dask worker processes (0: run in this process)")
 @click.option("--scheduler", help="address of an existing Dask scheduler to join")
 @click.option("--block", help="write block (= output chunk) size Z,Y,X")
@@ -330,9 +344,9 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
                    "kernels (needs CuPy and a CUDA device; not yet verified on a GPU)")
 @click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
 @user_errors
-def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch, overlap, probabilities, resume,
-              overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second, input_inner,
-              storage_options, retries, kernels, verbose):
+def infer_cmd(engine, input_path, output, as_label, pyramid, workers, scheduler, block, tile, batch, overlap,
+              probabilities, resume, overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second,
+              input_inner, storage_options, retries, kernels, verbose):
     """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable.
 
     INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
@@ -348,7 +362,8 @@ def infer_cmd(engine, input_path, output, workers, scheduler, block, tile, batch
                       overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
                       device=device, precision=precision, storage_options=storage_options_from(storage_options),
                       input_inner=input_inner, retries=retries, backend=backend, dry_run=dry_run,
-                      assume_voxels_per_second=assume_voxels_per_second, kernels=kernels)
+                      assume_voxels_per_second=assume_voxels_per_second, kernels=kernels, pyramid=pyramid,
+                      as_label=as_label)
     _echo_failed(s)                                  # on stderr
     if as_json:
         click.echo(json.dumps(s))

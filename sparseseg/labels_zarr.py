@@ -14,9 +14,12 @@ time (nearest neighbour for labels, so no value is invented; mean for probabilit
 is bounded by a chunk, not the volume. Axes whose voxel size is more than twice the finest are
 not downsampled until the others catch up (thin EM stacks keep their sections).
 
-How the engine uses it: `create_label_image(...)` (or `create_image(...)`) returns the level-0
-array to write blocks into; after the last block, `write_pyramid(group_path, method)` fills the
-coarser levels.
+How the engine uses it (sparseseg/engine/run.py): `label_levels` checks a label image against
+its image before anything is written; `init_label_image` (or `init_levels` for a standalone
+output) writes the metadata and every level's array into the output group around the engine's
+lease; blocks go into level 0; after the last block `write_pyramid(group, method)` fills the
+coarser levels. `create_label_image` / `create_image` / `write_labels` do the same for a whole
+array in memory (the napari writer).
 """
 
 from __future__ import annotations
@@ -146,6 +149,68 @@ def image_voxel_size(path):
     return open_volume(str(path)).voxel_size
 
 
+def label_levels(image_path, shape) -> tuple[list, list]:
+    """(z, y, x) shapes and scales a label image of `shape` beside `image_path` must have: the
+    image's own levels (NGFF: a label image has as many levels as its image). Checks only."""
+    import zarr
+
+    image_path = Path(image_path)
+    if not is_ome_image(image_path):
+        raise SparsesegError(f"{image_path} is not an OME-Zarr image group; labels can only go beside one")
+    root = zarr.open_group(str(image_path), mode="r")
+    if root.metadata.zarr_format != 3 or root.attrs.get("ome", {}).get("version") != NGFF_VERSION:
+        # NGFF 0.4 images live in zarr v2 stores; a v3 label group inside one would be unreadable.
+        raise SparsesegError(f"{image_path} is not an NGFF {NGFF_VERSION} (zarr v3) image; "
+                             f"write the labels as a standalone output instead")
+    shapes, scales = _image_levels(root)
+    if shapes[0] != tuple(int(s) for s in shape):
+        raise SparsesegError(f"labels of shape {tuple(shape)} cannot go beside image {image_path} "
+                             f"of shape {shapes[0]}")
+    return shapes, scales
+
+
+def label_names(image_path) -> list[str]:
+    """The label images listed in `image_path/labels` (NGFF `labels`)."""
+    import zarr
+
+    try:
+        labels = zarr.open_group(str(Path(image_path) / "labels"), mode="r")
+    except Exception:  # no labels group yet
+        return []
+    return list(dict(labels.attrs.get("ome", {})).get("labels", []))
+
+
+def label_exists(image_path, name: str) -> bool:
+    return name in label_names(image_path) or (Path(image_path) / "labels" / name).exists()
+
+
+def init_label_image(image_path, name: str, chunks, class_names, dtype="uint8", colours=None,
+                     extra_attrs: dict | None = None):
+    """Write the label image `image_path/labels/<name>` into place without clearing what is
+    already there (the engine keeps its lease under it), list it in `labels` beside the label
+    images already listed, and return its level-0 array. Checks: see create_label_image."""
+    import zarr
+
+    image_path = Path(image_path)
+    if not np.issubdtype(np.dtype(dtype), np.integer):
+        raise SparsesegError(f"label images must have an integer dtype, got {dtype}")
+    root = zarr.open_group(str(image_path), mode="r")
+    shapes, scales = _image_levels(root)
+    group = zarr.open_group(str(image_path / "labels" / name), mode="a", zarr_format=3)
+    attrs = {"ome": {"version": NGFF_VERSION, "multiscales": [multiscales_attrs(name, scales)],
+                     "image-label": image_label_attrs(class_names, colours)}}
+    attrs.update(extra_attrs or {})
+    group.attrs.update(attrs)
+    arr = _create_levels(group, shapes, dtype, chunks, None)
+    # The listing last: a viewer never finds a listed label image without its metadata.
+    labels = zarr.open_group(str(image_path / "labels"), mode="a", zarr_format=3)
+    names = list(dict(labels.attrs.get("ome", {})).get("labels", []))
+    if name not in names:
+        names.append(name)
+    labels.attrs.update({"ome": {"version": NGFF_VERSION, "labels": names}})
+    return arr
+
+
 def create_label_image(image_path, name: str, shape, chunks, class_names, dtype="uint8", colours=None,
                        overwrite: bool = False):
     """Create `image_path/labels/<name>` (an NGFF 0.5 label image) and return its level-0 array.
@@ -157,31 +222,13 @@ def create_label_image(image_path, name: str, shape, chunks, class_names, dtype=
     import zarr
 
     image_path = Path(image_path)
-    if not is_ome_image(image_path):
-        raise SparsesegError(f"{image_path} is not an OME-Zarr image group; labels can only go beside one")
+    label_levels(image_path, shape)
     if not np.issubdtype(np.dtype(dtype), np.integer):
         raise SparsesegError(f"label images must have an integer dtype, got {dtype}")
-    root = zarr.open_group(str(image_path), mode="r+")
-    if root.metadata.zarr_format != 3 or root.attrs.get("ome", {}).get("version") != NGFF_VERSION:
-        # NGFF 0.4 images live in zarr v2 stores; a v3 label group inside one would be unreadable.
-        raise SparsesegError(f"{image_path} is not an NGFF {NGFF_VERSION} (zarr v3) image; "
-                             f"write the labels as a standalone output instead")
-    shapes, scales = _image_levels(root)
-    if shapes[0] != tuple(int(s) for s in shape):
-        raise SparsesegError(f"labels of shape {tuple(shape)} cannot go beside image {image_path} "
-                             f"of shape {shapes[0]}")
-    labels = root.require_group("labels")
-    names = list(dict(labels.attrs.get("ome", {})).get("labels", []))
-    if (name in names or name in labels) and not overwrite:
+    if label_exists(image_path, name) and not overwrite:
         raise SparsesegError(f"{image_path}/labels/{name} exists; pass --overwrite to replace it")
-    group = labels.create_group(name, overwrite=True)
-    group.attrs.update({"ome": {"version": NGFF_VERSION, "multiscales": [multiscales_attrs(name, scales)],
-                                "image-label": image_label_attrs(class_names, colours)}})
-    arr = _create_levels(group, shapes, dtype, chunks, None)
-    if name not in names:
-        names.append(name)
-    labels.attrs.update({"ome": {"version": NGFF_VERSION, "labels": names}})
-    return arr
+    zarr.open_group(str(image_path), mode="r+").require_group("labels").create_group(name, overwrite=True)
+    return init_label_image(image_path, name, chunks, class_names, dtype, colours)
 
 
 def create_image(path, shape, chunks, voxel_size=None, levels: int = 1, dtype="uint8", name="segmentation",
@@ -194,28 +241,50 @@ def create_image(path, shape, chunks, voxel_size=None, levels: int = 1, dtype="u
     import zarr
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    return init_image(group, shape, chunks, voxel_size, levels, dtype, name, class_names, channels, extra_attrs)
+
+
+def init_image(group, shape, chunks, voxel_size=None, levels: int = 1, dtype="uint8", name="segmentation",
+               class_names=None, channels: int | None = None, extra_attrs: dict | None = None):
+    """Write an NGFF 0.5 image (metadata and `levels` level arrays, the coarser ones empty until
+    write_pyramid) into an open zarr v3 group, keeping whatever else the group holds; returns
+    the level-0 array. See create_image."""
+    shapes, scales = plan_levels(voxel_size, shape, levels)
+    attrs = {"sparseseg": {"class_names": list(class_names)}} if class_names else {}
+    attrs.update(extra_attrs or {})
+    return init_levels(group, shapes, scales, chunks, dtype, name, channels, attrs)
+
+
+def plan_levels(voxel_size, shape, levels: int) -> tuple[list, list]:
+    """(z, y, x) shapes and scales of up to `levels` levels (fewer when every axis is down to 1)."""
     factors = pyramid_factors(voxel_size, shape, levels)
-    scales = level_scales(voxel_size, factors)
+    return _level_shapes(shape, factors), level_scales(voxel_size, factors)
+
+
+def init_levels(group, shapes, scales, chunks, dtype="uint8", name="image", channels: int | None = None,
+                extra_attrs: dict | None = None):
+    """An NGFF 0.5 image of the given level shapes and scales in an open zarr v3 group (kept
+    otherwise as it is); returns the level-0 array."""
     attrs = {"ome": {"version": NGFF_VERSION, "multiscales": [multiscales_attrs(name, scales, bool(channels))]}}
-    if class_names:
-        attrs["sparseseg"] = {"class_names": list(class_names)}
     attrs.update(extra_attrs or {})
     group.attrs.update(attrs)
-    return _create_levels(group, _level_shapes(shape, factors), dtype, chunks, channels)
+    return _create_levels(group, shapes, dtype, chunks, channels)
 
 
-def _downsample_block(src, region, factor, method):
-    """One output chunk of the next level from its (factor x larger) source region."""
+def _downsample_block(src, lead_sel, region, factor, method):
+    """One output chunk of the next level from its (factor x larger) source region; `lead_sel`
+    picks the channels (one channel chunk at a time: memory stays at a few blocks)."""
     lead = src.ndim - 3
-    sl = tuple(slice(None) for _ in range(lead)) + tuple(
+    sl = tuple(lead_sel) + tuple(
         slice(r.start * f, min(r.stop * f, n)) for r, f, n in zip(region, factor, src.shape[lead:]))
     data = np.asarray(src[sl])
     if method == "nearest":
         return data[(Ellipsis,) + tuple(slice(None, None, f) for f in factor)]
-    # Mean over each factor-box; a partial box at the far edge averages what it has.
+    # Mean over each factor-box; a partial box at the far edge averages what it has. float32 is
+    # exact here: sums of at most 8 values of 8 or 16 bits, divided by a power of two.
     out_shape = tuple(r.stop - r.start for r in region)
     pad = [(0, 0)] * lead + [(0, o * f - d) for o, f, d in zip(out_shape, factor, data.shape[lead:])]
-    padded = np.pad(data.astype(np.float64), pad, mode="edge")
+    padded = np.pad(data.astype(np.float32), pad, mode="edge")
     shp = padded.shape[:lead] + sum(((o, f) for o, f in zip(out_shape, factor)), ())
     mean = padded.reshape(shp).mean(axis=tuple(lead + 2 * i + 1 for i in range(3)))
     if np.issubdtype(src.dtype, np.integer):
@@ -223,28 +292,70 @@ def _downsample_block(src, region, factor, method):
     return mean.astype(src.dtype)
 
 
-def write_pyramid(group_path, method: str = "nearest") -> int:
-    """Fill levels 1.. of an NGFF multiscales group from level 0, one output chunk at a time.
-    Returns the number of levels written."""
+def _chunk_starts(shape, chunks):
+    grid = [range(0, n, c) for n, c in zip(shape, chunks)]
+    return np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, len(shape))
+
+
+def write_pyramid(group, method: str = "nearest", threads: int | None = None) -> int:
+    """Fill levels 1.. of an NGFF multiscales group (a path or an open zarr group) from level 0,
+    one output chunk (and one channel chunk) at a time: memory is bounded by a few chunks per
+    thread, not the volume. `threads` (default: up to 4, by the cores) work on distinct output
+    chunks, which hides an object store's latency. Idempotent: a pyramid interrupted half-way is
+    simply written again. Returns the number of levels written."""
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
     import zarr
 
     if method not in ("nearest", "mean"):
         raise SparsesegError(f"pyramid method must be nearest or mean, got {method!r}")
-    group = zarr.open_group(str(group_path), mode="r+")
+    if not isinstance(group, zarr.Group):
+        group = zarr.open_group(str(group), mode="r+")
     ms = group.attrs["ome"]["multiscales"][0]
     paths = [d["path"] for d in ms["datasets"]]
     scales = [next(t["scale"] for t in d["coordinateTransformations"] if t["type"] == "scale")
               for d in ms["datasets"]]
-    for level in range(1, len(paths)):
-        src, dst = group[paths[level - 1]], group[paths[level]]
-        lead = dst.ndim - 3
-        factor = tuple(int(round(b / a)) for a, b in zip(scales[level - 1][lead:], scales[level][lead:]))
-        grid = [range(0, n, c) for n, c in zip(dst.shape[lead:], dst.chunks[lead:])]
-        for start in np.stack(np.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3):
-            region = tuple(slice(int(s), min(int(s) + c, n)) for s, c, n in zip(start, dst.chunks[lead:],
-                                                                                 dst.shape[lead:]))
-            dst[(slice(None),) * lead + region] = _downsample_block(src, region, factor, method)
+    threads = max(1, threads or min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(threads, thread_name_prefix="sparseseg-pyramid") as pool:
+        for level in range(1, len(paths)):          # each level reads the finished one before it
+            src, dst = group[paths[level - 1]], group[paths[level]]
+            factor = _level_factor(scales[level - 1], scales[level], dst.ndim - 3, paths[level - 1], paths[level])
+
+            def one(lead_sel, region, src=src, dst=dst, factor=factor):
+                dst[lead_sel + region] = _downsample_block(src, lead_sel, region, factor, method)
+
+            pending = set()
+            for lead_sel, region in _output_chunks(dst):
+                if len(pending) >= 2 * threads:     # bounded: a few chunks in flight, never the level
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        f.result()
+                pending.add(pool.submit(one, lead_sel, region))
+            for f in pending:
+                f.result()
     return len(paths) - 1
+
+
+def _level_factor(finer, coarser, lead: int, finer_path, coarser_path) -> tuple[int, ...]:
+    ratio = [b / a for a, b in zip(finer[lead:], coarser[lead:])]
+    factor = tuple(round(r) for r in ratio)
+    if any(abs(r - f) > 1e-6 or f < 1 for r, f in zip(ratio, factor)):
+        raise SparsesegError(f"level {coarser_path} is not an integer downsampling of level {finer_path} "
+                             f"(scale ratio {ratio})")
+    return factor
+
+
+def _output_chunks(dst):
+    """(channel selection, spatial region) of every chunk of `dst`."""
+    lead = dst.ndim - 3
+    lead_starts = _chunk_starts(dst.shape[:lead], dst.chunks[:lead]) if lead else [()]
+    for lead_start in lead_starts:
+        lead_sel = tuple(slice(int(s), min(int(s) + c, n)) for s, c, n in
+                         zip(lead_start, dst.chunks[:lead], dst.shape[:lead]))
+        for start in _chunk_starts(dst.shape[lead:], dst.chunks[lead:]):
+            yield lead_sel, tuple(slice(int(s), min(int(s) + c, n)) for s, c, n in
+                                  zip(start, dst.chunks[lead:], dst.shape[lead:]))
 
 
 def write_labels(path, data: np.ndarray, class_names, voxel_size=None, name: str = "segmentation",

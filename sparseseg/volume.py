@@ -391,7 +391,10 @@ def create_ome_zarr(path, shape, dtype, chunks, voxel_size=None, name="labels", 
     if extra_attrs:
         attrs.update(extra_attrs)
     group.attrs.update(attrs)
-    return group.create_array("0", shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), fill_value=0)
+    # NGFF 0.5 asks every array of a multiscales image to name its axes as `axes` does.
+    dims = (["c"] if len(shape) == 4 else []) + ["z", "y", "x"]
+    return group.create_array("0", shape=tuple(shape), dtype=dtype, chunks=tuple(chunks), fill_value=0,
+                              dimension_names=dims)
 
 
 def check_output(path, replace: bool, flag: str = "--overwrite") -> Path:

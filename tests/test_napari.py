@@ -237,3 +237,96 @@ def test_widget_errors_become_notifications(make_napari_viewer, qtbot, tmp_path,
     assert "channel" in errors[-1]
     assert widget.train_btn.isEnabled()                              # the widget is usable again
     assert os.path.isfile(tmp_path / "one_channel.pt")
+
+
+def test_widget_opens_suggestion_template_and_goes_to_its_slices(make_napari_viewer, tmp_path, errors):
+    from click.testing import CliRunner
+
+    from sparseseg.cli import main
+    from sparseseg.napari.widget import SparseTrainingWidget
+    from sparseseg.suggest.planes import PLANES
+
+    image, _ = blobs(shape=(16, 32, 32), seed=4)
+    np.save(tmp_path / "img.npy", image[0])
+    template = tmp_path / "t.zarr"
+    res = CliRunner().invoke(main, ["suggest", str(tmp_path / "img.npy"), "--budget", "2", "--template", str(template)])
+    assert res.exit_code == 0, res.output
+    suggested = zarr.open_group(str(template), mode="r").attrs["sparseseg"]["suggested_slices"]
+    assert {s["plane"] for s in suggested} == {"xy", "xz", "yz"}
+
+    viewer = make_napari_viewer()
+    viewer.add_image(image[0], name="img", scale=(2.0, 1.0, 1.0))
+    widget = SparseTrainingWidget(viewer)
+    widget.image_combo.setCurrentText("img")
+    layer = widget.open_template(template)
+    assert not errors, errors
+    assert widget.labels_combo.currentText() == layer.name == "t sparse labels"
+    assert tuple(layer.scale) == (2.0, 1.0, 1.0) and layer.data.shape == (16, 32, 32)
+    assert layer.colormap.map(np.array([255]))[0][3] == 0                # unannotated: transparent
+    assert widget.suggestions.count() == len(suggested) == 6
+    for i, s in enumerate(suggested):
+        widget.suggestions.setCurrentIndex(i)
+        fixed = PLANES[s["plane"]]
+        assert viewer.dims.ndisplay == 2
+        assert viewer.dims.order[0] == fixed and fixed not in viewer.dims.displayed
+        assert viewer.dims.current_step[fixed] == s["index"], (s, viewer.dims.current_step)
+    assert str(s["index"]) in widget.suggestions.currentText()
+
+    # Painting writes into the template itself.
+    xy = next(s for s in suggested if s["plane"] == "xy")
+    layer.paint((xy["index"], 16, 16), 1)
+    on_disk = zarr.open_array(str(template / "0"), mode="r")
+    assert on_disk[xy["index"], 16, 16] == 1 and on_disk[xy["index"], 0, 0] == 255
+
+    # Without an image layer the template brings its image along.
+    alone = make_napari_viewer()
+    w2 = SparseTrainingWidget(alone)
+    w2.open_template(template)
+    assert [type(la).__name__ for la in alone.layers] == ["Image", "Labels"]
+    assert w2.image_combo.currentText() == "img" and w2.suggestions.count() == 6
+
+    # Wrong inputs: one-line notifications, the viewer and the template untouched.
+    viewer.add_image(image[0][:8], name="other")
+    widget.image_combo.setCurrentText("other")
+    widget._guard(lambda: widget.open_template(template))()
+    assert "shape" in errors[-1]
+    widget._guard(lambda: widget.open_template(tmp_path / "img.npy"))()
+    assert "zarr" in errors[-1] or "template" in errors[-1]
+    assert len(errors) == 2 and widget.template_btn.isEnabled()
+
+
+def test_widget_densifies_into_a_label_image_beside_the_ome_zarr_image(make_napari_viewer, qtbot, tmp_path, errors):
+    from sparseseg.napari.widget import SparseTrainingWidget
+    from tests.test_export import trained_checkpoint
+
+    v05 = pytest.importorskip("ome_zarr_models.v05")
+    image, _ = blobs(shape=(16, 32, 40), seed=5)
+    img = tmp_path / "img.zarr"
+    _ome_image(img, image[0])
+    lz.write_labels(None, np.zeros((16, 32, 40), np.uint8), ["bg", "ball"], name="truth", beside_image=img)
+    trained_checkpoint(tmp_path / "m.pt")
+    viewer = make_napari_viewer()
+    viewer.open(str(img), plugin="sparseseg")
+    widget = SparseTrainingWidget(viewer)
+    widget.image_combo.setCurrentText("img")
+    widget.model_path.setText(str(tmp_path / "m.pt"))
+    widget.device.setCurrentText("cpu")
+    widget.beside_image.setChecked(True)
+    widget.probabilities.setChecked(True)
+    widget.densify_btn.click()
+    _wait(qtbot, widget)
+    assert not errors, errors
+    root = zarr.open_group(str(img), mode="r")
+    assert root["labels"].attrs["ome"]["labels"] == ["truth", "img_dense_1"]
+    v05.Image.from_zarr(root)
+    seg = root["labels"]["img_dense_1"]
+    assert seg["1"].shape == root["1"].shape
+    np.testing.assert_array_equal(np.asarray(widget.dense_layer.data), seg["0"][...])
+    np.testing.assert_array_equal(seg["1"][...], seg["0"][::2, ::2, ::2])
+    assert "p(fg)" in viewer.layers
+
+    # An image that is no OME-Zarr image: a notification, nothing written.
+    viewer.add_image(image[0], name="in memory")
+    widget.image_combo.setCurrentText("in memory")
+    widget.densify_btn.click()
+    assert "OME-Zarr" in errors[-1] and widget._worker is None

@@ -29,21 +29,90 @@ def default_output(input_path: str) -> Path:
     return store.with_name(store.name.split(".")[0] + "_segmentation.zarr")
 
 
-def _run_record(contract, engine_sha, geometry, block, tile, overlap, shape, probabilities) -> dict:
+def _run_record(contract, engine_sha, geometry, block, tile, overlap, shape, probabilities, levels=1) -> dict:
     return {"engine_sha256": engine_sha, "checkpoint_sha256": contract.get("checkpoint_sha256"),
             "geometry": geometry.to_dict(), "block": list(block), "tile": list(tile), "overlap": overlap,
             "input_shape": list(shape), "probabilities": probabilities,
-            "class_names": contract["class_names"]}
+            "class_names": contract["class_names"], "levels": levels}
 
 
-def _prepare_output(out: str, record: dict, voxel_size, num_classes, resume: bool, overwrite: bool,
-                    storage_options=None):
+def resolve_output(output, input_path, as_label: str | None = None, input_inner: str | None = None):
+    """(output location, the OME-Zarr image it is a label image of, or None).
+
+    `as_label NAME` puts the segmentation beside an OME-Zarr image INPUT as INPUT/labels/NAME; an
+    --output of the form IMAGE.zarr/labels/NAME (IMAGE.zarr an OME-Zarr image) does the same.
+    Anything else is a standalone OME-Zarr image."""
+    from sparseseg.labels_zarr import is_ome_image
+    from sparseseg.volume import is_url, split_store_path
+
+    if as_label is not None:
+        if output:
+            raise SparsesegError("--output and --as-label exclude each other")
+        if not as_label or any(c in as_label for c in "/\\:") or as_label.startswith("."):
+            raise SparsesegError(f"--as-label {as_label!r}: give a plain name (no '/', ':' or leading '.')")
+        store, inner = split_store_path(str(input_path))
+        inner = (input_inner or inner or "").strip("/")
+        if is_url(store):
+            raise SparsesegError("--as-label needs a local OME-Zarr image as INPUT; for a URL input name --output")
+        image = Path(store).joinpath(*inner.split("/")) if inner else Path(store)
+        if inner and not is_ome_image(image) and is_ome_image(image.parent):
+            image = image.parent            # INPUT named a level of the image (img.zarr:0): its image group
+        if not is_ome_image(image):
+            raise SparsesegError(f"--as-label needs INPUT to be an OME-Zarr image group; {image} is not one")
+        image = image.resolve()
+        return str(image / "labels" / as_label), image
+    out = _output_location(output, input_path)
+    if not is_url(out):
+        p = Path(out)
+        if p.parent.name == "labels" and is_ome_image(p.parent.parent):
+            return out, p.parent.parent
+    return out, None
+
+
+def check_output_target(out, label_image, input_path, overwrite: bool) -> None:
+    """The output checks a command makes before long work (densify trains first): an existing
+    output needs `overwrite`; a label image must fit its image. Nothing is written."""
+    from sparseseg.labels_zarr import label_exists, label_levels
+    from sparseseg.volume import check_output, is_url, open_volume
+
+    if label_image is None:
+        if not is_url(out):
+            check_output(out, overwrite)
+        return
+    label_levels(label_image, open_volume(str(input_path)).shape)
+    if label_exists(label_image, Path(out).name) and not overwrite:
+        raise SparsesegError(f"{out} exists; pass --overwrite to replace it")
+    check_output(Path(label_image) / "labels", replace=True)
+
+
+def _output_levels(shape, voxel_size, pyramid: int, label_image) -> tuple[list, list]:
+    """(z, y, x) shapes and scales of the output's levels: a label image has its image's levels
+    (NGFF); a standalone output has 1 + `pyramid` (fewer when the volume is down to one voxel)."""
+    from sparseseg import labels_zarr as lz
+
+    if label_image is not None:
+        shapes, scales = lz.label_levels(label_image, shape)
+        if pyramid and pyramid != len(shapes) - 1:
+            raise SparsesegError(f"a label image has the levels of its image ({len(shapes) - 1} downsampled); "
+                                 f"drop --pyramid {pyramid}")
+        return shapes, scales
+    shapes, scales = lz.plan_levels(voxel_size, shape, 1 + max(0, int(pyramid or 0)))
+    if pyramid and len(shapes) < pyramid + 1:
+        log.warning("--pyramid %d: only %d downsampled levels before the volume is one voxel", pyramid,
+                    len(shapes) - 1)
+    return shapes, scales
+
+
+def _prepare_output(out: str, record: dict, levels, num_classes, resume: bool, overwrite: bool,
+                    storage_options=None, label_image=None):
     """Check the output (nothing is touched before every check has passed), take its lease,
-    then create it (or keep it, to resume). Returns the held Lease; the caller releases it."""
+    then create it (or keep it, to resume). `levels`: (shapes, scales) of the output's levels.
+    Returns the held Lease; the caller releases it."""
     import zarr
 
+    from sparseseg import labels_zarr as lz
     from sparseseg.engine.store import Lease, clear_store, local_path, store_exists
-    from sparseseg.volume import check_output, ngff_attrs, store_error
+    from sparseseg.volume import check_output, store_error
 
     options = storage_options or {}
     zkw = {"storage_options": options} if options and local_path(out) is None else {}
@@ -66,13 +135,16 @@ def _prepare_output(out: str, record: dict, voxel_size, num_classes, resume: boo
                 raise SparsesegError(f"{out} was not written by sparseseg-infer; cannot resume into it")
             for key, what in (("engine_sha256", "engine"), ("geometry", "network geometry"), ("block", "--block"),
                               ("tile", "--tile"), ("overlap", "overlap"), ("input_shape", "input shape"),
-                              ("probabilities", "--probabilities")):
-                if old.get(key) != record[key]:
+                              ("probabilities", "--probabilities"), ("levels", "number of levels (--pyramid)")):
+                was = old.get(key, 1 if key == "levels" else None)      # outputs from before levels had 1
+                if was != record[key]:
                     raise SparsesegError(f"cannot resume {out}: it was written with a different {what} "
-                                         f"({old.get(key)} vs {record[key]}); use --overwrite to start again")
+                                         f"({was} vs {record[key]}); use --overwrite to start again")
         elif not overwrite:
             raise SparsesegError(f"{out} exists; pass --resume to continue it or --overwrite to replace it")
-    if local_path(out) is not None:
+    if label_image is not None:             # IMAGE.zarr/labels may not exist yet: IMAGE.zarr must be writable
+        check_output(Path(label_image) / "labels", replace=True)
+    elif local_path(out) is not None:
         check_output(local_path(out), replace=True)
     try:
         lease.acquire()                     # also proves the store is writable, before anything is removed
@@ -87,17 +159,27 @@ def _prepare_output(out: str, record: dict, voxel_size, num_classes, resume: boo
         if exists:
             clear_store(out, options)
         shape = tuple(record["input_shape"])
-        group = zarr.open_group(str(out), mode="a", zarr_format=3, **zkw)   # holds only our lease now
-        attrs = ngff_attrs("segmentation", voxel_size)
-        attrs[RUN_KEY] = record
-        group.attrs.update(attrs)
-        group.create_array("0", shape=shape, dtype="uint8", chunks=tuple(record["block"]), fill_value=0)
+        shapes, scales = levels
+        chunks = tuple(record["block"])
+        names = record["class_names"]
+        # The group holds only our lease now; the image's metadata and arrays are written around it.
+        if label_image is not None:
+            lz.init_label_image(label_image, Path(out).name, chunks, names, "uint8", extra_attrs={RUN_KEY: record})
+            group = zarr.open_group(str(out), mode="r+")
+        else:
+            group = zarr.open_group(str(out), mode="a", zarr_format=3, **zkw)
+            lz.init_levels(group, shapes, scales, chunks, "uint8", "segmentation", None,
+                           {"sparseseg": {"class_names": list(names)}, RUN_KEY: record})
         if record["probabilities"]:
-            group.create_array("probabilities", shape=(num_classes,) + shape, dtype=record["probabilities"],
-                               chunks=(1,) + tuple(record["block"]), fill_value=0,
-                               attributes={"sparseseg": {"axes": "czyx", "class_names": record["class_names"],
-                                                         "scale": "p*255" if record["probabilities"] == "uint8" else
-                                                         "probability"}})
+            meta = {"sparseseg": {"axes": "czyx", "class_names": names,
+                                  "scale": "p*255" if record["probabilities"] == "uint8" else "probability"}}
+            if len(shapes) == 1:
+                group.create_array("probabilities", shape=(num_classes,) + shape, dtype=record["probabilities"],
+                                   chunks=(1,) + chunks, fill_value=0, dimension_names=["c", "z", "y", "x"],
+                                   attributes=meta)
+            else:                           # its own NGFF image: levels like the labels', mean pyramid
+                lz.init_levels(group.create_group("probabilities"), shapes, scales, chunks,
+                               record["probabilities"], "probabilities", num_classes, meta)
     except Exception as e:
         lease.release()
         raise SparsesegError(f"cannot write to the output store {out}: {store_error(e)}") from None
@@ -147,8 +229,8 @@ def _local_cluster(workers: int | None, device: str):
 def run_inference(engine, input_path, output=None, *, workers=None, scheduler=None, block=None, tile=None, batch=None,
                   overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
                   group_size=None, progress=None, backend="auto", dry_run=False,
-                  assume_voxels_per_second=None, storage_options=None, input_inner=None, retries=2,
-                  kernels=None) -> dict:
+                  assume_voxels_per_second=None, storage_options=None, input_inner=None, retries=2, pyramid=0,
+                  as_label=None, kernels=None) -> dict:
     from sparseseg.model.checkpoint import file_sha256
     from sparseseg.model.contract import geometry_of_contract, read_contract
     from sparseseg.volume import open_volume
@@ -176,18 +258,20 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     if resume and not dry_run:          # the recorded block/tile/batch, not today's defaults
         from sparseseg.engine.resume import resume_choice
 
-        block, tile, batch = resume_choice(_output_location(output, input_path), engine_sha, block, tile, batch,
-                                           storage_options)
+        block, tile, batch = resume_choice(resolve_output(output, input_path, as_label, input_inner)[0], engine_sha,
+                                           block, tile, batch, storage_options)
     blk, tile, batch = choose(contract, shape, device=run_device, block=block, tile=tile, batch=batch,
                               overlap=overlap)
     if dry_run:
         fig = plan_figures(contract, shape, blk, tile, batch, overlap, assume_voxels_per_second)
         return {"dry_run": True, "engine": str(engine), "input": str(input_path), "backend": backend_name,
                 "device": run_device, **fig}
-    out = _output_location(output, input_path)
-    record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, shape, probabilities)
+    out, label_image = resolve_output(output, input_path, as_label, input_inner)
+    levels = _output_levels(shape, vol.voxel_size, pyramid, label_image)
+    record = _run_record(contract, engine_sha, geometry, blk, tile, overlap, shape, probabilities, len(levels[0]))
     record["batch"] = batch             # reused on resume (engine/resume.py)
-    lease = _prepare_output(out, record, vol.voxel_size, contract["num_classes"], resume, overwrite, storage_options)
+    lease = _prepare_output(out, record, levels, contract["num_classes"], resume, overwrite, storage_options,
+                            label_image)
 
     blocks = make_blocks(shape, blk)
     done = done_keys(out, storage_options) if resume else set()
@@ -225,6 +309,10 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
             else:
                 backend_name, backend_device, failed = _with_dask(job, todo, advance, workers, scheduler, device,
                                                                   group_size, retries)
+        if not failed:
+            _write_levels(out, record, storage_options, recompute=bool(todo))
+        elif record["levels"] > 1:
+            log.warning("the coarser levels are not written while blocks have failed: rerun with --resume")
     finally:
         bar.close()
         _finish(out, lease, failed, storage_options)
@@ -235,7 +323,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
             "blocks": len(blocks), "blocks_computed": len(todo) - len(failed), "blocks_skipped": skipped,
             "blocks_failed": len(failed), "failed": failed, **_read_figures(vol, geometry, shape, blk, tile, overlap),
             "backend": backend_name, "device": backend_device, "block": list(blk), "tile": list(tile),
-            "batch": batch}
+            "batch": batch, "levels": record["levels"], "label_image": str(label_image) if label_image else None}
 
 
 def _in_process(job, todo, advance, retries):
@@ -387,6 +475,40 @@ def _worker_location(source: str) -> str:
         return source
     store, inner = split_store_path(source)
     return join_store_path(str(Path(store).resolve()), inner)
+
+
+PYRAMID_META = "pyramid.json"
+
+
+def _write_levels(out, record, storage_options, recompute: bool) -> None:
+    """Once every block is written (this run's or an earlier one's), fill the coarser levels
+    chunk by chunk (labels: nearest, probabilities: mean), then note it in the bookkeeping, so
+    a resumed complete run does not write them again. Runs under the output's lease."""
+    import zarr
+
+    from sparseseg import labels_zarr as lz
+    from sparseseg.engine.store import local_path, read_meta, write_meta
+    from sparseseg.volume import store_error
+
+    if record["levels"] <= 1 or (not recompute and (read_meta(out, PYRAMID_META, storage_options) or {}).get(
+            "complete")):
+        return
+    t0 = time.time()
+    zkw = {"storage_options": storage_options} if storage_options and local_path(out) is None else {}
+    try:
+        write_meta(out, PYRAMID_META, {"complete": False}, storage_options)
+        group = zarr.open_group(str(out), mode="r+", **zkw)
+        lz.write_pyramid(group, "nearest")
+        if record["probabilities"] and isinstance(group["probabilities"], zarr.Group):
+            lz.write_pyramid(group["probabilities"], "mean")
+        write_meta(out, PYRAMID_META, {"complete": True, "levels": record["levels"],
+                                       "seconds": round(time.time() - t0, 3)}, storage_options)
+    except SparsesegError:
+        raise
+    except Exception as e:  # the blocks are safe; --resume writes the levels again
+        raise SparsesegError(f"writing the coarser levels of {out} failed ({store_error(e)}); every block is "
+                             f"written: rerun with --resume to write them") from None
+    log.info("%d coarser levels written in %.1f s", record["levels"] - 1, time.time() - t0)
 
 
 def _finish(out, lease, failed, storage_options) -> None:

@@ -2,7 +2,10 @@
 URLs), write a block's chunks and then its done marker, list the done markers once.
 
 Markers and the run's bookkeeping live inside the output store, under `.sparseseg/` (zarr
-ignores names it does not know), so they travel with the output: `OUT.zarr/.sparseseg/done/<key>`.
+ignores names it does not know), so they travel with the output: `OUT.zarr/.sparseseg/done/<key>`,
+or `IMAGE.zarr/labels/NAME/.sparseseg/` for a label image. `.sparseseg/` holds no zarr.json, so it
+is no zarr node: NGFF validators and viewers (ome-zarr-models, ome-zarr-py, napari) never list it
+(tests/test_ome_outputs.py).
 A marker is written only after the block's chunks are stored; on a local filesystem the chunk
 files, the marker and their directories are fsync'd first, so a power cut never leaves a block
 that looks finished but is not. On an object store a PUT is durable when it returns.
@@ -61,6 +64,8 @@ def open_io(job):
         group = zarr.open_group(str(job.output), mode="r+", **kwargs)
         labels = group["0"]
         probs = group["probabilities"] if job.probabilities else None
+        if isinstance(probs, zarr.Group):   # with a pyramid, probabilities are an image of their own
+            probs = probs["0"]
         _OPEN[key] = (vol, labels, probs)
     return _OPEN[key]
 
@@ -111,11 +116,12 @@ def write_block(job, block, labels: np.ndarray, probs: np.ndarray | None) -> Non
         prob_arr[(slice(None),) + block.slices] = probs
     root = local_path(job.output)
     if root is not None:                    # an object store's PUT is durable when it returns
-        files = _chunk_files(root / "0", block, label_arr.chunks)
+        files = _chunk_files(root.joinpath(*label_arr.path.split("/")), block, label_arr.chunks)
         if prob_arr is not None:
+            prob_dir = root.joinpath(*prob_arr.path.split("/"))
             for c in range(0, prob_arr.shape[0], prob_arr.chunks[0]):
                 lead = (c // prob_arr.chunks[0],)
-                files += _chunk_files(root / "probabilities", block, prob_arr.chunks, lead=lead)
+                files += _chunk_files(prob_dir, block, prob_arr.chunks, lead=lead)
         _fsync_files(files)
     mark_done(job.output, block, getattr(job, "storage_options", None))
 
@@ -364,6 +370,21 @@ def clear_store(output, storage_options=None) -> None:
     files = [f for f in fs.find(path) if f.rstrip("/") != keep]
     if files:
         fs.rm(files)
+
+
+def read_meta(output, name: str, storage_options=None) -> dict | None:
+    """A JSON file written by write_meta, or None when there is none (or it is unreadable)."""
+    import json
+
+    try:
+        root = local_path(output)
+        if root is not None:
+            return json.loads((root / META_DIR / name).read_bytes())
+        fs, path = filesystem(output, storage_options)
+        fs.invalidate_cache(f"{path.rstrip('/')}/{META_DIR}")
+        return json.loads(fs.cat_file(f"{path.rstrip('/')}/{META_DIR}/{name}"))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def write_meta(output, name: str, data: dict, storage_options=None) -> None:

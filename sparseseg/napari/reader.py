@@ -158,6 +158,32 @@ def _multiscale_layer(group, name, is_labels=None):
     return _layer(data, name, scale, is_labels, class_names, colours, multiscale=len(levels) > 1)
 
 
+def _probabilities_layer(group, scale):
+    """sparseseg-infer's probabilities beside its labels (K, Z, Y, X, uint8 = p*255 or float16):
+    one array, or (with --pyramid) an image group of its own whose levels follow the labels'.
+    Hidden image layers, one per class; None when the group has none."""
+    import dask.array as da
+    import zarr
+
+    if "probabilities" not in group:
+        return None
+    prob = group["probabilities"]
+    kwargs = {"channel_axis": 0, "scale": scale, "blending": "additive", "visible": False}
+    if isinstance(prob, zarr.Array):
+        data = da.from_zarr(prob)
+        k = prob.shape[0]
+    elif _ome(prob.attrs).get("multiscales"):
+        levels = [da.from_zarr(prob[d["path"]]) for d in _ome(prob.attrs)["multiscales"][0]["datasets"]]
+        k = levels[0].shape[0]
+        data = levels if len(levels) > 1 else levels[0]
+        if len(levels) > 1:
+            kwargs["multiscale"] = True
+    else:
+        return None
+    names = dict(prob.attrs).get("sparseseg", {}).get("class_names") or [str(i) for i in range(k)]
+    return (data, {"name": [f"p({n})" for n in names], **kwargs}, "image")
+
+
 def _read_zarr(p: Path) -> list:
     import dask.array as da
     import zarr
@@ -171,18 +197,16 @@ def _read_zarr(p: Path) -> list:
     if ome.get("multiscales"):
         layers.append(_multiscale_layer(node, name))
         # Label images beside the image, as listed in `labels`.
+        label_names = []
         if "labels" in node:
             names = _ome(node["labels"].attrs).get("labels", [])
-            for label_name in names:
-                if label_name in node["labels"]:
-                    layers.append(_multiscale_layer(node["labels"][label_name], label_name, is_labels=True))
-        # sparseseg-infer's probabilities sibling (K, Z, Y, X, uint8 = p*255 or float16).
-        if "probabilities" in node and isinstance(node["probabilities"], zarr.Array):
-            prob = node["probabilities"]
-            names = dict(prob.attrs).get("sparseseg", {}).get("class_names") or [str(i) for i in range(prob.shape[0])]
-            scale = layers[0][1].get("scale")
-            layers.append((da.from_zarr(prob), {"name": [f"p({n})" for n in names], "channel_axis": 0,
-                                               "scale": scale, "blending": "additive", "visible": False}, "image"))
+            label_names = [n for n in names if n in node["labels"]]
+            for label_name in label_names:
+                layers.append(_multiscale_layer(node["labels"][label_name], label_name, is_labels=True))
+        for group, layer in list(zip([node] + [node["labels"][n] for n in label_names], list(layers))):
+            prob = _probabilities_layer(group, layer[1].get("scale"))
+            if prob is not None:
+                layers.append(prob)
         return layers
     arrays = sorted(k for k, _ in node.arrays())
     for key in arrays:

@@ -83,6 +83,11 @@ class SparseTrainingWidget(QWidget):
         self.image_combo = QComboBox()
         self.labels_combo = QComboBox()
         self.new_labels_btn = QPushButton("New sparse labels")
+        self.template_btn = QPushButton("Open suggestion template")
+        self.template_btn.setToolTip("a labels template written by `sparseseg-suggest IMAGE --template OUT`: "
+                                     "painting writes into it; the suggested slices are listed below")
+        self.suggestions = QComboBox()
+        self.suggestions.setToolTip("go to a suggested slice (from the template)")
         self.preset = QComboBox()
         self.preset.addItems(["small", "paper"])
         self.iterations = QSpinBox()
@@ -101,6 +106,9 @@ class SparseTrainingWidget(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.densify_btn = QPushButton("Densify")
         self.probabilities = QCheckBox("probabilities layer")
+        self.beside_image = QCheckBox("as a label image of the OME-Zarr image")
+        self.beside_image.setToolTip("write the result into IMAGE.zarr/labels/<name> (NGFF image-label), so "
+                                     "napari, Fiji/MoBIE, webKnossos and Neuroglancer open it over the image")
         self.progress = QProgressBar()
         self.status = QLabel("paint a few slices, then train")
         self.status.setWordWrap(True)
@@ -109,6 +117,8 @@ class SparseTrainingWidget(QWidget):
         form.addRow("image", self.image_combo)
         form.addRow("sparse labels", self.labels_combo)
         form.addRow("", self.new_labels_btn)
+        form.addRow("", self.template_btn)
+        form.addRow("suggested slice", self.suggestions)
         form.addRow("preset", self.preset)
         form.addRow("iterations", self.iterations)
         form.addRow("device", self.device)
@@ -129,10 +139,13 @@ class SparseTrainingWidget(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self._make_curve())
         layout.addLayout(dens)
+        layout.addWidget(self.beside_image)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
         self.new_labels_btn.clicked.connect(self._guard(self.new_sparse_labels))
+        self.template_btn.clicked.connect(self._guard(lambda: self.open_template()))
+        self.suggestions.currentIndexChanged.connect(self._guard(lambda *_: self.go_to_suggestion()))
         self.browse_btn.clicked.connect(self._browse)
         self.train_btn.clicked.connect(self._guard(lambda: self.start_training(retrain=False)))
         self.retrain_btn.clicked.connect(self._guard(lambda: self.start_training(retrain=True)))
@@ -208,7 +221,7 @@ class SparseTrainingWidget(QWidget):
             combo.blockSignals(False)
 
     def _set_busy(self, busy: bool):
-        for b in (self.train_btn, self.retrain_btn, self.densify_btn, self.new_labels_btn):
+        for b in (self.train_btn, self.retrain_btn, self.densify_btn, self.new_labels_btn, self.template_btn):
             b.setEnabled(not busy)
         self.cancel_btn.setEnabled(busy)
         if busy:
@@ -269,6 +282,102 @@ class SparseTrainingWidget(QWidget):
         self.status.setText("paint class 0 (background) and classes 1, 2 … on a few slices; "
                             "unpainted voxels stay 'unannotated'")
         return layer
+
+    def open_template(self, path=None):
+        """Open a `sparseseg-suggest --template` labels volume as the sparse labels layer (painting
+        writes straight into it, so the template file is the annotation), and list its suggested
+        slices in the 'suggested slice' box; choosing one shows that slice."""
+        import zarr
+
+        from sparseseg.suggest.planes import PLANES
+
+        if path is None:
+            path = QFileDialog.getExistingDirectory(self, "Open a sparseseg-suggest template", str(Path.cwd()))
+            if not path:
+                return None
+        p = Path(path)
+        try:
+            group = zarr.open_group(str(p), mode="r+")
+        except Exception:  # not a zarr group, or not writable: one line, whatever zarr raised
+            raise SparsesegError(f"{p}: not a writable zarr group (expected `sparseseg-suggest --template` output)") \
+                from None
+        attrs = dict(group.attrs)
+        meta = attrs.get("sparseseg") or {}
+        if meta.get("kind") != "annotation-template":
+            raise SparsesegError(f"{p} is not a template written by `sparseseg-suggest --template`")
+        if int(meta.get("ignore_label", IGNORE_LABEL)) != IGNORE_LABEL:
+            raise SparsesegError(f"{p} marks unannotated voxels with {meta['ignore_label']}; this widget paints "
+                                 f"with {IGNORE_LABEL}: write the template again with --ignore-label {IGNORE_LABEL}")
+        ms = (attrs.get("ome") or {}).get("multiscales") or [{}]
+        level0 = ms[0].get("datasets", [{"path": "0"}])[0]
+        arr = group[level0["path"]]
+        scale = next((t["scale"] for t in level0.get("coordinateTransformations", []) if t["type"] == "scale"),
+                     [1.0, 1.0, 1.0])[-3:]
+        translate = [0.0, 0.0, 0.0]
+        if not self.image_combo.currentText():
+            self._open_template_image(meta.get("image"), p)
+        if self.image_combo.currentText():
+            image = self.image_layer()
+            if self._spatial_shape(image) != tuple(arr.shape):
+                raise SparsesegError(f"template {p.name} has shape {tuple(arr.shape)}, image '{image.name}' has "
+                                     f"{self._spatial_shape(image)}: was it suggested for another image?")
+            scale, translate = image.scale[-3:], image.translate[-3:]
+        slices = [s for s in meta.get("suggested_slices", []) if s.get("plane") in PLANES]
+        layer = self.viewer.add_labels(arr, name=f"{p.name.split('.')[0]} sparse labels", scale=scale,
+                                       translate=translate, colormap=labels_colormap(2),
+                                       metadata={"class_names": [], "path": str(p), "suggested_slices": slices})
+        layer.selected_label = 1
+        layer.brush_size = 5
+        self.labels_combo.setCurrentText(layer.name)
+        self.suggestions.blockSignals(True)
+        self.suggestions.clear()
+        for s in slices:
+            axis = "zyx"[PLANES[s["plane"]]]
+            gain = f", gain {s['gain']:.3g}" if s.get("gain") is not None else ""
+            self.suggestions.addItem(f"{s['plane']}: {axis}={s['index']}{gain}", dict(s))
+        self.suggestions.blockSignals(False)
+        self._template_layer = layer
+        if slices:
+            self.go_to_suggestion(0)
+        self.status.setText(f"{len(slices)} suggested slices from {p.name}; paint them (painting writes into the "
+                            "template), then train")
+        return layer
+
+    def _open_template_image(self, image, template: Path) -> None:
+        """No image layer yet: open the image the template was suggested for, when it is still
+        where `sparseseg-suggest` read it (as given, or beside the template)."""
+        if not image:
+            return
+        for cand in (Path(image), template.parent / image):
+            if cand.exists():
+                try:
+                    self.viewer.open(str(cand), plugin="sparseseg")
+                except Exception as e:  # noqa: BLE001 - the template opens without its image
+                    log.warning("could not open the template's image %s: %s", cand, e)
+                    return
+                self._refresh_layers()
+                return
+
+    def go_to_suggestion(self, index: int | None = None):
+        """Show suggested slice `index` (default: the one chosen in the box) in 2D: its plane on
+        screen, the viewer at its position."""
+        from sparseseg.suggest.planes import PLANES
+
+        if index is not None and index != self.suggestions.currentIndex():
+            self.suggestions.setCurrentIndex(index)    # its signal comes back here
+            return
+        s = self.suggestions.currentData()
+        layer = getattr(self, "_template_layer", None)
+        if not s or layer is None or layer not in self.viewer.layers:
+            return
+        fixed = PLANES[s["plane"]]
+        dims = self.viewer.dims
+        lead = dims.ndim - 3                      # the layer's axes are the viewer's last three
+        shown = [a for a in range(3) if a != fixed]
+        dims.ndisplay = 2
+        dims.order = tuple(range(lead)) + (lead + fixed, lead + shown[0], lead + shown[1])
+        world = float(layer.translate[-3:][fixed]) + int(s["index"]) * float(layer.scale[-3:][fixed])
+        dims.set_point(lead + fixed, world)
 
     def _training_volume(self):
         from sparseseg.trainer.data import TrainingVolume
@@ -419,12 +528,17 @@ class SparseTrainingWidget(QWidget):
         if not Path(model).is_file():
             raise SparsesegError("no model yet: train first (or point 'model' at a checkpoint)")
         image = self.image_layer()
+        folder = Path(model).parent
+        if self.beside_image.isChecked():
+            folder = self._label_folder(image)
         source = self._densify_input(image)
         self._densify_count += 1
-        out = Path(model).parent / f"{image.name.replace('/', '_')}_dense_{self._densify_count}.zarr"
+        stem = image.name.replace("/", "_")
+        suffix = "" if self.beside_image.isChecked() else ".zarr"
+        out = folder / f"{stem}_dense_{self._densify_count}{suffix}"
         while out.exists():
             self._densify_count += 1
-            out = Path(model).parent / f"{image.name.replace('/', '_')}_dense_{self._densify_count}.zarr"
+            out = folder / f"{stem}_dense_{self._densify_count}{suffix}"
         self.dense_layer = None
         self._densify_out = out
         self._densify_image = image
@@ -442,6 +556,16 @@ class SparseTrainingWidget(QWidget):
         self.status.setText(f"densifying into {out} …")
         worker.start()
         return worker
+
+    def _label_folder(self, image) -> Path:
+        """IMAGE.zarr/labels for an image layer opened from an NGFF 0.5 OME-Zarr image group."""
+        from sparseseg.labels_zarr import label_levels
+
+        src = getattr(getattr(image, "source", None), "path", None)
+        if not src or not Path(src).is_dir():
+            raise SparsesegError(f"'{image.name}' was not opened from an OME-Zarr image: untick 'as a label image'")
+        label_levels(src, self._spatial_shape(image))      # an NGFF 0.5 image of this shape, else one line
+        return Path(src) / "labels"
 
     def _show_dense(self, out: Path):
         import zarr
@@ -479,6 +603,8 @@ class SparseTrainingWidget(QWidget):
         group = zarr.open_group(str(out), mode="r")
         if "probabilities" in group:
             prob = group["probabilities"]
+            if isinstance(prob, zarr.Group):      # beside a multiscale image: an image of its own
+                prob = prob["0"]
             names = dict(group.attrs).get("sparseseg_run", {}).get("class_names") or [str(i) for i in
                                                                                      range(prob.shape[0])]
             image = self._densify_image
