@@ -167,10 +167,12 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
               help="IMAGE is an OME-Zarr image: write the segmentation beside it as IMAGE/labels/NAME")
 @click.option("--model-out", type=click.Path(dir_okay=False), help="also keep the trained checkpoint here")
 @click.option("--tile", help="prediction tile output size Z,Y,X")
+@click.option("--pyramid", type=click.IntRange(0), default=0, show_default=True,
+              help="also write this many downsampled levels (as sparseseg-infer --pyramid)")
 @click.option("--overwrite", is_flag=True, help="replace existing outputs")
 @training_options
 @user_errors
-def densify_cmd(image, labels, out, as_label, model_out, tile, overwrite, **kwargs):
+def densify_cmd(image, labels, out, as_label, model_out, tile, pyramid, overwrite, **kwargs):
     """Train on one volume's own sparse labels and write its dense segmentation (semi-automated)."""
     _setup_logging()
     from sparseseg.engine.run import check_output_target, resolve_output
@@ -184,7 +186,7 @@ def densify_cmd(image, labels, out, as_label, model_out, tile, overwrite, **kwar
     if model_out:
         check_output(model_out, overwrite)
     summary = densify(image, labels, out, _train_options_only(kwargs), model_out=model_out,
-                      tile=parse_triple(tile, "--tile"), overwrite=overwrite)
+                      tile=parse_triple(tile, "--tile"), overwrite=overwrite, pyramid=pyramid)
     click.echo(f"dense segmentation written to {summary['output']} ({summary['train_seconds']:.1f} s training, "
                f"{summary['predict_seconds']:.1f} s prediction)")
 

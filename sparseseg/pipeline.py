@@ -9,7 +9,8 @@ import time
 log = logging.getLogger("sparseseg.densify")
 
 
-def densify(image_path, labels_path, out, options: dict, model_out=None, tile=None, overwrite=False) -> dict:
+def densify(image_path, labels_path, out, options: dict, model_out=None, tile=None, overwrite=False,
+            pyramid=0) -> dict:
     """Train on the volume's own sparse labels, then predict it with the engine (in this
     process): the same blocked, exact path as `sparseseg-infer`, so any volume size works."""
     import tempfile
@@ -28,7 +29,7 @@ def densify(image_path, labels_path, out, options: dict, model_out=None, tile=No
         del vols                                  # the engine reads the volume block by block
         t0 = time.time()
         summary = run_inference(ckpt, image_path, out, workers=0, tile=tile, overwrite=overwrite,
-                                device=options["device"])
+                                device=options["device"], pyramid=pyramid)
     log.info("wrote %s", out)
     return {"output": summary["output"], "train_seconds": res.seconds, "predict_seconds": time.time() - t0,
             "model": res.model}

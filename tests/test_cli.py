@@ -35,10 +35,14 @@ def test_train_eval_densify(data):
     assert (data / "m.pt").exists()
     code, out = run("train", "--image", data / "img.npy", "--labels", data / "lab.npy", "--out", data / "m.pt", *FAST)
     assert code == 1 and "exists" in out and out.count("\n") == 1
-    code, out = run("densify", data / "img.npy", data / "lab.npy", "--out", data / "d.zarr", *FAST)
+    code, out = run("densify", data / "img.npy", data / "lab.npy", "--out", data / "d.zarr", "--pyramid", "1", *FAST)
     assert code == 0, out
     pred = open_volume(data / "d.zarr").read_labels()
     assert pred.shape == (20, 36, 36) and pred.dtype == np.uint8
+    import zarr
+
+    levels = zarr.open_group(str(data / "d.zarr"), mode="r").attrs["ome"]["multiscales"][0]["datasets"]
+    assert len(levels) == 2 and zarr.open_array(str(data / "d.zarr" / levels[1]["path"]), mode="r").shape[1] < 36
     code, out = run("eval", data / "d.zarr", data / "lab.npy", "--json", "--figure", data / "f.png")
     assert code == 0, out
     res = json.loads(out)

@@ -397,11 +397,12 @@ def write_meta(output, name: str, data: dict, storage_options=None) -> None:
         fs, path = filesystem(output, storage_options)
         fs.pipe_file(f"{path.rstrip('/')}/{META_DIR}/{name}", text)
         return
+    from sparseseg.fsutil import atomic_path
+
     target = root / META_DIR / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
-    tmp.write_bytes(text)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(text)
 
 
 # ---------------------------------------------------------------- what the reads cost

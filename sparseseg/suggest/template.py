@@ -40,7 +40,8 @@ def write_template(path, shape, voxel_size, suggestions: list[dict], ignore: int
                               "planes": {"xy": "z fixed", "xz": "y fixed", "yz": "x fixed"}}
         group.attrs.update(attrs)
         chunks = template_chunks(shape)
-        arr = group.create_array("0", shape=tuple(shape), dtype="uint8", chunks=chunks, fill_value=int(ignore))
+        arr = group.create_array("0", shape=tuple(shape), dtype="uint8", chunks=chunks, fill_value=int(ignore),
+                                 dimension_names=["z", "y", "x"])     # NGFF 0.5 requires them
         if annotated is not None:
             block = block_shape(shape, (1, 1, 1), chunks, max_block_voxels)
             for z0, y0, x0 in itertools.product(*(range(0, s, b) for s, b in zip(shape, block))):
