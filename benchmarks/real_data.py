@@ -8,10 +8,10 @@ Datasets and protocols (IoU scored on voxels nobody annotated):
          the other half x >= 512 (all 20 sections). --task mito trains mitochondria vs the rest
          (Cheng & Varshney's task), --task all the three classes.
 
-Network runs take the CLI's defaults (read from `sparseseg.cli.training_options`, so they follow
-the trainer as it changes) plus overrides (--set key=value, option names as in the CLI with
-underscores), and are bounded by --iterations and --max-minutes (the trainer stops at whichever
-comes first is not available, so pick iterations that fit: the seconds are recorded).
+Network runs take the CLI's defaults (`sparseseg.trainer.options.DEFAULTS`, so they follow the
+trainer as it changes) plus overrides (--set key=value, option names as in the CLI with
+underscores), and are bounded by --iterations (pick iterations that fit the time budget: the
+training seconds per iteration are recorded; --eval-every N adds a learning curve).
 
     python benchmarks/real_data.py --dataset isbi --method forest
     python benchmarks/real_data.py --dataset isbi --method net --set ndim=2 --iterations 400 --tag 2d
@@ -72,16 +72,10 @@ def load(dataset: str, task: str, labels: str):
 
 
 def cli_defaults() -> dict:
-    import click
+    """The training options' defaults, as the CLI and the napari widget take them."""
+    from sparseseg.trainer.options import DEFAULTS
 
-    from sparseseg.cli import training_options
-    from sparseseg.trainer.options import OPTION_KEYS
-
-    cmd = click.command()(training_options(lambda **kw: None))
-    plain = (str, int, float, bool, type(None))
-    # An option without a default has click's UNSET sentinel (click >= 8.2): None, as when parsed.
-    d = {p.name: (p.default if isinstance(p.default, plain) else None) for p in cmd.params}
-    return {k: d.get(k) for k in OPTION_KEYS}
+    return dict(DEFAULTS)
 
 
 def parse_value(v: str):

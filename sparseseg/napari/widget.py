@@ -55,11 +55,11 @@ def notify_error(exc: BaseException) -> None:
 
 
 def default_options(**kw) -> dict:
-    """Training options as the CLI would parse them (sparseseg.trainer.options.OPTION_KEYS)."""
-    o = dict(preset="small", iterations=200, batch_size=1, lr=1e-3, optimizer="adam", patch=None, padding="valid",
-             ndim="3", base_width=None, depth=None, batchnorm=None, num_classes=None, class_names=None,
-             class_weights=None, dice_weight=0.0, ignore_label=IGNORE_LABEL, voxel_size=None, no_augment=False,
-             val_fraction=0.0, val_every=20, checkpoint_every=0, seed=0, device="auto", no_amp=False)
+    """Training options as the CLI would parse them (sparseseg.trainer.options.DEFAULTS), with
+    the widget's shorter run: fewer iterations, validation more often, no periodic checkpoints."""
+    from sparseseg.trainer.options import DEFAULTS
+
+    o = {**DEFAULTS, "iterations": 200, "ignore_label": IGNORE_LABEL, "val_every": 20, "checkpoint_every": 0}
     o.update(kw)
     return o
 

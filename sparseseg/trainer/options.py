@@ -14,9 +14,19 @@ from sparseseg.trainer.data import check_pair, infer_num_classes
 ARCH_KEYS = ["arch", "factorized", "feature_augment", "feature_augment_t"]   # see sparseseg.model.cheng
 OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "augment", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio", "bn_recalibrate"]
 
-# Options added after the first release: absent from an options dict means the default.
-_DEFAULTS = {"schedule": "constant", "warmup": 0, "loss": "ce", "normalization": "global", "val_slices": 0,
-             "early_stop": 0, "max_weight_ratio": 10.0, "augment": "full", "bn_recalibrate": 0}
+# Every option's default, in one place: the CLI, the napari widget, the benchmarks and options
+# dicts from older callers (a missing key means its default) all read it.
+DEFAULTS = {
+    "arch": "unet", "factorized": False, "feature_augment": False, "feature_augment_t": 4,
+    "preset": "small", "iterations": 1000, "batch_size": 1, "lr": 1e-3, "optimizer": "adam",
+    "patch": None, "padding": "valid", "ndim": "3", "base_width": None, "depth": None, "batchnorm": None,
+    "num_classes": None, "class_names": None, "class_weights": None, "dice_weight": 0.0,
+    "ignore_label": 255, "voxel_size": None, "augment": "full", "no_augment": False,
+    "val_fraction": 0.0, "val_every": 100, "checkpoint_every": 500, "seed": 0, "device": "auto",
+    "no_amp": False, "schedule": "constant", "warmup": 0, "loss": "ce", "normalization": "global",
+    "val_slices": 0, "early_stop": 0, "max_weight_ratio": 10.0, "bn_recalibrate": 0,
+}
+assert set(DEFAULTS) == set(OPTION_KEYS)
 
 
 def parse_triple(value, name, cast=int):
@@ -34,7 +44,7 @@ def parse_triple(value, name, cast=int):
 
 def build_configs(vols, o: dict):
     """ModelConfig and TrainConfig from the parsed options and the data."""
-    o = {**_DEFAULTS, **o}
+    o = {**DEFAULTS, **o}
     ignore = o["ignore_label"]
     for v in vols:
         check_pair(v, None, ignore)
