@@ -131,7 +131,9 @@ def self_train_options(fn):
                      help="self-training (Zheng et al. 2020): 2D and 3D base networks on the sparse labels, "
                           "their averaged predictions as dense pseudo-labels for the final network"),
         click.option("--self-train-mode", default="distill", show_default=True,
-                     help="distill: one plain 3D network trained on the pseudo-labels"),
+                     help="distill: one plain 3D network trained on the pseudo-labels (a checkpoint); meta: "
+                          "Zheng's meta-network on image + pseudo-labels, composed with the base networks "
+                          "into one ONNX engine file (--out NAME.onnx)"),
         click.option("--self-train-iterations", type=click.IntRange(0), default=0, show_default=True,
                      help="iterations of the final network (0: --iterations)"),
         click.option("--self-train-threshold", type=click.FloatRange(0, 1, max_open=True), default=0.0,
@@ -183,11 +185,12 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
 
     st = _self_train_config(kwargs)
     if st:
-        from sparseseg.selftrain.config import check_options
+        from sparseseg.selftrain.config import check_options, check_output_name
         from sparseseg.selftrain.run import base_paths, self_train
 
         check_options(_train_options_only(kwargs), resume)
-        for path in [out, *base_paths(out).values()]:
+        check_output_name(st, out)
+        for path in [out, *base_paths(out, st.mode).values()]:
             check_output(path, force, "--force")
         vols = load_pairs(images, labels, kwargs["ignore_label"])
         res = self_train(vols, _train_options_only(kwargs), st, out_path=out)
@@ -229,15 +232,17 @@ def densify_cmd(image, labels, out, as_label, model_out, tile, pyramid, overwrit
         raise SparsesegError("name the output: --out OUT.zarr, or --as-label NAME beside an OME-Zarr IMAGE")
     st = _self_train_config(kwargs)
     if st:
-        from sparseseg.selftrain.config import check_options
+        from sparseseg.selftrain.config import check_options, check_output_name
 
         check_options(_train_options_only(kwargs))
+        if model_out:
+            check_output_name(st, model_out)
     out, label_image = resolve_output(out, image, as_label)
     check_output_target(out, label_image, image, overwrite)        # before minutes of training
     if model_out:
         from sparseseg.selftrain.run import base_paths
 
-        for path in [model_out, *(base_paths(model_out).values() if st else [])]:
+        for path in [model_out, *(base_paths(model_out, st.mode).values() if st else [])]:
             check_output(path, overwrite)
     summary = densify(image, labels, out, _train_options_only(kwargs), model_out=model_out,
                       tile=parse_triple(tile, "--tile"), overwrite=overwrite, pyramid=pyramid, self_train=st)

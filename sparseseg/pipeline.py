@@ -26,7 +26,8 @@ def densify(image_path, labels_path, out, options: dict, model_out=None, tile=No
     vols = load_pairs([image_path], [labels_path], options["ignore_label"])
     mcfg, tcfg, names = build_configs(vols, options)
     with tempfile.TemporaryDirectory(prefix="sparseseg-densify-") as tmp:
-        ckpt = Path(model_out) if model_out else Path(tmp) / "model.pt"
+        meta = self_train is not None and self_train.mode == "meta"        # one ONNX engine file
+        ckpt = Path(model_out) if model_out else Path(tmp) / ("model.onnx" if meta else "model.pt")
         if self_train is not None:
             from sparseseg.selftrain.run import self_train as run_self_train
 

@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass
 
 from sparseseg.errors import SparsesegError
 
-MODES = ("distill",)
+MODES = ("distill", "meta")
 
 
 @dataclass(frozen=True)
 class SelfTrainConfig:
-    mode: str = "distill"
+    mode: str = "distill"        # distill: one plain 3D network; meta: Zheng's meta-model, one ONNX engine file
     iterations: int = 0          # iterations of the final network; 0: as many as the base networks
     threshold: float = 0.0       # averaged max probability below which a pseudo-labelled voxel is ignored
     backend: str = "auto"        # the engine backend the pseudo-labels are predicted with
@@ -39,3 +39,9 @@ def check_options(options: dict, resume=None) -> None:
         # pseudo-labels of the final one: the validation IoU would no longer be held out.
         raise SparsesegError("--self-train does not support --val-slices/--val-fraction "
                              "(held-out slices would leak through the pseudo-labels)")
+
+
+def check_output_name(st: SelfTrainConfig, out) -> None:
+    """The meta-model is one ONNX engine file (the composed module is no checkpoint)."""
+    if out is not None and st.mode == "meta" and not str(out).lower().endswith(".onnx"):
+        raise SparsesegError(f"--self-train-mode meta writes one ONNX engine file: name it .onnx, not {out}")

@@ -39,3 +39,14 @@ def dense_targets(mean: np.ndarray, labels: np.ndarray, ignore_label: int, thres
     annotated = labels != ignore_label
     target[annotated] = labels[annotated]
     return target
+
+
+def average_and_candidates(image: np.ndarray, model3d, model2d, planes, device: str = "auto", backend: str = "auto"):
+    """(mean probabilities, hard pseudo-label (uint8 argmax) of each prediction, their names):
+    what the meta-model trains on."""
+    total, hard, names = None, [], []
+    for name, p in predictions(image, model3d, model2d, planes, device, backend):
+        total = p if total is None else total + p
+        hard.append(p.argmax(0).astype(np.uint8))
+        names.append(name)
+    return total / len(names), hard, names

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparseseg.selftrain.config import SelfTrainConfig, check_options
+from sparseseg.selftrain.config import SelfTrainConfig, check_options, check_output_name
 
 log = logging.getLogger("sparseseg.selftrain")
 
@@ -25,31 +25,49 @@ class SelfTrainResult:
     base_checkpoints: dict
 
 
-def base_paths(out_path) -> dict:
-    """model.pt -> model.base3d.pt and model.base2d.pt beside it (None without an out_path)."""
+def base_paths(out_path, mode: str = "distill") -> dict:
+    """model.pt -> model.base3d.pt and model.base2d.pt beside it, and model.meta.pt (the
+    meta-network alone) in meta mode; None each without an out_path."""
+    keys = ["3d", "2d"] + (["meta"] if mode == "meta" else [])
     if out_path is None:
-        return {"3d": None, "2d": None}
+        return {k: None for k in keys}
     p = Path(out_path)
-    return {"3d": str(p.with_name(p.stem + ".base3d.pt")), "2d": str(p.with_name(p.stem + ".base2d.pt"))}
+    return {k: str(p.with_name(f"{p.stem}.{'base' + k if k != 'meta' else k}.pt")) for k in keys}
 
 
 def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress=None) -> SelfTrainResult:
     """Train with self-training on TrainingVolumes held in memory (sparse labels, the ignore
     value elsewhere). `options`: the training options as `build_configs` takes them; they
-    apply to every network trained. Checkpoints: the final one at `out_path`, the base ones
-    beside it (see `base_paths`)."""
+    apply to every network trained. Output at `out_path`: distill, an ordinary checkpoint;
+    meta, one ONNX engine file (.onnx) of the composed module. The base checkpoints (and the
+    meta-network's) go beside it (see `base_paths`)."""
     from sparseseg.selftrain.base import train_base
-    from sparseseg.selftrain.distill import train_distilled
     from sparseseg.selftrain.planes import in_memory
-    from sparseseg.selftrain.pseudo import average, dense_targets
 
     check_options(options)
+    check_output_name(st, out_path)
     in_memory(vols)
+    paths = base_paths(out_path, st.mode)
     t0 = time.time()
-    base = train_base(vols, options, base_paths(out_path), progress)
+    base = train_base(vols, options, paths, progress)
     t1 = time.time()
-    ignore, targets, names = options["ignore_label"], [], []
     k = base.model3d.cfg.num_classes
+    if st.mode == "meta":
+        final, names = _meta(vols, options, st, base, k, out_path, paths, progress)
+    else:
+        final, names = _distill(vols, options, st, base, k, out_path, progress)
+    t3 = time.time()
+    model, checkpoint, iterations, loss, t2 = final
+    seconds = {"base3d": round(base.seconds["3d"], 2), "base2d": round(base.seconds["2d"], 2),
+               "pseudo": round(t2 - t1, 2), "final": round(t3 - t2, 2), "total": round(t3 - t0, 2)}
+    return SelfTrainResult(model, checkpoint, iterations, loss, base.planes, names, seconds, base.checkpoints)
+
+
+def _distill(vols, options, st, base, k, out_path, progress):
+    from sparseseg.selftrain.distill import train_distilled
+    from sparseseg.selftrain.pseudo import average, dense_targets
+
+    t1, ignore, targets, names = time.time(), options["ignore_label"], [], []
     for v in vols:
         mean, names = average(v.image, base.model3d, base.model2d, base.planes, options["device"], st.backend)
         targets.append(dense_targets(mean, v.labels, ignore, st.threshold))
@@ -57,14 +75,41 @@ def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress
     log.info("self-training: pseudo-labels averaged over %s (%.1f s)", ", ".join(names), time.time() - t1)
     t2 = time.time()
     res = train_distilled(vols, targets, options, k, st.iterations, out_path, progress)
-    t3 = time.time()
-    info = {**st.to_dict(), "planes": base.planes, "predictions": names, "base_checkpoints": base.checkpoints}
     if res.checkpoint:
-        _record(res.checkpoint, info)
-    seconds = {"base3d": round(base.seconds["3d"], 2), "base2d": round(base.seconds["2d"], 2),
-               "pseudo": round(t2 - t1, 2), "final": round(t3 - t2, 2), "total": round(t3 - t0, 2)}
-    return SelfTrainResult(res.model, res.checkpoint, res.iterations, res.final_loss, base.planes, names, seconds,
-                           base.checkpoints)
+        _record(res.checkpoint, {**st.to_dict(), "planes": base.planes, "predictions": names,
+                                 "base_checkpoints": base.checkpoints})
+    return (res.model, res.checkpoint, res.iterations, res.final_loss, t2), names
+
+
+def _meta(vols, options, st, base, k, out_path, paths, progress):
+    from sparseseg.model.checkpoint import save_checkpoint
+    from sparseseg.selftrain.compose import ComposedMeta
+    from sparseseg.selftrain.meta import train_meta
+    from sparseseg.selftrain.pseudo import average_and_candidates
+
+    t1, means, cands, names = time.time(), [], [], []
+    for v in vols:
+        mean, hard, names = average_and_candidates(v.image, base.model3d, base.model2d, base.planes,
+                                                   options["device"], st.backend)
+        means.append(mean)
+        cands.append(hard)
+    log.info("self-training: pseudo-labels %s (%.1f s)", ", ".join(names), time.time() - t1)
+    t2 = time.time()
+    meta, tcfg, class_names, history = train_meta(vols, means, cands, options, k, base.model3d.mean.tolist(),
+                                                  base.model3d.std.tolist(), st.iterations, progress)
+    del means, cands
+    composed = ComposedMeta(base.model3d.cpu(), base.model2d.cpu(), base.planes, meta.cpu()).eval()
+    info = {**st.to_dict(), "planes": base.planes, "predictions": names, "base_checkpoints": base.checkpoints}
+    written = None
+    if out_path is not None:
+        spacing = tcfg.voxel_size or next((v.voxel_size for v in vols if v.voxel_size), None)
+        save_checkpoint(paths["meta"], meta, tcfg, class_names, tcfg.ignore_label, tcfg.iterations, spacing,
+                        {"history": history, "self_train": info})
+        from sparseseg.selftrain.export import export_composed
+
+        written = export_composed(composed, class_names, tcfg.ignore_label, spacing, paths["meta"], out_path, info)
+    final = history[-1]["loss"] if history else float("nan")
+    return (composed, written, tcfg.iterations, final, t2), names
 
 
 def _record(path, info: dict) -> None:
