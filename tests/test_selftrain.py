@@ -143,3 +143,90 @@ def test_existing_base_checkpoint_not_overwritten(cube):
                      *FAST, "--self-train")
     assert code == 1 and "exists" in text
     assert (tmp / "m.base2d.pt").read_bytes() == b"keep" and not (tmp / "m.pt").exists()
+
+
+# ------------------------------------------------------------------ meta-model
+
+def _with_running_stats(*models):
+    """Non-trivial BatchNorm statistics, so BatchNorm folding in the export is exercised."""
+    for m in models:
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return models
+
+
+def test_composed_meta_equals_separate_pipeline_and_exports(tmp_path):
+    from sparseseg.engine.predict import predict
+    from sparseseg.selftrain.compose import ComposedMeta
+
+    torch.manual_seed(0)
+    m3 = SegmentationModel(tiny_config(ndim=3), [100.0], [50.0]).eval()
+    m2 = SegmentationModel(tiny_config(ndim=2, depth=3), [100.0], [50.0]).eval()   # another step and context
+    mm = SegmentationModel(tiny_config(ndim=3, in_channels=3), [100.0, 0, 0], [50.0, 1, 1]).eval()
+    _with_running_stats(m3, m2, mm)
+    composed = ComposedMeta(m3, m2, ["xy", "xz", "yz"], mm).eval()
+    geom = composed.cfg.geometry
+    assert geom.step == (4, 4, 4)                      # lcm of the parts' pooling steps
+    image, _ = blobs(shape=(40, 44, 48))
+    # the separate pipeline: base networks through the engine, then the meta-network on image + mean
+    mean, _ = average(image, m3, m2, ["xy", "xz", "yz"], "cpu", "torch")
+    _, separate = predict(mm, np.concatenate([image, mean]), probabilities="float32", device="cpu", backend="torch")
+    _, together = predict(composed, image, probabilities="float32", device="cpu", backend="torch")
+    m = mm.cfg.geometry.context
+    inner = (slice(None),) + tuple(slice(c, n - c) for c, n in zip(m, image.shape[1:]))
+    assert np.abs(together[inner] - separate[inner]).max() < 1e-5
+    # another tile: the same result (the composed step keeps every part's pooling phase)
+    _, tiled = predict(composed, image, probabilities="float32", device="cpu", backend="torch",
+                       tile=tuple(r.output_at_least(n // 2 + 1) for r, n in zip(geom.axes, image.shape[1:])))
+    assert np.abs(tiled - together).max() < 1e-5
+
+    from sparseseg.model.contract import read_contract
+    from sparseseg.model.checkpoint import save_checkpoint
+    from sparseseg.selftrain.export import export_composed
+
+    save_checkpoint(tmp_path / "meta.pt", mm, None, ["a", "b"], 255)
+    out = export_composed(composed, ["a", "b"], 255, None, tmp_path / "meta.pt", tmp_path / "m.onnx", {"mode": "meta"})
+    contract = read_contract(out)
+    assert contract["geometry"] == geom.to_dict() and contract["self_train"]["mode"] == "meta"
+    _, onnx_probs = predict(out, image, probabilities="float32", device="cpu")
+    assert np.abs(onnx_probs - together).max() < 1e-4
+
+
+def test_meta_stage2_picks_the_nearest_pseudo_label():
+    from sparseseg.selftrain.meta import _ce, _targets
+
+    real = torch.tensor([[255, 1, 255, 255]])
+    cands = torch.tensor([[0, 0, 1, 1], [1, 1, 0, -1]])
+    t = _targets(torch.stack([real[0], *cands])[:, None], 255)[:, 0]
+    assert t.tolist() == [[0, 1, 1, 1], [1, 1, 0, 255]]          # real label wins, outside ignored
+    logits = torch.tensor([[[5.0, 5.0, -5.0, 0.0], [-5.0, -5.0, 5.0, 0.0]]])   # predicts 0, 0, 1, ?
+    logp = torch.log_softmax(logits, 1)
+    d = torch.stack([_ce(logp, t[j:j + 1], 255) for j in range(2)], 1)
+    assert int(d.argmin(1)) == 0
+
+
+def test_meta_cli_train_and_densify(cube):
+    tmp, image, _ = cube
+    code, text = run("train", "--image", tmp / "img.npy", "--labels", tmp / "lab.npy", "--out", tmp / "m.pt", *FAST,
+                     "--self-train", "--self-train-mode", "meta")
+    assert code == 1 and "name it .onnx" in text and text.count("\n") == 1
+    code, text = run("train", "--image", tmp / "img.npy", "--labels", tmp / "lab.npy", "--out", tmp / "m.onnx",
+                     *FAST, "--self-train", "--self-train-mode", "meta", "--self-train-iterations", "4")
+    assert code == 0, text
+    assert all((tmp / f"m.{s}.pt").exists() for s in ("base3d", "base2d", "meta"))
+    from sparseseg.model.checkpoint import load_checkpoint
+
+    meta = load_checkpoint(tmp / "m.meta.pt")
+    assert meta.model_config.in_channels == 3 and meta.iteration == 4
+    assert [e["stage"] for e in meta.extra["history"]] == [1, 1, 2, 2]
+    code, text = run("infer", "--engine", tmp / "m.onnx", tmp / "img.npy", "--output", tmp / "p.zarr")
+    assert code == 0, text
+    code, text = run("densify", tmp / "img.npy", tmp / "lab.npy", "--out", tmp / "d.zarr", *FAST, "--self-train",
+                     "--self-train-mode", "meta")
+    assert code == 0, text
+    from sparseseg.volume import open_volume
+
+    a, b = open_volume(tmp / "p.zarr").read_labels(), open_volume(tmp / "d.zarr").read_labels()
+    assert a.shape == b.shape == (24, 24, 24)
