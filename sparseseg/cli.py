@@ -195,7 +195,8 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
         vols = load_pairs(images, labels, kwargs["ignore_label"])
         res = self_train(vols, _train_options_only(kwargs), st, out_path=out)
         click.echo(f"self-trained ({st.mode}, 2D planes {','.join(res.planes)}) in {res.seconds['total']:.1f} s, "
-                   f"final loss {res.final_loss:.4f}; checkpoint: {res.checkpoint}")
+                   f"final loss {res.final_loss:.4f}; {'engine file' if st.mode == 'meta' else 'checkpoint'}: "
+                   f"{res.checkpoint}")
         return
     if not resume or Path(resume).resolve() != Path(out).resolve():
         check_output(out, force, "--force")

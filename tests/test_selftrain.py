@@ -181,6 +181,11 @@ def test_composed_meta_equals_separate_pipeline_and_exports(tmp_path):
     _, tiled = predict(composed, image, probabilities="float32", device="cpu", backend="torch",
                        tile=tuple(r.output_at_least(n // 2 + 1) for r, n in zip(geom.axes, image.shape[1:])))
     assert np.abs(tiled - together).max() < 1e-5
+    # the engine's torch backend on CUDA moves 3D models to channels_last_3d
+    x = torch.randn((1, 1) + geom.min_input) * 50 + 100
+    with torch.inference_mode():
+        plain = composed(x)
+        assert torch.allclose(composed.to(memory_format=torch.channels_last_3d)(x), plain, atol=1e-5)
 
     from sparseseg.model.contract import read_contract
     from sparseseg.model.checkpoint import save_checkpoint

@@ -120,6 +120,17 @@ class ComposedMeta(nn.Module):
         """Each part normalizes inside itself: from outside the module takes raw intensities."""
         return self.base3d.normalization
 
+    def to(self, *args, **kwargs):
+        """As nn.Module.to, but a 3D memory format (the engine's torch backend on CUDA asks for
+        channels_last_3d) goes to the 3D parts only: torch refuses it for the 2D network's 4D
+        weights."""
+        fmt = kwargs.pop("memory_format", None)
+        super().to(*args, **kwargs)
+        if fmt is not None:
+            self.base3d.to(memory_format=fmt)
+            self.meta.to(memory_format=fmt)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None
         for i, name in enumerate(self.part_names):
