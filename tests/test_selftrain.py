@@ -92,7 +92,7 @@ def test_thin_planes_skipped(caplog):
 
 
 def test_self_train_gives_an_ordinary_checkpoint(cube):
-    tmp, image, sparse = cube
+    tmp, image, _ = cube
     out = tmp / "m.pt"
     code, text = run("train", "--image", tmp / "img.npy", "--labels", tmp / "lab.npy", "--out", out, *FAST,
                      "--self-train", "--self-train-iterations", "3")
@@ -187,8 +187,8 @@ def test_composed_meta_equals_separate_pipeline_and_exports(tmp_path):
         plain = composed(x)
         assert torch.allclose(composed.to(memory_format=torch.channels_last_3d)(x), plain, atol=1e-5)
 
-    from sparseseg.model.contract import read_contract
     from sparseseg.model.checkpoint import save_checkpoint
+    from sparseseg.model.contract import read_contract
     from sparseseg.selftrain.export import export_composed
 
     save_checkpoint(tmp_path / "meta.pt", mm, None, ["a", "b"], 255)
@@ -213,7 +213,7 @@ def test_meta_stage2_picks_the_nearest_pseudo_label():
 
 
 def test_meta_cli_train_and_densify(cube):
-    tmp, image, _ = cube
+    tmp, _, _ = cube
     code, text = run("train", "--image", tmp / "img.npy", "--labels", tmp / "lab.npy", "--out", tmp / "m.pt", *FAST,
                      "--self-train", "--self-train-mode", "meta")
     assert code == 1 and "name it .onnx" in text and text.count("\n") == 1
