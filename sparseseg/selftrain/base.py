@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sparseseg.selftrain.planes import plane_volume, usable_planes
+from sparseseg.selftrain.planes import in_memory, plane_volume, usable_planes
 from sparseseg.trainer.options import build_configs
 from sparseseg.trainer.train import train
 
@@ -31,7 +31,11 @@ def train_base(vols, options: dict, paths: dict, progress=None) -> BaseModels:
 
     # The 2D network is planned on the xy slices; --patch (a 3D patch) applies to the 3D networks.
     mcfg2, tcfg2, _ = build_configs(vols, {**options, "ndim": 2, "patch": None})
-    planes = usable_planes(vols, mcfg2, tcfg2.preset)
+    if in_memory(vols):
+        planes = usable_planes(vols, mcfg2, tcfg2.preset)
+    else:
+        planes = ["xy"]
+        log.info("2D base network: xy plane only (volumes read lazily: no transposed views of a store)")
     views = list(vols) + [plane_volume(v, p) for p in planes if p != "xy" for v in vols]
     log.info("self-training: base 2D network on planes %s (%d iterations)", ",".join(planes), tcfg2.iterations)
     res2 = train(views, mcfg2, tcfg2, names, out_path=paths.get("2d"), progress=progress)

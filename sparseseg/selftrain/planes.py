@@ -38,11 +38,13 @@ def from_view(array: np.ndarray, plane: str) -> np.ndarray:
     return array.transpose(lead + tuple(len(lead) + a for a in inverse(plane)))
 
 
-def in_memory(vols) -> None:
-    for v in vols:
-        if not (isinstance(v.image, np.ndarray) and isinstance(v.labels, np.ndarray)):
-            raise SparsesegError(f"{v.name}: --self-train needs the volume in memory (up to 2 GiB as float32); "
-                                 "this one is read lazily from its store")
+def in_memory(vols) -> bool:
+    """True when every volume is an array in memory; False when all are read lazily (then the
+    2D network uses xy only and pseudo-labels go block-wise, sparseseg.selftrain.blockwise)."""
+    held = [isinstance(v.image, np.ndarray) and isinstance(v.labels, np.ndarray) for v in vols]
+    if any(held) and not all(held):
+        raise SparsesegError("--self-train needs all training volumes in memory or all read lazily, not a mix")
+    return all(held)
 
 
 def plane_volume(vol: TrainingVolume, plane: str) -> TrainingVolume:

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from sparseseg.errors import SparsesegError
 
 from sparseseg.selftrain.config import SelfTrainConfig, check_options, check_output_name
 
@@ -36,8 +39,8 @@ def base_paths(out_path, mode: str = "distill") -> dict:
 
 
 def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress=None) -> SelfTrainResult:
-    """Train with self-training on TrainingVolumes held in memory (sparse labels, the ignore
-    value elsewhere). `options`: the training options as `build_configs` takes them; they
+    """Train with self-training on TrainingVolumes (sparse labels, the ignore value elsewhere),
+    held in memory, or read lazily (distill only: the 2D network on xy, pseudo-labels block-wise). `options`: the training options as `build_configs` takes them; they
     apply to every network trained. Output at `out_path`: distill, an ordinary checkpoint;
     meta, one ONNX engine file (.onnx) of the composed module. The base checkpoints (and the
     meta-network's) go beside it (see `base_paths`)."""
@@ -46,29 +49,41 @@ def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress
 
     check_options(options)
     check_output_name(st, out_path)
-    in_memory(vols)
-    paths = base_paths(out_path, st.mode)
-    t0 = time.time()
-    base = train_base(vols, options, paths, progress)
-    t1 = time.time()
-    k = base.model3d.cfg.num_classes
-    if st.mode == "meta":
-        final, names = _meta(vols, options, st, base, k, out_path, paths, progress)
-    else:
-        final, names = _distill(vols, options, st, base, k, out_path, progress)
-    t3 = time.time()
+    lazy = not in_memory(vols)
+    if lazy and st.mode == "meta":
+        raise SparsesegError("--self-train-mode meta needs the volumes in memory (up to 2 GiB as float32)")
+    with tempfile.TemporaryDirectory(prefix="sparseseg-selftrain-") as tmp:
+        # Block-wise pseudo-labels run the engine on checkpoint files: keep them somewhere.
+        paths = base_paths(out_path if out_path is not None or not lazy else Path(tmp) / "model.pt", st.mode)
+        t0 = time.time()
+        base = train_base(vols, options, paths, progress)
+        t1 = time.time()
+        k = base.model3d.cfg.num_classes
+        if st.mode == "meta":
+            final, names = _meta(vols, options, st, base, k, out_path, paths, progress)
+        else:
+            final, names = _distill(vols, options, st, base, k, out_path, progress, tmp if lazy else None)
+        t3 = time.time()
     model, checkpoint, iterations, loss, t2 = final
     seconds = {"base3d": round(base.seconds["3d"], 2), "base2d": round(base.seconds["2d"], 2),
                "pseudo": round(t2 - t1, 2), "final": round(t3 - t2, 2), "total": round(t3 - t0, 2)}
-    return SelfTrainResult(model, checkpoint, iterations, loss, base.planes, names, seconds, base.checkpoints)
+    kept = base.checkpoints if out_path is not None else {key: None for key in base.checkpoints}   # tmp is gone
+    return SelfTrainResult(model, checkpoint, iterations, loss, base.planes, names, seconds, kept)
 
 
-def _distill(vols, options, st, base, k, out_path, progress):
+def _distill(vols, options, st, base, k, out_path, progress, workdir=None):
+    """`workdir`: volumes read lazily; pseudo-labels go block-wise through the engine there."""
     from sparseseg.selftrain.distill import train_distilled
     from sparseseg.selftrain.pseudo import average, dense_targets
 
     t1, ignore, targets, names = time.time(), options["ignore_label"], [], []
     for v in vols:
+        if workdir is not None:
+            from sparseseg.selftrain.blockwise import lazy_targets
+
+            target, names = lazy_targets(v, base.checkpoints, workdir, ignore, st.threshold, options["device"])
+            targets.append(target)
+            continue
         mean, names = average(v.image, base.model3d, base.model2d, base.planes, options["device"], st.backend)
         targets.append(dense_targets(mean, v.labels, ignore, st.threshold))
         del mean
