@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparseseg.errors import SparsesegError
-
 from sparseseg.selftrain.config import SelfTrainConfig, check_options, check_output_name
 
 log = logging.getLogger("sparseseg.selftrain")
