@@ -188,7 +188,7 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
         from sparseseg.selftrain.config import check_options, check_output_name
         from sparseseg.selftrain.run import base_paths, self_train
 
-        check_options(_train_options_only(kwargs), resume)
+        check_options(_train_options_only(kwargs), resume, st.mode)
         check_output_name(st, out)
         for path in [out, *base_paths(out, st.mode).values()]:
             check_output(path, force, "--force")
@@ -235,7 +235,7 @@ def densify_cmd(image, labels, out, as_label, model_out, tile, pyramid, overwrit
     if st:
         from sparseseg.selftrain.config import check_options, check_output_name
 
-        check_options(_train_options_only(kwargs))
+        check_options(_train_options_only(kwargs), mode=st.mode)
         if model_out:
             check_output_name(st, model_out)
     out, label_image = resolve_output(out, image, as_label)

@@ -123,6 +123,7 @@ def test_self_train_gives_an_ordinary_checkpoint(cube):
     (["--self-train", "--val-slices", "1"], "does not support --val-slices"),
     (["--self-train", "--self-train-mode", "mean"], "unknown --self-train-mode"),
     (["--self-train", "--resume", "x.pt"], "--resume does not apply"),
+    (["--self-train", "--self-train-mode", "meta", "--normalization", "volume"], "global only"),
 ])
 def test_cli_errors(cube, args, message):
     tmp, _, _ = cube

@@ -28,8 +28,11 @@ class SelfTrainConfig:
         return asdict(self)
 
 
-def check_options(options: dict, resume=None) -> None:
+def check_options(options: dict, resume=None, mode: str = "distill") -> None:
     """Training options self-training cannot honour, refused before any training starts."""
+    if mode == "meta" and (options.get("normalization") or "global") != "global":
+        # The composed engine file takes raw intensities: every part normalizes inside itself.
+        raise SparsesegError("--self-train-mode meta supports --normalization global only")
     if resume:
         raise SparsesegError("--resume does not apply to --self-train (it trains several networks)")
     if int(options.get("ndim") or 3) != 3:

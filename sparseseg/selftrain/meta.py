@@ -73,8 +73,6 @@ def train_meta(vols, means, candidates, options: dict, num_classes: int, image_m
     from sparseseg.selftrain.pseudo import dense_targets
     from sparseseg.trainer.train import resolve_device
 
-    if options.get("normalization", "global") != "global":
-        raise SparsesegError("--self-train-mode meta supports --normalization global only")
     ignore, k = options["ignore_label"], num_classes
     c = vols[0].channels
     inputs = [np.concatenate([v.image, m.astype(np.float32)]) for v, m in zip(vols, means)]

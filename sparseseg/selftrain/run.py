@@ -17,7 +17,7 @@ log = logging.getLogger("sparseseg.selftrain")
 
 @dataclass
 class SelfTrainResult:
-    model: object            # the final SegmentationModel
+    model: object            # the final SegmentationModel (meta: the ComposedMeta module)
     checkpoint: str | None
     iterations: int
     final_loss: float
@@ -46,7 +46,7 @@ def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress
     from sparseseg.selftrain.base import train_base
     from sparseseg.selftrain.planes import in_memory
 
-    check_options(options)
+    check_options(options, mode=st.mode)
     check_output_name(st, out_path)
     lazy = not in_memory(vols)
     if lazy and st.mode == "meta":
