@@ -127,6 +127,39 @@ def training_options(fn):
     return fn
 
 
+def self_train_options(fn):
+    opts = [
+        click.option("--self-train", "self_train", is_flag=True,
+                     help="self-training (Zheng et al. 2020): 2D and 3D base networks on the sparse labels, "
+                          "their averaged predictions as dense pseudo-labels for the final network"),
+        click.option("--self-train-mode", default="distill", show_default=True,
+                     help="distill: one plain 3D network trained on the pseudo-labels (a checkpoint); meta: "
+                          "Zheng's meta-network on image + pseudo-labels, composed with the base networks "
+                          "into one ONNX engine file (--out NAME.onnx)"),
+        click.option("--self-train-iterations", type=click.IntRange(0), default=0, show_default=True,
+                     help="iterations of the final network (0: --iterations)"),
+        click.option("--self-train-threshold", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                     show_default=True, help="ignore pseudo-labelled voxels whose averaged probability is lower"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _self_train_config(kwargs):
+    """SelfTrainConfig when --self-train is given, else None (other --self-train-* refused)."""
+    from sparseseg.selftrain.config import SelfTrainConfig
+
+    if not kwargs["self_train"]:
+        given = [n for n, default in (("mode", "distill"), ("iterations", 0), ("threshold", 0.0))
+                 if kwargs[f"self_train_{n}"] != default]
+        if given:
+            raise SparsesegError(f"--self-train-{given[0]} applies with --self-train only")
+        return None
+    return SelfTrainConfig(mode=kwargs["self_train_mode"], iterations=kwargs["self_train_iterations"],
+                           threshold=kwargs["self_train_threshold"])
+
+
 def _train_options_only(kwargs):
     from sparseseg.trainer.options import OPTION_KEYS
 
@@ -142,6 +175,7 @@ def _train_options_only(kwargs):
 @click.option("--resume", type=click.Path(dir_okay=False), help="continue from this checkpoint")
 @click.option("--force", is_flag=True, help="replace an existing --out")
 @training_options
+@self_train_options
 @user_errors
 def train_cmd(images, labels, out, resume, force, **kwargs):
     """Train the U-Net on sparsely annotated volumes (fully automated use case)."""
@@ -151,6 +185,21 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
     from sparseseg.trainer.train import train
     from sparseseg.volume import check_output
 
+    st = _self_train_config(kwargs)
+    if st:
+        from sparseseg.selftrain.config import check_options, check_output_name
+        from sparseseg.selftrain.run import base_paths, self_train
+
+        check_options(_train_options_only(kwargs), resume, st.mode)
+        check_output_name(st, out)
+        for path in [out, *base_paths(out, st.mode).values()]:
+            check_output(path, force, "--force")
+        vols = load_pairs(images, labels, kwargs["ignore_label"])
+        res = self_train(vols, _train_options_only(kwargs), st, out_path=out)
+        click.echo(f"self-trained ({st.mode}, 2D planes {','.join(res.planes)}) in {res.seconds['total']:.1f} s, "
+                   f"final loss {res.final_loss:.4f}; {'engine file' if st.mode == 'meta' else 'checkpoint'}: "
+                   f"{res.checkpoint}")
+        return
     if not resume or Path(resume).resolve() != Path(out).resolve():
         check_output(out, force, "--force")
     vols = load_pairs(images, labels, kwargs["ignore_label"])
@@ -173,6 +222,7 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
               help="also write this many downsampled levels (as sparseseg-infer --pyramid)")
 @click.option("--overwrite", is_flag=True, help="replace existing outputs")
 @training_options
+@self_train_options
 @user_errors
 def densify_cmd(image, labels, out, as_label, model_out, tile, pyramid, overwrite, **kwargs):
     """Train on one volume's own sparse labels and write its dense segmentation (semi-automated)."""
@@ -183,12 +233,22 @@ def densify_cmd(image, labels, out, as_label, model_out, tile, pyramid, overwrit
 
     if not out and not as_label:
         raise SparsesegError("name the output: --out OUT.zarr, or --as-label NAME beside an OME-Zarr IMAGE")
+    st = _self_train_config(kwargs)
+    if st:
+        from sparseseg.selftrain.config import check_options, check_output_name
+
+        check_options(_train_options_only(kwargs), mode=st.mode)
+        if model_out:
+            check_output_name(st, model_out)
     out, label_image = resolve_output(out, image, as_label)
     check_output_target(out, label_image, image, overwrite)        # before minutes of training
     if model_out:
-        check_output(model_out, overwrite)
+        from sparseseg.selftrain.run import base_paths
+
+        for path in [model_out, *(base_paths(model_out, st.mode).values() if st else [])]:
+            check_output(path, overwrite)
     summary = densify(image, labels, out, _train_options_only(kwargs), model_out=model_out,
-                      tile=parse_triple(tile, "--tile"), overwrite=overwrite, pyramid=pyramid)
+                      tile=parse_triple(tile, "--tile"), overwrite=overwrite, pyramid=pyramid, self_train=st)
     click.echo(f"dense segmentation written to {summary['output']} ({summary['train_seconds']:.1f} s training, "
                f"{summary['predict_seconds']:.1f} s prediction)")
 

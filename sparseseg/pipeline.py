@@ -10,9 +10,11 @@ log = logging.getLogger("sparseseg.densify")
 
 
 def densify(image_path, labels_path, out, options: dict, model_out=None, tile=None, overwrite=False,
-            pyramid=0) -> dict:
+            pyramid=0, self_train=None) -> dict:
     """Train on the volume's own sparse labels, then predict it with the engine (in this
-    process): the same blocked, exact path as `sparseseg-infer`, so any volume size works."""
+    process): the same blocked, exact path as `sparseseg-infer`, so any volume size works.
+    `self_train` (a SelfTrainConfig): train with sparseseg.selftrain instead of the plain trainer
+    (its base checkpoints go beside `model_out`)."""
     import tempfile
     from pathlib import Path
 
@@ -24,12 +26,20 @@ def densify(image_path, labels_path, out, options: dict, model_out=None, tile=No
     vols = load_pairs([image_path], [labels_path], options["ignore_label"])
     mcfg, tcfg, names = build_configs(vols, options)
     with tempfile.TemporaryDirectory(prefix="sparseseg-densify-") as tmp:
-        ckpt = Path(model_out) if model_out else Path(tmp) / "model.pt"
-        res = train(vols, mcfg, tcfg, names, out_path=ckpt)
+        meta = self_train is not None and self_train.mode == "meta"        # one ONNX engine file
+        ckpt = Path(model_out) if model_out else Path(tmp) / ("model.onnx" if meta else "model.pt")
+        if self_train is not None:
+            from sparseseg.selftrain.run import self_train as run_self_train
+
+            res = run_self_train(vols, options, self_train, out_path=ckpt)
+            train_seconds = res.seconds["total"]
+        else:
+            res = train(vols, mcfg, tcfg, names, out_path=ckpt)
+            train_seconds = res.seconds
         del vols                                  # the engine reads the volume block by block
         t0 = time.time()
         summary = run_inference(ckpt, image_path, out, workers=0, tile=tile, overwrite=overwrite,
                                 device=options["device"], pyramid=pyramid)
     log.info("wrote %s", out)
-    return {"output": summary["output"], "train_seconds": res.seconds, "predict_seconds": time.time() - t0,
+    return {"output": summary["output"], "train_seconds": train_seconds, "predict_seconds": time.time() - t0,
             "model": res.model}
