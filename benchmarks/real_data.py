@@ -85,6 +85,14 @@ def parse_value(v: str):
         return v
 
 
+def filter_bank(img):
+    """(40, Z, Y, X) float32: the forest's 2D filter bank per section (an experiment: does a
+    network fed these features fit faster than one learning its first layers?)."""
+    from benchmarks.baselines.forest import _features
+
+    return np.stack([_features(img[z]) for z in range(img.shape[0])], axis=1)
+
+
 def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_every=0):
     import torch
 
@@ -96,6 +104,7 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_e
     from sparseseg.trainer.train import train
 
     o = cli_defaults()
+    features = overrides.pop("input", "image") == "features"
     arch = {k: overrides.pop(k) for k in ("arch", "factorized", "feature_augment", "feature_augment_t")
             if k in overrides}
     o.update(overrides)
@@ -103,13 +112,19 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_e
     o["device"] = "cpu"
     o["checkpoint_every"] = 0
     o["num_classes"] = len(names)
-    vols = [TrainingVolume(tr_img[None], tr_lab, "train")]
+    same = tr_img is te_img
+    if features:
+        tr_img = filter_bank(tr_img)
+        te_img = tr_img if same else filter_bank(te_img)
+    else:
+        tr_img, te_img = tr_img[None], (tr_img[None] if same else te_img[None])
+    vols = [TrainingVolume(tr_img, tr_lab, "train")]
     mcfg, tcfg, _ = build_configs(vols, o)
     if arch and arch.get("arch", "unet") != "unet":
         # Re-plan for another architecture (works whether or not the CLI has --arch yet).
         from sparseseg.model.config import plan_model
 
-        mcfg = plan_model(o["preset"], 1, len(names), ndim=int(o["ndim"]), voxel_size=None, shape=tr_lab.shape,
+        mcfg = plan_model(o["preset"], tr_img.shape[0], len(names), ndim=int(o["ndim"]), voxel_size=None, shape=tr_lab.shape,
                           **arch)
     overrides = {**overrides, **arch}
     curve = []
@@ -119,7 +134,7 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_e
         import tempfile
         from dataclasses import replace
 
-        c = [s // 2 for s in te_img.shape]
+        c = [s // 2 for s in te_lab.shape]
         crop = (slice(None), slice(max(c[1] - 128, 0), c[1] + 128), slice(max(c[2] - 128, 0), c[2] + 128))
         tmp = tempfile.mkdtemp()
         ckpt, seconds = str(Path(tmp) / "m.pt"), 0.0
@@ -130,7 +145,7 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_e
                         resume=ckpt if stop > eval_every else None, progress=False)
             seconds = res.history[-1]["seconds"]          # cumulative over resumes
             with torch.inference_mode():
-                p, _ = predict(res.model, te_img[crop][None], device="cpu")
+                p, _ = predict(res.model, te_img[(slice(None),) + crop], device="cpu")
             curve.append({"iteration": stop, "train_seconds": round(seconds, 1),
                           **iou_per_class(p, te_lab[crop], len(names), 255)})
             print(json.dumps(curve[-1]), flush=True)
@@ -140,9 +155,12 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_e
         res = train(vols, mcfg, tcfg, names, progress=False)
     t0 = time.time()
     with torch.inference_mode():
-        pred, _ = predict(res.model, te_img[None], device="cpu")
+        pred, _ = predict(res.model, te_img, device="cpu")
     scores = iou_per_class(pred, te_lab, len(names), 255)
-    return {"options": {k: v for k, v in o.items() if k in overrides or k == "iterations"},
+    # Same volume (ISBI): the annotated sections' own IoU, free, tells over- from under-fitting.
+    fit = {"annotated_iou": iou_per_class(pred, tr_lab, len(names), 255)["iou"]} if same else {}
+    return {**fit, **({"input": "forest filter bank, 40 channels per section"} if features else {}),
+            "options": {k: v for k, v in o.items() if k in overrides or k == "iterations"},
             "model_config": mcfg.to_dict(), "parameters": count_parameters(res.model.net),
             "train_seconds": round(res.seconds, 1), "seconds_per_iteration": round(res.seconds / iterations, 3),
             "predict_seconds": round(time.time() - t0, 1), "final_loss": res.final_loss,

@@ -99,7 +99,7 @@ def figure(rows, path):
     plt.close(fig)
 
 
-def levers(rows, base_tag="s300-defaults", prefix="s300-"):
+def levers(rows, base_tag="s300-defaults", prefix="s3"):
     """Each short ISBI screening run (same iterations, one or two options changed) against the
     defaults' run at the same budget."""
     base = next((r for r in rows if r["dataset"] == "isbi" and r["method"] == base_tag), None)
