@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +33,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SPARSESEG_DATA", "/work/shared/data"))
+if str(ROOT) not in sys.path:          # `python benchmarks/real_data.py` imports benchmarks.baselines
+    sys.path.insert(0, str(ROOT))
 
 
 def load(dataset: str, task: str, labels: str):
