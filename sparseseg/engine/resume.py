@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from sparseseg.errors import SparsesegError
 
+RUN_KEY = "sparseseg_run"      # the output group's attribute holding the run record
+
+
 
 def recorded_run(out: str, storage_options=None) -> dict | None:
     """The run record in the output's attributes (written when the output was created), or
     None when there is none to read (the resume checks that follow name the problem)."""
     import zarr
 
-    from sparseseg.engine.run import RUN_KEY
     from sparseseg.engine.store import local_path, store_exists
 
     options = storage_options or {}

@@ -13,13 +13,12 @@ import numpy as np
 
 from sparseseg.engine.backends import BackendSpec
 from sparseseg.engine.blocks import make_blocks
+from sparseseg.engine.resume import RUN_KEY
 from sparseseg.engine.store import done_keys
 from sparseseg.engine.worker import BlockJob, process_blocks
 from sparseseg.errors import SparsesegError
 
 log = logging.getLogger("sparseseg.infer")
-
-RUN_KEY = "sparseseg_run"
 
 
 def default_output(input_path: str) -> Path:
