@@ -96,6 +96,32 @@ def filter_bank(img):
     return np.stack([_features(img[z]) for z in range(img.shape[0])], axis=1)
 
 
+def parse_overrides(items) -> dict:
+    """--set key=value items -> {option_name: value} (JSON values where they parse)."""
+    out = {}
+    for kv in items:
+        k, _, v = kv.partition("=")
+        out[k.replace("-", "_")] = parse_value(v)
+    return out
+
+
+def provenance(load_before) -> dict:
+    """Commit (flagged when sparseseg/ has uncommitted changes), machine, date and load of a run.
+    A run from an exported snapshot (git archive, no .git) names its commit in BENCH_COMMIT."""
+    import torch
+
+    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    dirty = "" if os.environ.get("BENCH_COMMIT") else subprocess.run(
+        ["git", "status", "--porcelain", "sparseseg"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    return {"commit": commit + ("+uncommitted sparseseg/ changes" if dirty else ""),
+            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+                       f"{torch.get_num_threads()} torch threads, cpu",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()]}
+
+
 def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_every=0):
     import torch
 
@@ -203,16 +229,8 @@ def main():
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    overrides = {}
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        overrides[k.replace("-", "_")] = parse_value(v)
+    overrides = parse_overrides(a.set)
     load_before = os.getloadavg()
-    # A run from an exported snapshot (git archive, no .git) names its commit in BENCH_COMMIT.
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    dirty = "" if os.environ.get("BENCH_COMMIT") else subprocess.run(
-        ["git", "status", "--porcelain", "sparseseg"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     data = load(a.dataset, a.task, a.labels)
     t0 = time.time()
     if a.method == "forest":
@@ -222,12 +240,7 @@ def main():
     rec = {"dataset": a.dataset, "task": a.task if a.dataset == "vnc" else "membrane",
            "labels": a.labels if a.dataset == "vnc" else "sparse", "method": a.method, "tag": a.tag,
            "classes": data[4], "protocol": data[5], **r, "wall_seconds": round(time.time() - t0, 1),
-           "commit": commit + ("+uncommitted sparseseg/ changes" if dirty else ""),
-           "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-                      f"{torch.get_num_threads()} torch threads, cpu",
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "load_before": [round(x, 2) for x in load_before],
-           "load_after": [round(x, 2) for x in os.getloadavg()]}
+           **provenance(load_before)}
     with open(a.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps({k: rec[k] for k in ("dataset", "task", "labels", "method", "tag", "iou", "wall_seconds")}))

@@ -20,17 +20,17 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.real_data import cli_defaults, load, parse_value, run_forest
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # run as `python benchmarks/self_training.py`
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.real_data import cli_defaults, load, parse_overrides, provenance, run_forest  # noqa: E402
 
 
 def dense_halves(dataset: str, task: str):
@@ -109,15 +109,10 @@ def main():
     from sparseseg.trainer.sparse import sparsify
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    overrides = {}
-    for kv in a.set:
-        k, _, v = kv.partition("=")
-        overrides[k.replace("-", "_")] = parse_value(v)
+    overrides = parse_overrides(a.set)
     st_cfg = SelfTrainConfig(mode=a.self_train_mode, iterations=a.self_train_iterations,
                              threshold=a.self_train_threshold)
     load_before = os.getloadavg()
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     tr_img, tr_dense, te_img, te_lab, names = dense_halves(a.dataset, a.task)
     if a.crop:
         c = (slice(None), slice(0, a.crop), slice(0, a.crop))
@@ -136,12 +131,7 @@ def main():
            "iterations": a.iterations if a.method != "forest" else None, "overrides": overrides, "tag": a.tag,
            "crop": a.crop or None, "classes": names, **r,
            "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1),
-           "commit": commit,
-           "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-                      f"{torch.get_num_threads()} torch threads, cpu",
-           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "load_before": [round(x, 2) for x in load_before],
-           "load_after": [round(x, 2) for x in os.getloadavg()]}
+           **provenance(load_before)}
     with open(a.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps({k: rec.get(k) for k in ("dataset", "task", "method", "budget_percent", "annotated_sections",
