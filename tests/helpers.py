@@ -30,3 +30,13 @@ def fast_train_config(**kw):
     base = dict(iterations=60, lr=1e-2, device="cpu", checkpoint_every=0, augment=aug)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def run_cli(*args):
+    """`sparseseg <args>` in this process: (exit code, output)."""
+    from click.testing import CliRunner
+
+    from sparseseg.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output

@@ -6,20 +6,13 @@ import zipfile
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from sparseseg.cli import main
 from sparseseg.model.checkpoint import load_checkpoint
-from tests.helpers import blobs
+from tests.helpers import run_cli as run, blobs
 
 pytest.importorskip("bioimageio.spec")
 core = pytest.importorskip("bioimageio.core")
 os.environ.setdefault("TQDM_DISABLE", "1")
-
-
-def run(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.output
 
 
 @pytest.fixture(scope="module")

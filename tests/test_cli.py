@@ -4,16 +4,9 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from sparseseg.cli import main
 from sparseseg.volume import open_volume, write_ome_zarr
-from tests.helpers import blobs
-
-
-def run(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.output
+from tests.helpers import run_cli as run, blobs
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
-from sparseseg.cli import main
 from sparseseg.errors import SparsesegError
 from sparseseg.export.onnx_export import fold_batchnorm, ort_session
 from sparseseg.export.tensorrt import (
@@ -21,12 +19,7 @@ from sparseseg.model.contract import read_contract, sidecar_path
 from sparseseg.model.network import SegmentationModel
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.train import train
-from tests.helpers import blobs, fast_train_config, tiny_config
-
-
-def run(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.output
+from tests.helpers import run_cli as run, blobs, fast_train_config, tiny_config
 
 
 def trained_checkpoint(path, ndim=3, padding="valid", iterations=3, width=4):

@@ -6,21 +6,14 @@ import logging
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from sparseseg.cli import main
 from sparseseg.model.network import SegmentationModel
 from sparseseg.selftrain import planes as pl
 from sparseseg.selftrain.pseudo import average, dense_targets, predictions
 from sparseseg.trainer.data import TrainingVolume
-from tests.helpers import blobs, tiny_config
+from tests.helpers import run_cli as run, blobs, tiny_config
 
 FAST = ["--depth", "2", "--base-width", "4", "--iterations", "2", "--device", "cpu", "--no-augment"]
-
-
-def run(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.output
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 import pytest
-import zarr
-from click.testing import CliRunner
 
-from sparseseg.cli import main
+from tests.helpers import run_cli as run
+import zarr
+
 from sparseseg.errors import SparsesegError
 from sparseseg.suggest.annotated import annotated_slices, find_annotated, label_projections
 from sparseseg.suggest.cover import cosine_similarity, coverage, greedy_max_cover, lazy_greedy_max_cover
@@ -17,11 +17,6 @@ from sparseseg.suggest.features import AutoencoderConfig, autoencoder_features, 
 from sparseseg.suggest.planes import block_shape, reduce_volume, shrink_factors
 from sparseseg.suggest.run import SuggestConfig, suggest
 from sparseseg.volume import Volume, open_volume
-
-
-def run(*args):
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    return r.exit_code, r.output
 
 
 def _err(code, out, text):
