@@ -90,6 +90,9 @@ def training_options(fn):
                      help="cheng: stochastic sub-sampling in the downsampling shortcuts while training"),
         click.option("--feature-augment-t", type=click.IntRange(2), default=D["feature_augment_t"], show_default=True,
                      help="cheng: region size of that sub-sampling"),
+        click.option("--filters", default=D["filters"], show_default=True,
+                     help="fixed filter bank in front of the network, per section: ilastik (its 40 "
+                          "features: scales 0.7,1,1.6,3.5,5), comma-separated scales, or none"),
         click.option("--batchnorm/--no-batchnorm", default=None, help="default: the preset's"),
         click.option("--num-classes", type=click.IntRange(2, 255), help="default: largest label + 1"),
         click.option("--class-names", help="comma-separated, one per class"),

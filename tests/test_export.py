@@ -1,5 +1,6 @@
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -22,9 +23,9 @@ from sparseseg.trainer.train import train
 from tests.helpers import run_cli as run, blobs, fast_train_config, tiny_config
 
 
-def trained_checkpoint(path, ndim=3, padding="valid", iterations=3, width=4):
+def trained_checkpoint(path, ndim=3, padding="valid", iterations=3, width=4, filters=()):
     image, labels = blobs(seed=4)
-    cfg = tiny_config(ndim=ndim, padding=padding, depth=2, width=width)
+    cfg = replace(tiny_config(ndim=ndim, padding=padding, depth=2, width=width), filters=filters)
     patch = (1, 8, 8) if ndim == 2 else (4, 8, 8)
     # A few iterations so that BatchNorm running statistics are not the identity.
     train([TrainingVolume(image, labels, "toy")], cfg, fast_train_config(iterations=iterations, patch_output=patch),
@@ -149,11 +150,12 @@ def _initializer_types(proto):
     return {i.name: i.data_type for i in proto.graph.initializer}
 
 
-@pytest.mark.parametrize("precision,ndim", [("fp16", 3), ("bf16", 3), ("fp16", 2)])
-def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(tmp_path, precision, ndim):
+@pytest.mark.parametrize("precision,ndim,filters", [("fp16", 3, ()), ("bf16", 3, ()), ("fp16", 2, ()),
+                                                     ("fp16", 3, (1.0,))])
+def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(tmp_path, precision, ndim, filters):
     from sparseseg.export.onnx_export import export_onnx, verify_onnx
 
-    ck = trained_checkpoint(tmp_path / "m.pt", ndim=ndim)
+    ck = trained_checkpoint(tmp_path / "m.pt", ndim=ndim, filters=filters)
     ckpt = load_checkpoint(ck)
     tmp, contract, _ = export_onnx(ckpt, "sha", tmp_path / f"{precision}.onnx", precision, simplify=False)
     proto = onnx.load(str(tmp))
@@ -163,8 +165,11 @@ def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(
     assert proto.graph.output[0].type.tensor_type.elem_type == f32
     types = _initializer_types(proto)
     convs = [n for n in proto.graph.node if n.op_type == "Conv"]
-    assert types[convs[0].input[1]] == f32                         # first convolution in fp32
-    assert all(types[n.input[1]] == low for n in convs[1:])        # the rest in reduced precision
+    # The filter bank (if any) and the network's first convolution in fp32, the rest reduced.
+    rest = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)) for m in ckpt.model.net.modules()) - 1
+    assert types[convs[-rest - 1].input[1]] == f32
+    assert all(types[n.input[1]] == low for n in convs[-rest:])
+    assert len(convs) == rest + 1 or filters                      # the bank's weights are constants
     assert contract["precision"] == precision
     # uint16-range intensities: the fp32 normalization keeps them finite (fp16 tops out at 65504)
     bright = load_checkpoint(ck)                  # normalization is read from the model's buffers

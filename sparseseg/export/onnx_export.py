@@ -79,9 +79,9 @@ class _FirstLayerFloat(nn.Module):
 
 
 class ReducedPrecision(nn.Module):
-    """float32 in -> normalize in float32 -> first convolution in float32 -> the rest of the
-    network in `dtype` (float16 or bfloat16) -> float32 logits. Exported as is, so the ONNX
-    graph states every tensor's type and a strongly typed TensorRT build follows it."""
+    """float32 in -> normalize (and filter bank) in float32 -> first convolution in float32 ->
+    the rest of the network in `dtype` (float16 or bfloat16) -> float32 logits. Exported as is,
+    so the ONNX graph states every tensor's type and a strongly typed TensorRT build follows it."""
 
     def __init__(self, model, dtype: torch.dtype):
         super().__init__()
@@ -91,14 +91,7 @@ class ReducedPrecision(nn.Module):
         model.net.down[0][0] = _FirstLayerFloat(first, dtype)
 
     def forward(self, x):
-        m = self.model
-        shape = (1, -1, 1, 1, 1)
-        x = (x.float() - m.mean.view(shape)) / m.std.view(shape)
-        if m.cfg.ndim == 3:
-            return m.net(x).float()
-        n, c, z, h, w = x.shape
-        y = m.net(x.permute(0, 2, 1, 3, 4).reshape(n * z, c, h, w))
-        return y.reshape(n, z, y.shape[1], y.shape[2], y.shape[3]).permute(0, 2, 1, 3, 4).float()
+        return self.model.apply_net(self.model.prepare(x.float())).float()
 
 
 def export_module(ckpt, precision: str) -> nn.Module:

@@ -26,6 +26,8 @@ PRESETS = {
 ARCHS = ("unet", "cheng")
 CHENG_DEPTH = 4        # input block + three encoder levels (sparseseg.model.cheng.BLOCKS)
 CHENG_WIDTH = 16       # maps after the input block (ENet's 16)
+# ilastik's default scales, as the incumbent forest uses them (benchmarks/baselines/forest.py).
+ILASTIK_SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class ModelConfig:
     factorized: bool = False
     feature_augment: bool = False
     feature_augment_t: int = 4
+    # Scales (sigmas, voxels) of the fixed in-plane filter bank in front of the network
+    # (sparseseg.model.filters); () for none: the network sees the normalized image.
+    filters: tuple = ()
 
     def __post_init__(self):
         if not self.kernel_sizes:
@@ -55,6 +60,9 @@ class ModelConfig:
             object.__setattr__(self, "pool_sizes", ((2,) * self.ndim,) * (self.depth - 1))
         object.__setattr__(self, "kernel_sizes", tuple(tuple(int(v) for v in k) for k in self.kernel_sizes))
         object.__setattr__(self, "pool_sizes", tuple(tuple(int(v) for v in p) for p in self.pool_sizes))
+        object.__setattr__(self, "filters", tuple(float(v) for v in self.filters))
+        if any(not 0 < v <= 32 for v in self.filters) or len(set(self.filters)) != len(self.filters):
+            raise SparsesegError(f"--filters must be distinct scales in (0, 32], got {list(self.filters)}")
         if self.ndim not in (2, 3):
             raise SparsesegError(f"ndim must be 2 or 3, got {self.ndim}")
         if self.padding not in ("valid", "same"):
@@ -73,6 +81,8 @@ class ModelConfig:
     def _check_arch(self):
         if self.arch not in ARCHS:
             raise SparsesegError(f"unknown --arch {self.arch!r} (choose from {', '.join(ARCHS)})")
+        if self.filters and self.arch != "unet":
+            raise SparsesegError(f"--filters applies to --arch unet only, not {self.arch}")
         if self.arch != "cheng":
             for flag, on in (("--factorized", self.factorized), ("--feature-augment", self.feature_augment)):
                 if on:
@@ -97,6 +107,7 @@ class ModelConfig:
         d = asdict(self)
         d["kernel_sizes"] = [list(k) for k in self.kernel_sizes]
         d["pool_sizes"] = [list(p) for p in self.pool_sizes]
+        d["filters"] = list(self.filters)
         return d
 
     @classmethod
@@ -148,7 +159,7 @@ def _fit_shape(kernels, pools, valid: bool, sizes) -> None:
 def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3, padding: str = "valid",
                batchnorm: bool | None = None, base_width: int | None = None, depth: int | None = None,
                voxel_size=None, shape=None, arch: str = "unet", factorized: bool = False,
-               feature_augment: bool = False, feature_augment_t: int = 4) -> ModelConfig:
+               feature_augment: bool = False, feature_augment_t: int = 4, filters=()) -> ModelConfig:
     """A ModelConfig for a preset, adapted to the data's voxel size and/or shape (Z, Y, X).
 
     For arch "cheng" the preset gives only the patch budget: the network always pads, has
@@ -174,4 +185,5 @@ def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3
         base_width=base_width or p["base_width"], depth=depth,
         kernel_sizes=tuple(map(tuple, kernels)), pool_sizes=tuple(map(tuple, pools)),
         padding=padding, batchnorm=p["batchnorm"] if batchnorm is None else batchnorm, arch=arch,
-        factorized=factorized, feature_augment=feature_augment, feature_augment_t=feature_augment_t)
+        factorized=factorized, feature_augment=feature_augment, feature_augment_t=feature_augment_t,
+        filters=tuple(filters or ()))

@@ -33,7 +33,16 @@ class SegmentationModel(nn.Module):
 
         super().__init__()
         self.cfg = cfg
-        self.net = build_net(cfg)
+        self.filters = None
+        if cfg.filters:
+            from dataclasses import replace
+
+            from sparseseg.model.filters import FilterBank
+
+            self.filters = FilterBank(cfg.in_channels, cfg.filters, cfg.padding)
+            self.net = build_net(replace(cfg, in_channels=self.filters.out_channels, filters=()))
+        else:
+            self.net = build_net(cfg)
         c = cfg.in_channels
         # "volume"/"percentile" keep an identity here: the caller normalizes each input volume
         # with its own statistics (see model.normalization), which one graph cannot know.
@@ -51,13 +60,29 @@ class SegmentationModel(nn.Module):
                          self.cfg.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply_net(self.prepare(x))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's input: normalized intensities, or the filter bank's responses to them."""
         shape = (1, -1, 1, 1, 1)
         x = (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
+        return x if self.filters is None else self.filters(x)
+
+    def apply_net(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.ndim == 3:
             return self.net(x)
         n, c, z, h, w = x.shape
         y = self.net(x.permute(0, 2, 1, 3, 4).reshape(n * z, c, h, w))
         return y.reshape(n, z, y.shape[1], y.shape[2], y.shape[3]).permute(0, 2, 1, 3, 4)
+
+
+    @torch.no_grad()
+    def calibrate_filters(self, x: torch.Tensor) -> None:
+        """Fit the filter bank's response z-scores on (N, C, Z, Y, X) training input (raw, as
+        forward takes it; per-volume normalization already applied where the mode needs it)."""
+        if self.filters is not None:
+            shape = (1, -1, 1, 1, 1)
+            self.filters.calibrate((x - self.mean.view(shape)) / self.std.view(shape))
 
 
 def count_parameters(module: nn.Module) -> int:

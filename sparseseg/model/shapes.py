@@ -19,6 +19,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# The fixed filter bank in front of the network (sparseseg.model.filters): responses per
+# channel and scale, and its kernels' truncation (scipy.ndimage's radius rule at 3 sigma).
+FILTERS_PER_SIGMA = 8
+TRUNCATE = 3.0
+
+
+def kernel_radius(sigma: float) -> int:
+    return int(TRUNCATE * float(sigma) + 0.5)
+
+
+def bank_context(sigmas) -> int:
+    """Voxels per side in y and x the filter bank consumes: the structure tensor's inner scale
+    (0.5 sigma) plus its outer one (sigma) is the widest of its responses."""
+    return max((kernel_radius(0.5 * s) + kernel_radius(s) for s in sigmas), default=0)
+
 
 @dataclass(frozen=True)
 class AxisRule:
@@ -141,4 +156,8 @@ def geometry_of(cfg) -> NetGeometry:
         rules.append(axis_rule(kernels, pools, valid))
     if cfg.ndim == 2:
         rules.insert(0, AxisRule(step=1, c_in=0, c_out=0, b_min=1))
+    # A filter bank in front (valid) widens the input in y and x only: same step and outputs.
+    bank = bank_context(getattr(cfg, "filters", ())) if valid else 0
+    if bank:
+        rules[1:] = [AxisRule(r.step, r.c_in + 2 * bank, r.c_out, r.b_min) for r in rules[1:]]
     return NetGeometry(*rules, padding=cfg.padding)

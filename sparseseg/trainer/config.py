@@ -13,14 +13,19 @@ from sparseseg.model.config import PRESETS, ModelConfig
 def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None) -> tuple[int, int, int]:
     """Training patch output size (Z, Y, X): the largest valid size whose input fits both the
     preset's patch budget and the volume; a 2D network takes one slice at a time."""
+    from sparseseg.model.shapes import bank_context
+
     geom = cfg.geometry
     budget = requested or PRESETS[preset]["patch_input"]
+    # The budget is the network's input: a filter bank in front reads its margin on top (its
+    # responses are cheap next to the network's, and its 43-voxel margin would leave a 4-voxel patch).
+    bank = bank_context(cfg.filters) if cfg.padding == "valid" else 0
     out = []
     for axis, (rule, size, want) in enumerate(zip(geom.axes, shape, budget)):
         if cfg.ndim == 2 and axis == 0:
             out.append(1)
             continue
-        target = min(int(want), int(size)) - 2 * rule.context
+        target = min(int(want) + (2 * bank if axis else 0), int(size)) - 2 * rule.context
         m = rule.output_at_most(target)
         if m is None:
             raise SparsesegError(

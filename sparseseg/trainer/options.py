@@ -12,7 +12,7 @@ from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes
 
 ARCH_KEYS = ["arch", "factorized", "feature_augment", "feature_augment_t"]   # see sparseseg.model.cheng
-OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "augment", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio", "bn_recalibrate"]
+OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "augment", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio", "bn_recalibrate", "filters"]
 
 # Every option's default, in one place: the CLI, the napari widget, the benchmarks and options
 # dicts from older callers (a missing key means its default) all read it.
@@ -32,6 +32,7 @@ DEFAULTS = {
     "val_fraction": 0.0, "val_every": 100, "checkpoint_every": 500, "seed": 0, "device": "auto",
     "no_amp": False, "schedule": "poly", "warmup": 0, "loss": "ce+jaccard", "normalization": "global",
     "val_slices": 0, "early_stop": 0, "max_weight_ratio": 10.0, "bn_recalibrate": 0,
+    "filters": "none",
 }
 assert set(DEFAULTS) == set(OPTION_KEYS)
 
@@ -47,6 +48,21 @@ def parse_triple(value, name, cast=int):
     if len(parts) != 3 or any(p <= 0 for p in parts):
         raise SparsesegError(f"{name} must be three positive numbers Z,Y,X, got {value!r}")
     return parts
+
+
+def parse_filters(value) -> tuple:
+    """--filters: "none" (or empty), "ilastik" (the forest's scales) or comma-separated sigmas."""
+    from sparseseg.model.config import ILASTIK_SIGMAS
+
+    text = str(value or "none").strip().lower()
+    if text in ("none", "", "0"):
+        return ()
+    if text == "ilastik":
+        return ILASTIK_SIGMAS
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise SparsesegError(f"--filters must be none, ilastik or comma-separated scales, got {value!r}") from None
 
 
 def build_configs(vols, o: dict):
@@ -68,7 +84,7 @@ def build_configs(vols, o: dict):
                       batchnorm=o["batchnorm"], base_width=o["base_width"], depth=o["depth"],
                       voxel_size=voxel, shape=smallest, arch=o.get("arch", "unet"),
                       factorized=bool(o.get("factorized")), feature_augment=bool(o.get("feature_augment")),
-                      feature_augment_t=int(o.get("feature_augment_t") or 4))
+                      feature_augment_t=int(o.get("feature_augment_t") or 4), filters=parse_filters(o["filters"]))
     weights = ()
     if o["class_weights"]:
         try:

@@ -156,6 +156,22 @@ def _normalization(vols, cfg: TrainConfig):
     return None, None, [norm.volume_statistics(v.image, spec) for v in vols]
 
 
+def _calibration_sample(images, context: int, device, sections: int = 4, size: int = 256) -> torch.Tensor:
+    """(N, C, 1, y, x) raw training input for the filter bank's response statistics: up to
+    `sections` evenly spaced z-sections per volume, their central size x size (at least the bank's
+    own footprint), read through the same views as training patches."""
+    crops = []
+    for im in images:
+        _, z, h, w = im.shape
+        side = [min(n, max(size, 2 * context + 1)) for n in (h, w)]
+        side = min(side)
+        y0, x0 = (h - side) // 2, (w - side) // 2
+        for zi in sorted({int(v) for v in np.linspace(0, z - 1, sections)}):
+            crops.append(im[(slice(None), slice(zi, zi + 1), slice(y0, y0 + side), slice(x0, x0 + side))])
+    side = min(c.shape[-1] for c in crops)
+    return torch.as_tensor(np.stack([c[..., :side, :side] for c in crops]), device=device)
+
+
 def _validation_tiles(held, shapes, out_shape, val_labels, ignore_label, rng):
     """Output windows covering the held-out slices (an even grid in the slice's plane, centred
     on it across), those holding held-out labels, at most MAX_VALIDATION_TILES of them."""
@@ -222,6 +238,8 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
                                                                 [1.0] * model_cfg.in_channels)
     augmenter = Augmenter(cfg.augment, spacing, model_cfg.ndim == 2, gray_mean, gray_std, cfg.seed, device)
     model = SegmentationModel(model_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
+    if model.filters is not None:
+        model.calibrate_filters(_calibration_sample(images, model.filters.context, device))
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     if not use_amp:
