@@ -92,7 +92,8 @@ def training_options(fn):
                      help="cheng: region size of that sub-sampling"),
         click.option("--filters", default=D["filters"], show_default=True,
                      help="fixed filter bank in front of the network, per section: ilastik (its 40 "
-                          "features: scales 0.7,1,1.6,3.5,5), comma-separated scales, or none"),
+                          "features: scales 0.7,1,1.6,3.5,5), auto (those scales whose margin fits "
+                          "the volume), comma-separated scales, or none"),
         click.option("--batchnorm/--no-batchnorm", default=None, help="default: the preset's"),
         click.option("--num-classes", type=click.IntRange(2, 255), help="default: largest label + 1"),
         click.option("--class-names", help="comma-separated, one per class"),

@@ -115,7 +115,7 @@ def test_training_calibrates_the_bank_and_checkpoints_keep_it(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--filters", "wide"], "--filters must be none, ilastik or comma-separated scales"),
+    (["--filters", "wide"], "--filters must be auto, ilastik, none or comma-separated scales"),
     (["--filters", "1,-2"], "--filters must be distinct scales"),
     (["--filters", "ilastik", "--arch", "cheng"], "--filters applies to --arch unet only"),
 ])

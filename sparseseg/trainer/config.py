@@ -18,7 +18,8 @@ def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None) -> t
     geom = cfg.geometry
     budget = requested or PRESETS[preset]["patch_input"]
     # The budget is the network's input: a filter bank in front reads its margin on top (its
-    # responses are cheap next to the network's, and its 43-voxel margin would leave a 4-voxel patch).
+    # responses are cheap next to the network's; its 23-voxel margin on top of the small preset's 20
+    # would leave a 4-voxel patch).
     bank = bank_context(cfg.filters) if cfg.padding == "valid" else 0
     out = []
     for axis, (rule, size, want) in enumerate(zip(geom.axes, shape, budget)):

@@ -32,7 +32,7 @@ DEFAULTS = {
     "val_fraction": 0.0, "val_every": 100, "checkpoint_every": 500, "seed": 0, "device": "auto",
     "no_amp": False, "schedule": "poly", "warmup": 0, "loss": "ce+jaccard", "normalization": "global",
     "val_slices": 0, "early_stop": 0, "max_weight_ratio": 10.0, "bn_recalibrate": 0,
-    "filters": "none",
+    "filters": "auto",
 }
 assert set(DEFAULTS) == set(OPTION_KEYS)
 
@@ -50,19 +50,26 @@ def parse_triple(value, name, cast=int):
     return parts
 
 
-def parse_filters(value) -> tuple:
-    """--filters: "none" (or empty), "ilastik" (the forest's scales) or comma-separated sigmas."""
+def parse_filters(value, plane_size: int | None = None) -> tuple:
+    """--filters: "none" (or empty), "ilastik" (the forest's scales), "auto" (those of them whose
+    margin is at most 1/8 of the smallest in-plane extent `plane_size`, so that a small volume
+    keeps room for patches: all five from 184 voxels on) or comma-separated sigmas."""
     from sparseseg.model.config import ILASTIK_SIGMAS
+    from sparseseg.model.shapes import bank_context
 
     text = str(value or "none").strip().lower()
     if text in ("none", "", "0"):
         return ()
     if text == "ilastik":
         return ILASTIK_SIGMAS
+    if text == "auto":
+        fit = [s for s in ILASTIK_SIGMAS if plane_size is None or 8 * bank_context((s,)) <= plane_size]
+        return tuple(fit)
     try:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise SparsesegError(f"--filters must be none, ilastik or comma-separated scales, got {value!r}") from None
+        raise SparsesegError(f"--filters must be auto, ilastik, none or comma-separated scales, got {value!r}") \
+            from None
 
 
 def build_configs(vols, o: dict):
@@ -80,11 +87,15 @@ def build_configs(vols, o: dict):
     voxel = parse_triple(o["voxel_size"], "--voxel-size", float) or next(
         (v.voxel_size for v in vols if v.voxel_size), None)
     smallest = tuple(min(v.shape[a] for v in vols) for a in range(3))
+    arch = o.get("arch") or "unet"
+    # "auto" means: where it applies (the U-Net); asking for a bank elsewhere is an error.
+    filters = () if arch != "unet" and str(o["filters"]).lower() == "auto" else \
+        parse_filters(o["filters"], min(smallest[1:]))
     mcfg = plan_model(o["preset"], vols[0].channels, k, ndim=int(o["ndim"]), padding=o["padding"],
                       batchnorm=o["batchnorm"], base_width=o["base_width"], depth=o["depth"],
-                      voxel_size=voxel, shape=smallest, arch=o.get("arch", "unet"),
+                      voxel_size=voxel, shape=smallest, arch=arch,
                       factorized=bool(o.get("factorized")), feature_augment=bool(o.get("feature_augment")),
-                      feature_augment_t=int(o.get("feature_augment_t") or 4), filters=parse_filters(o["filters"]))
+                      feature_augment_t=int(o.get("feature_augment_t") or 4), filters=filters)
     weights = ()
     if o["class_weights"]:
         try:
