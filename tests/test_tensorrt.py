@@ -16,9 +16,9 @@ from sparseseg.export.tensorrt import (
     check_in_profile,
     default_plan_tile,
     profile_shapes,
-    profile_tiles,
     torch_dtype,
 )
+from sparseseg.engine.tiling import profile_tiles
 from sparseseg.model.config import ModelConfig
 from tests.helpers import tiny_config
 

@@ -8,7 +8,7 @@ same result as one pass over the whole volume.
 A block's read region is the block plus the context the tile layout needs. Coordinates beyond
 the volume are mapped with numpy's 'reflect' rule on the *whole* volume (period 2(n-1)), so a
 block at the border sees exactly what a reflect-padded whole volume would show it;
-`reflect_index` is the one definition of that rule (gather, kernels and `pad_region` use it).
+`tiling.reflect_index` is the one definition of that rule (gather, kernels and `pad_region` use it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparseseg.engine.tiling import axis_layout, reflect_index, tile_stride
 from sparseseg.errors import SparsesegError
 
 
@@ -62,15 +63,6 @@ def make_blocks(volume_shape, block) -> list[Block]:
         shape = tuple(min(b, n - s) for b, n, s in zip(block, volume_shape, start))
         blocks.append(Block(tuple(idx), start, shape))
     return blocks
-
-
-def reflect_index(coords: np.ndarray, n: int) -> np.ndarray:
-    """numpy 'reflect' padding as an index map: ... 2 1 | 0 1 2 ... n-1 | n-2 ..."""
-    if n == 1:
-        return np.zeros_like(coords)
-    period = 2 * (n - 1)
-    m = np.mod(coords, period)
-    return np.where(m >= n, period - m, m)
 
 
 @dataclass(frozen=True)
@@ -117,7 +109,6 @@ def axis_span(start: int, size: int, n: int, rule, padding: str, tile: int, stri
     """One axis of a block's plan: (first output voxel the tiles cover, their output extent,
     crop offset of the block, read region lo, hi). Pure integer arithmetic, no arrays, so
     planning a huge volume stays cheap."""
-    from sparseseg.engine.tiling import axis_layout
 
     if padding == "same":
         f, last = _same_tiles(start, size, n, tile, stride)
@@ -147,7 +138,6 @@ def read_plan(block: Block, volume_shape, geometry, tile_out, overlap: float) ->
     block, so every voxel is blended from exactly the tiles and weights a whole-volume pass
     would give it: seamless, with only the tiles at block borders computed twice.
     """
-    from sparseseg.engine.tiling import tile_stride
 
     stride = tile_stride(geometry, tile_out, overlap)
     spans = [axis_span(s, b, n, r, geometry.padding, t, st, overlap) for s, b, n, r, t, st in

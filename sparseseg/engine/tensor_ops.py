@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparseseg.engine.blocks import reflect_index
+from sparseseg.engine.tiling import reflect_index
 
 
 def normalization_tensors(norm: dict | None, device) -> dict | None:

@@ -84,10 +84,18 @@ def gaussian_weights(tile, sigma_scale: float = 1 / 8) -> np.ndarray:
     return np.maximum(w, 1e-3)  # no voxel may have zero weight at the tile rim
 
 
+def reflect_index(coords: np.ndarray, n: int) -> np.ndarray:
+    """numpy 'reflect' padding as an index map: ... 2 1 | 0 1 2 ... n-1 | n-2 ..."""
+    if n == 1:
+        return np.zeros_like(coords)
+    period = 2 * (n - 1)
+    m = np.mod(coords, period)
+    return np.where(m >= n, period - m, m)
+
+
 def pad_region(image: np.ndarray, before, after) -> np.ndarray:
     """numpy 'reflect' padding of (C, Z, Y, X) through the engine's one reflect rule
-    (`blocks.reflect_index`; an axis of length 1 repeats its only slice)."""
-    from sparseseg.engine.blocks import reflect_index
+    (`reflect_index`; an axis of length 1 repeats its only slice)."""
 
     idx = [reflect_index(np.arange(-int(b), n + int(a)), n) for n, b, a in zip(image.shape[1:], before, after)]
     return image[np.ix_(np.arange(image.shape[0]), *idx)]
@@ -116,13 +124,26 @@ def memory_budget(device: str) -> int:
     return int(min(CPU_BUDGET, avail // 4))
 
 
+def profile_tiles(contract: dict) -> dict:
+    """Output tiles {"min", "opt", "max": (z, y, x), "batch": largest batch} of a plan's
+    optimization profile, from its sidecar contract (derived from the input shapes, so sidecars
+    written before the output tiles were recorded read the same)."""
+    from sparseseg.model.contract import geometry_of_contract
+
+    profile = contract.get("profile")
+    if not isinstance(profile, dict) or not all(k in profile for k in ("min", "opt", "max")):
+        raise SparsesegError("this plan's sidecar records no optimization profile; rebuild it with sparseseg-export")
+    ctx = geometry_of_contract(contract).context
+    tiles = {k: tuple(int(n) - 2 * c for n, c in zip(profile[k][2:], ctx)) for k in ("min", "opt", "max")}
+    tiles["batch"] = int(profile["max"][0])
+    return tiles
+
+
 def plan_profile(contract: dict) -> dict | None:
     """A TensorRT plan's optimization profile as output tiles {"min", "opt", "max", "batch"}, or
     None for engines without one."""
     if "profile" not in contract:
         return None
-    from sparseseg.export.tensorrt import profile_tiles
-
     prof = profile_tiles(contract)
     return {k: tuple(int(v) for v in prof[k]) for k in ("min", "opt", "max")} | {"batch": int(prof["batch"])}
 

@@ -81,21 +81,6 @@ def profile_shapes(geometry, channels: int, tile, tile_min=None, tile_max=None, 
             "tiles": {"min": list(lo), "opt": list(opt), "max": list(hi)}, "batch": batch}
 
 
-def profile_tiles(contract: dict) -> dict:
-    """Output tiles {"min", "opt", "max": (z, y, x), "batch": largest batch} of a plan's
-    optimization profile, from its sidecar contract (derived from the input shapes, so sidecars
-    written before the output tiles were recorded read the same)."""
-    from sparseseg.model.contract import geometry_of_contract
-
-    profile = contract.get("profile")
-    if not isinstance(profile, dict) or not all(k in profile for k in ("min", "opt", "max")):
-        raise SparsesegError("this plan's sidecar records no optimization profile; rebuild it with sparseseg-export")
-    ctx = geometry_of_contract(contract).context
-    tiles = {k: tuple(int(n) - 2 * c for n, c in zip(profile[k][2:], ctx)) for k in ("min", "opt", "max")}
-    tiles["batch"] = int(profile["max"][0])
-    return tiles
-
-
 def describe_profile(profile: dict) -> str:
     t = profile.get("tiles")
     if isinstance(t, dict):

@@ -319,7 +319,7 @@ def _validation_due(run: Run, done: int) -> bool:
 def read_reflected(image, start, shape) -> np.ndarray:
     """(C, *shape) input window at `start` (may reach past the border: numpy 'reflect',
     as the engine pads at inference)."""
-    from sparseseg.engine.blocks import reflect_index
+    from sparseseg.engine.tiling import reflect_index
 
     idx = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
     region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
