@@ -22,7 +22,8 @@ import time
 import numpy as np
 from scipy import ndimage as ndi
 
-SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0)
+from sparseseg.model.config import ILASTIK_SIGMAS as SIGMAS  # the network's filter bank uses them too
+
 FILTERS = ("gaussian", "log", "gradient_magnitude", "dog", "structure_tensor_ev", "hessian_ev")
 
 

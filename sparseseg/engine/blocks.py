@@ -109,7 +109,6 @@ def axis_span(start: int, size: int, n: int, rule, padding: str, tile: int, stri
     """One axis of a block's plan: (first output voxel the tiles cover, their output extent,
     crop offset of the block, read region lo, hi). Pure integer arithmetic, no arrays, so
     planning a huge volume stays cheap."""
-
     if padding == "same":
         f, last = _same_tiles(start, size, n, tile, stride)
         first, out = f * stride, (last - f) * stride + tile
@@ -138,7 +137,6 @@ def read_plan(block: Block, volume_shape, geometry, tile_out, overlap: float) ->
     block, so every voxel is blended from exactly the tiles and weights a whole-volume pass
     would give it: seamless, with only the tiles at block borders computed twice.
     """
-
     stride = tile_stride(geometry, tile_out, overlap)
     spans = [axis_span(s, b, n, r, geometry.padding, t, st, overlap) for s, b, n, r, t, st in
              zip(block.start, block.shape, volume_shape, geometry.axes, tile_out, stride)]

@@ -13,7 +13,6 @@ from sparseseg.errors import SparsesegError
 RUN_KEY = "sparseseg_run"      # the output group's attribute holding the run record
 
 
-
 def recorded_run(out: str, storage_options=None) -> dict | None:
     """The run record in the output's attributes (written when the output was created), or
     None when there is none to read (the resume checks that follow name the problem)."""

@@ -96,7 +96,6 @@ def reflect_index(coords: np.ndarray, n: int) -> np.ndarray:
 def pad_region(image: np.ndarray, before, after) -> np.ndarray:
     """numpy 'reflect' padding of (C, Z, Y, X) through the engine's one reflect rule
     (`reflect_index`; an axis of length 1 repeats its only slice)."""
-
     idx = [reflect_index(np.arange(-int(b), n + int(a)), n) for n, b, a in zip(image.shape[1:], before, after)]
     return image[np.ix_(np.arange(image.shape[0]), *idx)]
 

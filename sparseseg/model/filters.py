@@ -31,9 +31,6 @@ from torch.nn import functional as F
 
 from sparseseg.model.shapes import FILTERS_PER_SIGMA, bank_context, kernel_radius
 
-NAMES = ("gaussian", "log", "gradient_magnitude", "dog", "st_ev1", "st_ev2", "hessian_ev1", "hessian_ev2")
-assert len(NAMES) == FILTERS_PER_SIGMA
-
 
 def gaussian_kernel1d(sigma: float, order: int, radius: int) -> np.ndarray:
     """scipy.ndimage's sampled Gaussian (derivative) kernel, as a convolution kernel."""
@@ -59,9 +56,10 @@ def _eig2(a, b, c):
 def _conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """conv2d of single-channel images x (B, 1, H, W) with n kernels w (n, 1, kh, kw).
 
-    oneDNN runs a one-channel convolution 3-20x slower than the same work as a depthwise one
-    (measured on the 2-core VM, ISBI training patch: the bank took as long as the network's
-    forward and backward), so the images become the channels of one depthwise convolution. An
+    oneDNN runs one-channel convolutions slowly: the bank on an ISBI training patch (30x138x138)
+    took 1.6 s as one-channel convolutions and 0.38 s as depthwise ones (one thread, 2-core VM
+    shared with another run, 2026-11-23), so the images become the channels of one depthwise
+    convolution. An
     ONNX graph needs a fixed group count, so exports trace the plain convolution instead."""
     if torch.onnx.is_in_onnx_export() or x.device.type == "meta":
         return F.conv2d(x, w)
@@ -114,9 +112,9 @@ class FilterBank(nn.Module):
             h, w = h + 2 * r_all, w + 2 * r_all
         b = x.permute(0, 2, 1, 3, 4).reshape(n * z * c, 1, h, w).float()    # sections as a batch
         feats = []
-        for i, s in enumerate(self.sigmas):
+        for i in range(len(self.sigmas)):
             ks, kd, ki = getattr(self, f"ks{i}"), getattr(self, f"kd{i}"), getattr(self, f"ki{i}")
-            rs, rd, ri = (kernel_radius(v) for v in (s, 0.66 * s, 0.5 * s))
+            rs, rd, ri = ((k.shape[1] - 1) // 2 for k in (ks, kd, ki))
             g, gy, gx, gyy, gxx, gxy = self._separable(b, ks, (0, 1, 0, 2, 0, 1), (0, 0, 1, 0, 2, 1))
             g, gy, gx, gyy, gxx, gxy = (_crop(t, r_all - rs) for t in (g, gy, gx, gyy, gxx, gxy))
             (gd,) = self._separable(b, kd, (0,), (0,))

@@ -62,10 +62,13 @@ class SegmentationModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.apply_net(self.prepare(x))
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1, 1, 1, 1)
+        return (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The network's input: normalized intensities, or the filter bank's responses to them."""
-        shape = (1, -1, 1, 1, 1)
-        x = (x - self.mean.view(shape).to(x.dtype)) / self.std.view(shape).to(x.dtype)
+        x = self.normalize(x)
         return x if self.filters is None else self.filters(x)
 
     def apply_net(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,14 +78,12 @@ class SegmentationModel(nn.Module):
         y = self.net(x.permute(0, 2, 1, 3, 4).reshape(n * z, c, h, w))
         return y.reshape(n, z, y.shape[1], y.shape[2], y.shape[3]).permute(0, 2, 1, 3, 4)
 
-
     @torch.no_grad()
     def calibrate_filters(self, x: torch.Tensor) -> None:
         """Fit the filter bank's response z-scores on (N, C, Z, Y, X) training input (raw, as
         forward takes it; per-volume normalization already applied where the mode needs it)."""
         if self.filters is not None:
-            shape = (1, -1, 1, 1, 1)
-            self.filters.calibrate((x - self.mean.view(shape)) / self.std.view(shape))
+            self.filters.calibrate(self.normalize(x))
 
 
 def count_parameters(module: nn.Module) -> int:
