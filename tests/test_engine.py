@@ -432,12 +432,16 @@ def _one_pass(model, image):
 
 
 def test_predict_model_object_runs_the_engines_cpu_backend():
-    """A model object on CPU runs through ONNX Runtime (the engine's CPU default for a .pt),
-    agrees with torch, and is exported again when its weights change (no stale cache)."""
+    """A model object on CPU runs through the engine's CPU default for a .pt (OpenVINO where
+    installed, else ONNX Runtime), agrees with torch, and is exported again when its weights
+    change (no stale cache)."""
+    import importlib.util
+
     import sparseseg
     from sparseseg.engine.predict import model_backend, model_backend_kind
 
-    assert model_backend_kind("cpu", "fp32", "auto") == "onnxruntime"
+    fastest = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
+    assert model_backend_kind("cpu", "fp32", "auto") == fastest
     assert model_backend_kind("cpu", "fp32", "torch") == "torch"
     torch.manual_seed(0)
     model = SegmentationModel(tiny_config(depth=2, width=4, classes=3), mean=[100.0], std=[30.0]).eval()
@@ -448,7 +452,7 @@ def test_predict_model_object_runs_the_engines_cpu_backend():
             for p in model.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         lab, prob = sparseseg.predict(model, image, device="cpu", probabilities=True)
-        assert model_backend(model, "cpu").name == "onnxruntime"
+        assert model_backend(model, "cpu").name == fastest
         lab_t, prob_t = sparseseg.predict(model, image, device="cpu", backend="torch", probabilities=True)
         assert (lab == lab_t).mean() >= 0.999 and np.abs(prob - prob_t).max() < 1e-3
         assert len(np.unique(lab_t)) > 1
@@ -517,3 +521,26 @@ def test_resume_reuses_the_recorded_tile_when_the_default_changes(tmp_path, monk
                                   "--tile", ",".join(map(str, other)), "--workers", "0", "--device", "cpu"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and r.output.startswith("error: cannot resume")
     assert len(list(done_dir.iterdir())) == first["blocks"]        # nothing lost by the refusals
+
+
+def test_cpu_default_skips_openvino_in_threads_python_did_not_start():
+    # OpenVINO crashed the process from napari's Qt worker thread (a thread Python did not
+    # start); Python's own threads (Dask workers) keep the fastest backend.
+    import _thread
+    import importlib.util
+    import threading
+
+    from sparseseg.engine.backends import fastest_cpu_backend
+
+    got, done = [], threading.Event()
+
+    def foreign():
+        got.append(fastest_cpu_backend())
+        done.set()
+
+    _thread.start_new_thread(foreign, ())
+    assert done.wait(30)
+    t = threading.Thread(target=lambda: got.append(fastest_cpu_backend()))
+    t.start()
+    t.join()
+    assert got == ["onnxruntime", "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"]

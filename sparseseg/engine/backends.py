@@ -9,9 +9,9 @@ device from the upload to the argmax, whatever runs the network:
        or OpenVINO (CPU) when asked for
 .plan  TensorRT, through `sparseseg.export.tensorrt.PlanRunner` (one context per thread)
 
-On CPU a .pt engine runs through the fastest installed backend, OpenVINO (f32) else ONNX
-Runtime, from an ONNX export made once into a cache keyed by the checkpoint's sha256, unless
-the backend is pinned (measured on 2 cores: OpenVINO 2.4x ONNX Runtime, ONNX Runtime 1.7x torch).
+On CPU a .pt engine runs through the fastest installed backend (`fastest_cpu_backend`:
+OpenVINO (f32) where its extra is installed, else ONNX Runtime), from an ONNX export made once
+into a cache keyed by the checkpoint's sha256, unless the backend is pinned.
 Each worker process loads its backend once (`cached_backend`) and reuses it for every block.
 """
 
@@ -297,15 +297,7 @@ def resolve_backend(spec: BackendSpec) -> str:
         raise SparsesegError(f"unknown backend {spec.backend!r} (expected one of {', '.join(BACKENDS)})")
     if spec.backend == "auto":
         if native == "torch" and not want_cuda(spec.device):
-            import importlib.util
-
-            # ONNX Runtime: 1.7x torch (benchmarks/results/cpu_backends.json, demo network, fp32,
-            # 2 threads). OpenVINO measured 2.4x faster still, but it is opt-in (--backend openvino):
-            # run from the napari widget's background thread it crashed the process (segfault in
-            # tests/test_napari.py, 2026-11-23), which ONNX Runtime does not.
-            if importlib.util.find_spec("onnxruntime") is not None:
-                return "onnxruntime"
-            return "torch"
+            return fastest_cpu_backend()
         return native
     if native == "tensorrt" and spec.backend != "tensorrt" or spec.backend == "tensorrt" and native != "tensorrt":
         raise SparsesegError(f"--backend {spec.backend} cannot run {Path(spec.engine).name} "
@@ -313,6 +305,24 @@ def resolve_backend(spec: BackendSpec) -> str:
     if native == "onnxruntime" and spec.backend == "torch":
         raise SparsesegError("--backend torch needs a .pt checkpoint, not an .onnx file")
     return spec.backend
+
+
+def fastest_cpu_backend() -> str:
+    """The fastest installed CPU backend for a .pt engine or a model object.
+
+    Measured on 2 cores: ONNX Runtime 1.7x torch (benchmarks/results/cpu_backends.json, demo
+    network, fp32); OpenVINO 2.4x ONNX Runtime there, and 2.15x / 1.72x MONAI against ONNX
+    Runtime's 1.15x / 0.89x on the whole ISBI stack in 1 / 4 blocks (monai_cpu_openvino.json).
+    OpenVINO is skipped in threads Python did not start: run from the napari widget's Qt worker
+    thread it crashed the process (segfault in tests/test_napari.py, 2026-11-23; cause not found),
+    while in Python threads (Dask workers, threading.Thread) it runs and agrees with torch."""
+    import importlib.util
+
+    foreign = isinstance(threading.current_thread(), threading._DummyThread)
+    for name in (("onnxruntime",) if foreign else ("openvino", "onnxruntime")):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return "torch"
 
 
 def load_backend(spec: BackendSpec) -> Backend:

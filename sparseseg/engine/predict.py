@@ -43,8 +43,8 @@ def model_digest(model) -> str:
 
 def model_backend_kind(device: str, precision: str, backend: str) -> str:
     """The backend a model object runs with: the engine's rule for a .pt engine file
-    (backends.resolve_backend): on CPU ONNX Runtime where installed (1.7x torch, measured), on
-    CUDA torch; `backend` pins one ("torch", "onnxruntime", "openvino")."""
+    (backends.resolve_backend): on CPU the fastest installed one (backends.fastest_cpu_backend),
+    on CUDA torch; `backend` pins one ("torch", "onnxruntime", "openvino")."""
     from sparseseg.engine.backends import BACKENDS, resolve_backend
 
     if backend not in BACKENDS:
