@@ -85,3 +85,23 @@ def test_bad_config():
         ModelConfig(1, 2, kernel_sizes=((2, 2, 2),) * 4)
     with pytest.raises(SparsesegError):
         ModelConfig(1, 2, padding="full")
+
+
+def test_labels_on_separate_sections_train_one_section_deep():
+    # ISBI's shape, every 6th section painted: the 3D network keeps z kernels only where its input
+    # stays within 5 sections and trains on one-section patches (the deeper outputs would hold
+    # no label); without that hint the plan and the patch are as before.
+    shape = (30, 512, 512)
+    thick = plan_model("small", 1, 2, shape=shape)
+    thin = plan_model("small", 1, 2, shape=shape, sections=True)
+    assert thick.geometry.z.min_input == 13 and thin.geometry.z.min_input == 5
+    assert [k[0] for k in thin.kernel_sizes] == [1, 1, 3]
+    assert patch_output_size(thick, "small", shape)[0] > 1
+    out = patch_output_size(thin, "small", shape, sections=True)
+    # one section deep, wider in plane (the preset's section_input: 132 -> 92 against 92 -> 52)
+    assert out == (1, 92, 92) and patch_output_size(thin, "small", shape)[1:] == (52, 52)
+    assert thin.geometry.input_for_output(out)[0] == 5
+    # a cube keeps its network (z is not thin) and trains in the smallest valid depth
+    cube = plan_model("small", 1, 2, shape=(64, 64, 64), sections=True)
+    assert cube.kernel_sizes == plan_model("small", 1, 2, shape=(64, 64, 64)).kernel_sizes
+    assert patch_output_size(cube, "small", (64, 64, 64), sections=True)[0] == cube.geometry.z.min_output

@@ -192,3 +192,18 @@ def test_lazy_store_training_equals_in_memory(tmp_path):
     for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.allclose(va, vb, atol=1e-6), k
     assert a.history[-1]["val_iou"] == b.history[-1]["val_iou"]
+
+
+def test_separate_sections_are_told_from_slabs_and_orthogonal_slices():
+    from sparseseg.trainer.data import on_separate_sections
+
+    def vol(lab):
+        return [TrainingVolume(np.zeros((1,) + lab.shape, np.float32), lab, "v")]
+
+    dense = (np.arange(24 * 16 * 16) % 2).astype(np.uint8).reshape(24, 16, 16)
+    assert on_separate_sections(vol(sparsify(dense, [(0, z) for z in range(0, 24, 4)], 255)), 255)
+    assert on_separate_sections(vol(sparsify(dense, [(0, 11)], 255)), 255)
+    assert on_separate_sections(vol(sparsify(dense, [(0, z) for z in range(1, 24, 2)], 255)), 255)
+    assert not on_separate_sections(vol(sparsify(dense, [(0, 5), (0, 6)], 255)), 255)
+    assert not on_separate_sections(vol(sparsify(dense, orthogonal_slices(dense.shape, (1, 1, 1)), 255)), 255)
+    assert not on_separate_sections(vol(dense), 255)

@@ -17,9 +17,14 @@ from sparseseg.model.shapes import axis_rule, geometry_of
 
 PRESETS = {
     # Cicek et al. 2016: four resolution levels, 32 -> 512 channels, BatchNorm before ReLU.
-    "paper": {"base_width": 32, "depth": 4, "batchnorm": True, "patch_input": (116, 132, 132)},
+    # "section_input": the in-plane input of a one-section-deep training patch (labels on separate
+    # sections, sparseseg.trainer.config): wider, as the patch is shallow. small: measured (ISBI,
+    # VNC, benchmarks/results/real_data_runs.jsonl, tags s5-*-thin); paper: scaled alike, unmeasured.
+    "paper": {"base_width": 32, "depth": 4, "batchnorm": True, "patch_input": (116, 132, 132),
+              "section_input": (188, 188)},
     # Trains on 2 CPU cores in minutes: three levels, 16 -> 128 channels.
-    "small": {"base_width": 16, "depth": 3, "batchnorm": True, "patch_input": (60, 92, 92)},
+    "small": {"base_width": 16, "depth": 3, "batchnorm": True, "patch_input": (60, 92, 92),
+              "section_input": (132, 132)},
 }
 
 
@@ -28,6 +33,9 @@ CHENG_DEPTH = 4        # input block + three encoder levels (sparseseg.model.che
 CHENG_WIDTH = 16       # maps after the input block (ENet's 16)
 # ilastik's default scales, as the incumbent forest uses them (benchmarks/baselines/forest.py).
 ILASTIK_SIGMAS = (0.7, 1.0, 1.6, 3.5, 5.0)
+# Sections a one-section training patch may read on a thin z axis (two on each side): the
+# network then sees its neighbours in z, at a cost of about three 2D passes per patch.
+SECTION_INPUT = 5
 
 
 @dataclass(frozen=True)
@@ -130,18 +138,20 @@ def _plan_levels(depth: int, spacing: tuple[float, ...]) -> tuple[list[list[int]
     return kernels, pools
 
 
-def _fit_shape(kernels, pools, valid: bool, sizes) -> None:
+def _fit_shape(kernels, pools, valid: bool, sizes, z_limit: int | None = None) -> None:
     """Shrink the network along each *thin* axis (under half the longest one, like the z of a
     20-section EM stack) until its smallest valid input fits half that axis (so a training
     patch still has room to move); in place. Drops pooling first, then 3-wide kernels, from the
     top level down: the fine levels of a thin axis are the least useful there. Axes that are not
     thin keep the preset's network: a volume that is simply too small is reported, not
-    silently given a degenerate network."""
+    silently given a degenerate network. `z_limit` tightens the bound on a thin first axis."""
     longest = max(sizes)
     for axis, size in enumerate(sizes):
         if size * 2 > longest:
             continue
         limit = max(1, size // 2)
+        if axis == 0 and z_limit and len(sizes) == 3:
+            limit = min(limit, z_limit)
         while True:
             rule = axis_rule([k[axis] for k in kernels], [p[axis] for p in pools], valid)
             if rule.min_input <= limit:
@@ -159,8 +169,13 @@ def _fit_shape(kernels, pools, valid: bool, sizes) -> None:
 def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3, padding: str = "valid",
                batchnorm: bool | None = None, base_width: int | None = None, depth: int | None = None,
                voxel_size=None, shape=None, arch: str = "unet", factorized: bool = False,
-               feature_augment: bool = False, feature_augment_t: int = 4, filters=()) -> ModelConfig:
+               feature_augment: bool = False, feature_augment_t: int = 4, filters=(),
+               sections: bool = False) -> ModelConfig:
     """A ModelConfig for a preset, adapted to the data's voxel size and/or shape (Z, Y, X).
+
+    `sections`: the labels lie on separate xy sections (sparseseg.trainer.data.on_separate_sections),
+    so training patches are one section deep; a thin z axis then keeps 3-wide z kernels only
+    where the network's input stays within SECTION_INPUT sections, so a patch stays cheap.
 
     For arch "cheng" the preset gives only the patch budget: the network always pads, has
     BatchNorm and 4 levels, and starts from 16 maps unless `base_width` says otherwise."""
@@ -179,7 +194,7 @@ def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3
     axes = slice(0, 3) if ndim == 3 else slice(1, 3)
     kernels, pools = _plan_levels(depth, spacing[axes])
     if shape is not None:
-        _fit_shape(kernels, pools, padding == "valid", tuple(shape)[axes])
+        _fit_shape(kernels, pools, padding == "valid", tuple(shape)[axes], SECTION_INPUT if sections else None)
     return ModelConfig(
         in_channels=in_channels, num_classes=num_classes, ndim=ndim,
         base_width=base_width or p["base_width"], depth=depth,

@@ -10,21 +10,29 @@ from sparseseg.errors import SparsesegError
 from sparseseg.model.config import PRESETS, ModelConfig
 
 
-def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None) -> tuple[int, int, int]:
+def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None,
+                      sections: bool = False) -> tuple[int, int, int]:
     """Training patch output size (Z, Y, X): the largest valid size whose input fits both the
-    preset's patch budget and the volume; a 2D network takes one slice at a time."""
+    preset's patch budget and the volume; a 2D network takes one slice at a time, and so does
+    a 3D one, in its smallest valid depth, when the labels lie on separate sections (`sections`):
+    deeper outputs would be mostly unlabelled sections, computed for nothing."""
     from sparseseg.model.shapes import bank_context
 
     geom = cfg.geometry
     budget = requested or PRESETS[preset]["patch_input"]
+    if sections and cfg.ndim == 3 and not requested:
+        budget = (budget[0],) + tuple(PRESETS[preset]["section_input"])
     # The budget is the network's input: a filter bank in front reads its margin on top (its
     # responses are cheap next to the network's; its 23-voxel margin on top of the small preset's 20
     # would leave a 4-voxel patch).
     bank = bank_context(cfg.filters) if cfg.padding == "valid" else 0
     out = []
     for axis, (rule, size, want) in enumerate(zip(geom.axes, shape, budget)):
-        if cfg.ndim == 2 and axis == 0:
-            out.append(1)
+        if axis == 0 and (cfg.ndim == 2 or sections):
+            out.append(rule.min_output)
+            if rule.min_input > size:
+                raise SparsesegError(f"volume too small for one valid patch without padding: axis z has {size} "
+                                     f"voxels, the network needs at least {rule.min_input}")
             continue
         target = min(int(want) + (2 * bank if axis else 0), int(size)) - 2 * rule.context
         m = rule.output_at_most(target)

@@ -154,6 +154,19 @@ def scan_labels(labels, ignore_label: int) -> LabelScan:
     return LabelScan(per_z, [per_z.sum(1) - per_z[:, ignore_label], per_y, per_x], ignore_label)
 
 
+def on_separate_sections(vols, ignore_label: int) -> bool:
+    """True when every volume's labels lie on separate xy sections (painted every k-th section,
+    or one): the labelled z-slices fill at most half of their span plus one. Then a training
+    patch one section deep wastes no output on unlabelled sections (sparseseg.trainer.config).
+    Orthogonal (xz, yz) slices put labels on every section, dense sub-volumes on adjacent ones:
+    both keep full-depth patches."""
+    for v in vols:
+        z = np.flatnonzero(v.scan(ignore_label).per_plane[0])
+        if len(z) == 0 or v.shape[0] < 2 or len(z) > (z[-1] - z[0] + 2) / 2:
+            return False
+    return True
+
+
 def check_pair(vol: TrainingVolume, num_classes: int | None, ignore_label: int):
     name, scan = vol.name, vol.scan(ignore_label)
     if tuple(vol.image.shape[-3:]) != vol.shape:

@@ -23,7 +23,7 @@ from sparseseg.model.network import SegmentationModel
 from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
 from sparseseg.trainer.config import TrainConfig, patch_output_size
-from sparseseg.trainer.data import ImageView, LabelView
+from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
 from sparseseg.trainer.metrics import confusion, iou_from_confusion
 from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
@@ -136,7 +136,8 @@ def _patch_shapes(vols, model_cfg: ModelConfig, cfg: TrainConfig):
             raise SparsesegError(f"--patch {out_shape} is not a valid output size for this network")
     else:
         smallest = tuple(min(v.shape[a] for v in vols) for a in range(3))
-        out_shape = patch_output_size(model_cfg, cfg.preset, smallest)
+        out_shape = patch_output_size(model_cfg, cfg.preset, smallest,
+                                      sections=on_separate_sections(vols, cfg.ignore_label))
     in_shape = geom.input_for_output(out_shape)
     for v in vols:
         if any(o > n for o, n in zip(out_shape, v.shape)):
