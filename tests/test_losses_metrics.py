@@ -101,3 +101,14 @@ def test_iou_on_known_arrays():
     assert res["iou"] == [1 / 3, 0.5, 1.0]
     assert res["mean_foreground_iou"] == 0.75
     assert res["voxels"] == 6
+
+
+def test_class_weights_option_names_and_numbers():
+    from sparseseg.errors import SparsesegError
+    from sparseseg.trainer.options import parse_class_weights
+
+    assert parse_class_weights("balanced", 3) == () and parse_class_weights(None, 3) == ()
+    assert parse_class_weights("Uniform", 3) == (1.0, 1.0, 1.0)
+    assert parse_class_weights("1,2.5", 2) == (1.0, 2.5)
+    with pytest.raises(SparsesegError, match="balanced, uniform or numbers"):
+        parse_class_weights("heavy", 2)
