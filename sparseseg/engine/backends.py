@@ -314,8 +314,9 @@ def fastest_cpu_backend() -> str:
     network, fp32); OpenVINO 2.4x ONNX Runtime there, and 2.15x / 1.72x MONAI against ONNX
     Runtime's 1.15x / 0.89x on the whole ISBI stack in 1 / 4 blocks (monai_cpu_openvino.json).
     OpenVINO is skipped in threads Python did not start: run from the napari widget's Qt worker
-    thread it crashed the process (segfault in tests/test_napari.py, 2026-11-23; cause not found),
-    while in Python threads (Dask workers, threading.Thread) it runs and agrees with torch."""
+    thread it crashed the process (segfault in tests/test_napari.py, 2026-11-23; cause not found).
+    From a threading.Thread its labels equalled torch's (checked by hand); Dask worker threads
+    with OpenVINO were not run."""
     import importlib.util
 
     foreign = isinstance(threading.current_thread(), threading._DummyThread)
