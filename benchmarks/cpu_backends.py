@@ -15,6 +15,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def main():
         backends = {"torch": TorchBackend(ckpt.model, contract, "cpu", threads=a.threads),
                     "onnxruntime": OnnxBackend(spec, path=onnx)}
         try:
-            backends["openvino f32"] = OpenVinoBackend(spec, path=onnx, hint="f32")
-            backends["openvino bf16"] = OpenVinoBackend(spec, path=onnx, hint="bf16")
+            backends["openvino f32"] = OpenVinoBackend(spec, path=onnx)
+            backends["openvino bf16"] = OpenVinoBackend(replace(spec, precision="bf16"), path=onnx)
         except Exception as e:  # noqa: BLE001  (not installed: reported, not fatal)
             print("openvino:", str(e).splitlines()[0])
         times = {k: [] for k in backends}

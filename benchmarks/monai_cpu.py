@@ -57,7 +57,8 @@ t0 = time.time()
 tile = tuple(int(v) for v in sys.argv[4].split(","))
 block = tuple(int(v) for v in sys.argv[7].split(","))
 s = run_inference(sys.argv[1], sys.argv[2], sys.argv[3], workers=0, tile=tile, block=block,
-                  overlap=float(sys.argv[6]), progress=False, backend=sys.argv[8], device="cpu")
+                  overlap=float(sys.argv[6]), progress=False, backend=sys.argv[8], device="cpu",
+                  precision=sys.argv[9])
 plan = run_inference(sys.argv[1], sys.argv[2], None, tile=tile, block=block, overlap=float(sys.argv[6]),
                      backend=sys.argv[8], device="cpu", dry_run=True)
 print(json.dumps({"seconds": time.time() - t0, "peak_rss_mb": PEAK, "backend": s["backend"], "block": list(block),
@@ -81,7 +82,8 @@ def main():
     ap.add_argument("--train-iterations", type=int, default=60)
     ap.add_argument("--blocks", default="16,128,128", help="block size of the several-blocks runs")
     ap.add_argument("--backends", default="model.pt:auto,model.pt:torch,model.onnx:onnxruntime,model.onnx:openvino",
-                    help="engine:backend pairs to run (openvino is skipped when not installed)")
+                    help="engine:backend[:precision] to run (openvino is skipped when not installed); "
+                         "labels are also compared with the first one's on the same blocks")
     ap.add_argument("--out", default="benchmarks/results/monai_cpu.json")
     a = ap.parse_args()
 
@@ -125,18 +127,22 @@ def main():
     voxels = int(np.prod(shape))
     import importlib.util
 
-    for pair in a.backends.split(","):
-        engine, backend = pair.split(":")
-        if backend == "openvino" and importlib.util.find_spec("openvino") is None:
+    first = {}
+    for triple in a.backends.split(","):
+        engine, backend, precision = (triple.split(":") + ["fp32"])[:3]
+        if (backend == "openvino" or precision == "bf16") and importlib.util.find_spec("openvino") is None:
             continue
         for block in (a.shape, a.blocks):
-            out = work / f"out_{engine}_{backend}_{block}.zarr"
+            out = work / f"out_{engine}_{backend}_{precision}_{block}.zarr"
             s = run(RUN_SPARSESEG, work / engine, work / "volume.zarr", out, a.tile, a.threads, a.overlap, block,
-                    backend)
+                    backend, precision)
             got = open_volume(out).read_labels()
             s["label_agreement_with_monai"] = float((got == ref).mean())
+            first.setdefault(block, (triple, got))
+            s[f"label_agreement_with {first[block][0]}"] = float((got == first[block][1]).mean())
             s["speedup_vs_monai"] = m["seconds"] / s["seconds"]
-            name = f"sparseseg ({engine}, {'default' if backend == 'auto' else backend}, {s['blocks']} block(s))"
+            name = (f"sparseseg ({engine}, {'default' if backend == 'auto' else backend}"
+                    f"{'' if precision == 'fp32' else ' ' + precision}, {s['blocks']} block(s))")
             results["runs"][name] = s
     results["load_average_after"] = list(os.getloadavg())
     for name, r in results["runs"].items():

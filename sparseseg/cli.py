@@ -394,7 +394,7 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help=".pt engines on CUDA")
+              help=".pt engines on CUDA (autocast); on CPU bf16 runs OpenVINO on bf16 units (AMX, AVX512-BF16)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout and nothing else")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino", "tensorrt"]),
               default="auto", show_default=True,

@@ -15,6 +15,7 @@ from sparseseg.cli import main
 from sparseseg.engine.blocks import Block, block_size, make_blocks, read_plan
 from sparseseg.engine.run import run_inference
 from sparseseg.engine.tiling import pad_region
+from sparseseg.errors import SparsesegError
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.network import SegmentationModel
 from sparseseg.volume import open_volume
@@ -544,3 +545,44 @@ def test_cpu_default_skips_openvino_in_threads_python_did_not_start():
     t.start()
     t.join()
     assert got == ["onnxruntime", "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"]
+
+
+def test_cpu_bf16_runs_openvino_and_says_so_otherwise(monkeypatch):
+    """On CPU reduced precision is bf16 through OpenVINO: fp16, or bf16 pinned to another
+    backend, or bf16 without the openvino package, is a one-line SparsesegError."""
+    import importlib.util
+
+    from sparseseg.engine.backends import BackendSpec, resolve_backend
+    from sparseseg.engine.predict import model_backend_kind
+
+    for precision, backend, says in [("fp16", "auto", "needs a CUDA device"),
+                                     ("bf16", "onnxruntime", "not --backend onnxruntime"),
+                                     ("bf16", "torch", "not --backend torch")]:
+        with pytest.raises(SparsesegError, match=says):
+            resolve_backend(BackendSpec("m.pt", "cpu", precision, backend=backend))
+    assert resolve_backend(BackendSpec("m.plan", "cpu", "bf16", backend="auto")) == "tensorrt"  # refused later
+    if importlib.util.find_spec("openvino"):
+        assert model_backend_kind("cpu", "bf16", "auto") == "openvino"
+        assert resolve_backend(BackendSpec("m.onnx", "cpu", "bf16")) == "openvino"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "openvino" else real(n, *a))
+    with pytest.raises(SparsesegError, match="needs the openvino package"):
+        model_backend_kind("cpu", "bf16", "auto")
+
+
+def test_cpu_bf16_labels_agree_with_fp32():
+    """bf16 on a CPU with bf16 units (OpenVINO) keeps >= 99.5% of the fp32 labels on a network
+    whose labels are not all one class (the issue's accuracy bar for reduced precision)."""
+    ov = pytest.importorskip("openvino")
+    if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        pytest.skip("this CPU has no bf16 units")
+    import sparseseg
+
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=2, width=8, classes=3), mean=[100.0], std=[30.0]).eval()
+    image = (np.random.default_rng(2).random((14, 40, 40)) * 200).astype(np.float32)
+    image[:, :20] *= 0.3                                   # two textures, so that labels vary
+    fp32, p32 = sparseseg.predict(model, image, device="cpu", backend="openvino", probabilities=True)
+    bf16, p16 = sparseseg.predict(model, image, device="cpu", precision="bf16", probabilities=True)
+    assert len(np.unique(fp32)) > 1
+    assert (fp32 == bf16).mean() >= 0.995 and 0 < np.abs(p32 - p16).max() < 0.05   # bf16 really ran

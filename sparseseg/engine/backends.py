@@ -6,7 +6,7 @@ device from the upload to the argmax, whatever runs the network:
 
 .pt    PyTorch (CPU, or CUDA with channels_last_3d, autocast fp16/bf16, cudnn.benchmark)
 .onnx  ONNX Runtime (host tensors on CPU; IOBinding of device memory with its CUDA provider),
-       or OpenVINO (CPU) when asked for
+       or OpenVINO (CPU) when asked for, and for --precision bf16 on CPU
 .plan  TensorRT, through `sparseseg.export.tensorrt.PlanRunner` (one context per thread)
 
 On CPU a .pt engine runs through the fastest installed backend (`fastest_cpu_backend`:
@@ -37,7 +37,7 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 class BackendSpec:
     engine: str
     device: str = "auto"        # auto | cpu | cuda
-    precision: str = "fp32"     # .pt on CUDA: fp32 | fp16 | bf16
+    precision: str = "fp32"     # fp32 | fp16 | bf16: CUDA autocast for .pt; on CPU bf16 runs OpenVINO
     threads: int = 0            # CPU threads per worker (0: library default)
     backend: str = "auto"       # auto | torch | onnxruntime | openvino | tensorrt
 
@@ -201,7 +201,7 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
 
-    def __init__(self, spec: BackendSpec, contract: dict | None = None, path=None, hint: str | None = None):
+    def __init__(self, spec: BackendSpec, contract: dict | None = None, path=None):
         try:
             import openvino as ov
         except ImportError:
@@ -216,10 +216,14 @@ class OpenVinoBackend(Backend):
         if spec.device == "cuda":
             raise SparsesegError("--backend openvino runs on CPU only; use --device cpu")
         core = ov.Core()
-        # f32 unless asked otherwise: on CPUs with bf16 units OpenVINO otherwise runs bf16 by
-        # default (labels 96% identical to fp32 on a test network, measured).
+        # f32 unless --precision bf16: on CPUs with bf16 units OpenVINO would otherwise pick bf16
+        # by itself (labels 96% identical to fp32 on a small test network, measured).
+        if spec.precision not in ("fp32", "bf16"):
+            raise SparsesegError(f"--precision {spec.precision} needs a CUDA device; on CPU use fp32 or bf16")
+        if spec.precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise SparsesegError("--precision bf16 on CPU needs bf16 units (AVX512-BF16 or AMX); this CPU has none")
         config = {"PERFORMANCE_HINT": "LATENCY",
-                  "INFERENCE_PRECISION_HINT": hint or os.environ.get("SPARSESEG_OPENVINO_PRECISION", "f32")}
+                  "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[spec.precision]}
         if spec.threads:
             config["INFERENCE_NUM_THREADS"] = spec.threads
         try:
@@ -286,7 +290,7 @@ def cached_onnx(checkpoint) -> Path:
 
 def resolve_backend(spec: BackendSpec) -> str:
     """The backend an engine file runs with: the pinned one, else by file type (a .pt on CPU runs
-    through ONNX Runtime, the fastest CPU backend measured here)."""
+    through the fastest installed CPU backend; bf16 on CPU through OpenVINO)."""
     suffix = Path(spec.engine).suffix.lower()
     kinds = {".pt": "torch", ".pth": "torch", ".onnx": "onnxruntime", ".plan": "tensorrt", ".engine": "tensorrt",
              ".trt": "tensorrt"}
@@ -295,6 +299,10 @@ def resolve_backend(spec: BackendSpec) -> str:
     native = kinds[suffix]
     if spec.backend not in BACKENDS:
         raise SparsesegError(f"unknown backend {spec.backend!r} (expected one of {', '.join(BACKENDS)})")
+    if spec.precision not in ("fp32", "fp16", "bf16"):
+        raise SparsesegError(f"unknown precision {spec.precision!r} (expected fp32, fp16 or bf16)")
+    if spec.precision != "fp32" and native != "tensorrt" and not want_cuda(spec.device):
+        return reduced_cpu_backend(spec)
     if spec.backend == "auto":
         if native == "torch" and not want_cuda(spec.device):
             return fastest_cpu_backend()
@@ -305,6 +313,20 @@ def resolve_backend(spec: BackendSpec) -> str:
     if native == "onnxruntime" and spec.backend == "torch":
         raise SparsesegError("--backend torch needs a .pt checkpoint, not an .onnx file")
     return spec.backend
+
+
+def reduced_cpu_backend(spec: BackendSpec) -> str:
+    """On CPU reduced precision means bf16, through OpenVINO (on bf16 units: AMX or AVX512-BF16);
+    ONNX Runtime and torch have no CPU path for it here."""
+    import importlib.util
+
+    if spec.precision != "bf16":
+        raise SparsesegError(f"--precision {spec.precision} needs a CUDA device; on CPU use fp32 or bf16")
+    if spec.backend not in ("auto", "openvino"):
+        raise SparsesegError(f"--precision bf16 on CPU runs through OpenVINO, not --backend {spec.backend}")
+    if importlib.util.find_spec("openvino") is None:
+        raise SparsesegError("--precision bf16 on CPU needs the openvino package (pip install 'sparseseg[openvino]')")
+    return "openvino"
 
 
 def fastest_cpu_backend() -> str:

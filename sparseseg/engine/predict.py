@@ -45,19 +45,19 @@ def model_backend_kind(device: str, precision: str, backend: str) -> str:
     """The backend a model object runs with: the engine's rule for a .pt engine file
     (backends.resolve_backend): on CPU the fastest installed one (backends.fastest_cpu_backend),
     on CUDA torch; `backend` pins one ("torch", "onnxruntime", "openvino")."""
-    from sparseseg.engine.backends import BACKENDS, resolve_backend
+    from sparseseg.engine.backends import BACKENDS, resolve_backend, want_cuda
 
     if backend not in BACKENDS:
         raise SparsesegError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     if backend == "tensorrt":
         raise SparsesegError("--backend tensorrt runs .plan files only; export the model with "
                              "sparseseg-export --plan")
-    if backend == "auto" and precision != "fp32":
-        return "torch"              # fp16/bf16 of a model object: torch autocast (CUDA)
+    if backend == "auto" and precision != "fp32" and want_cuda(device):
+        return "torch"              # fp16/bf16 of a model object on CUDA: torch autocast
     return resolve_backend(BackendSpec("model.pt", device, precision, backend=backend))
 
 
-_MODEL_CACHE: dict = {}       # (digest, kind, device) -> backend: repeated calls on one model export once
+_MODEL_CACHE: dict = {}       # (digest, kind, device, precision) -> backend: repeated calls on one model export once
 _MODEL_LOCK = threading.Lock()    # e.g. the napari widget's worker thread beside the caller's
 
 
@@ -74,7 +74,7 @@ def model_backend(model, device: str = "auto", precision: str = "fp32", backend:
         return TorchBackend(model, contract, device, precision)
     digest = model_digest(model)
     with _MODEL_LOCK:
-        key = (digest, kind, device)
+        key = (digest, kind, device, precision)
         if key not in _MODEL_CACHE:
             engine = _exported_backend(model, contract, digest, kind, device, precision)
             _MODEL_CACHE.clear()
@@ -113,8 +113,10 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
 
     `model_or_engine_file`: a SegmentationModel (e.g. `sparseseg.load_model(...)` or a model
     just trained), or an engine file (.pt, .onnx, .plan). Both run with the backend
-    `sparseseg-infer` would pick for them (a model object as a .pt file: ONNX Runtime on CPU,
-    torch on CUDA), unless `backend` pins one ("torch", "onnxruntime", "openvino"). `kernels`:
+    `sparseseg-infer` would pick for them (a model object as a .pt file: the fastest installed
+    CPU backend on CPU, torch on CUDA), unless `backend` pins one ("torch", "onnxruntime",
+    "openvino"). `precision`: "fp32", or "fp16"/"bf16" (torch autocast on CUDA; on CPU bf16
+    through OpenVINO, where the CPU has bf16 units). `kernels`:
     "torch" (default, or $SPARSESEG_KERNELS) or "cuda" for the CUDA gather/stitch kernels."""
     from pathlib import Path
 

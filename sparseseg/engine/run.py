@@ -280,8 +280,8 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
                    normalization=gather_normalization(contract, vol), storage_options=storage_options or None,
                    run_id=lease.owner["id"], kernels=kernels)
     voxels_total = sum(b.voxels for b in todo)
-    log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, batch %d, %s on %s", input_path,
-             len(blocks), blk, len(todo), skipped, tile, batch, backend_name, run_device)
+    log.info("%s: %d blocks of %s (%d to compute, %d already done), tile %s, batch %d, %s %s on %s", input_path,
+             len(blocks), blk, len(todo), skipped, tile, batch, backend_name, precision, run_device)
 
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm import tqdm
@@ -321,7 +321,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
             "seconds": round(seconds, 3), "voxels_per_second": round(voxels_total / max(time.time() - t0, 1e-9), 1),
             "blocks": len(blocks), "blocks_computed": len(todo) - len(failed), "blocks_skipped": skipped,
             "blocks_failed": len(failed), "failed": failed, **_read_figures(vol, geometry, shape, blk, tile, overlap),
-            "backend": backend_name, "device": backend_device, "block": list(blk), "tile": list(tile),
+            "backend": backend_name, "precision": precision, "device": backend_device, "block": list(blk), "tile": list(tile),
             "batch": batch, "levels": record["levels"], "label_image": str(label_image) if label_image else None}
 
 
