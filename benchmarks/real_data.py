@@ -122,7 +122,7 @@ def provenance(load_before) -> dict:
             "load_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_every=0):
+def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_every=0, save=None):
     import torch
 
     from sparseseg.model.network import count_parameters
@@ -181,7 +181,7 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_e
         res = train(vols, mcfg, tcfg, names, out_path=ckpt, resume=ckpt, progress=False)
         res = replace(res, seconds=res.history[-1]["seconds"])
     else:
-        res = train(vols, mcfg, tcfg, names, progress=False)
+        res = train(vols, mcfg, tcfg, names, out_path=save, progress=False)
     t0 = time.time()
     with torch.inference_mode():
         pred, _ = predict(res.model, te_img, device="cpu")
@@ -224,6 +224,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=0,
                     help="also score every N iterations on a central crop (a learning curve)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--save", default=None, help="keep the trained checkpoint here (to rescore it later)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real_data_runs.jsonl"))
     a = ap.parse_args()
     import torch
@@ -236,7 +237,7 @@ def main():
     if a.method == "forest":
         r = run_forest(*data[:5])
     else:
-        r = run_net(*data[:5], a.iterations, overrides, a.eval_every)
+        r = run_net(*data[:5], a.iterations, overrides, a.eval_every, a.save)
     rec = {"dataset": a.dataset, "task": a.task if a.dataset == "vnc" else "membrane",
            "labels": a.labels if a.dataset == "vnc" else "sparse", "method": a.method, "tag": a.tag,
            "classes": data[4], "protocol": data[5], **r, "wall_seconds": round(time.time() - t0, 1),

@@ -155,7 +155,9 @@ def _initializer_types(proto):
 def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(tmp_path, precision, ndim, filters):
     from sparseseg.export.onnx_export import export_onnx, verify_onnx
 
-    ck = trained_checkpoint(tmp_path / "m.pt", ndim=ndim, filters=filters)
+    # Width 8, 30 iterations: a 3-iteration width-4 net's near-tie logits flip under bf16 by chance
+    # (98.4% argmax on its random tile once the training arithmetic changed in the last bits).
+    ck = trained_checkpoint(tmp_path / "m.pt", ndim=ndim, filters=filters, iterations=30, width=8)
     ckpt = load_checkpoint(ck)
     tmp, contract, _ = export_onnx(ckpt, "sha", tmp_path / f"{precision}.onnx", precision, simplify=False)
     proto = onnx.load(str(tmp))

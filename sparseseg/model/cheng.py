@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparseseg.model.layers import Conv3d
+
 GROWTH = 8                    # feature maps added by every encoder block
 BLOCKS = (3, 5, 6)            # encoder blocks per level after the input block (3D factorized: 0.62 M parameters)
 DROPOUT = 0.1
@@ -49,7 +51,7 @@ DROPOUT = 0.1
 
 def _nn(ndim: int):
     if ndim == 3:
-        return nn.Conv3d, nn.BatchNorm3d, nn.ConvTranspose3d, nn.Dropout3d, nn.MaxPool3d, nn.AvgPool3d
+        return Conv3d, nn.BatchNorm3d, nn.ConvTranspose3d, nn.Dropout3d, nn.MaxPool3d, nn.AvgPool3d
     return nn.Conv2d, nn.BatchNorm2d, nn.ConvTranspose2d, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d
 
 

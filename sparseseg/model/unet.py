@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from sparseseg.model.config import ModelConfig
+from sparseseg.model.layers import Conv3d
 
 
 def _layers(ndim: int):
     if ndim == 3:
-        return nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d
+        return Conv3d, nn.BatchNorm3d, nn.MaxPool3d, nn.ConvTranspose3d
     return nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.ConvTranspose2d
 
 
