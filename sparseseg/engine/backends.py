@@ -10,7 +10,7 @@ device from the upload to the argmax, whatever runs the network:
 .plan  TensorRT, through `sparseseg.export.tensorrt.PlanRunner` (one context per thread)
 
 On CPU a .pt engine runs through the fastest installed backend (`fastest_cpu_backend`:
-OpenVINO (f32) where its extra is installed, else ONNX Runtime), from an ONNX export made once
+OpenVINO (f32; a dependency), else ONNX Runtime), from an ONNX export made once
 into a cache keyed by the checkpoint's sha256, unless the backend is pinned.
 Each worker process loads its backend once (`cached_backend`) and reuses it for every block.
 """
@@ -205,7 +205,7 @@ class OpenVinoBackend(Backend):
         try:
             import openvino as ov
         except ImportError:
-            raise SparsesegError("--backend openvino needs the openvino package (pip install 'sparseseg[openvino]')") \
+            raise SparsesegError("--backend openvino needs the openvino package (pip install openvino)") \
                 from None
         import torch
 
@@ -325,7 +325,7 @@ def reduced_cpu_backend(spec: BackendSpec) -> str:
     if spec.backend not in ("auto", "openvino"):
         raise SparsesegError(f"--precision bf16 on CPU runs through OpenVINO, not --backend {spec.backend}")
     if importlib.util.find_spec("openvino") is None:
-        raise SparsesegError("--precision bf16 on CPU needs the openvino package (pip install 'sparseseg[openvino]')")
+        raise SparsesegError("--precision bf16 on CPU needs the openvino package (pip install openvino)")
     return "openvino"
 
 
