@@ -3,13 +3,17 @@
 One run per call (one method, one budget), appended as a JSON line with machine, date, load
 and the CPU seconds it took. Protocol (both datasets): train on the half x < X/2, score IoU on
 the half x >= X/2 (all sections, nobody annotated them). A budget of P% annotates
-ceil(P% of the sections) equal-interval z-sections of the training half (centres of equal
-parts, sparseseg.trainer.sparse.evenly_spaced); "full" trains on every section of that half.
+ceil(P% of the sections) z-sections of the training half, chosen by `--selection`:
+equal-interval (centres of equal parts, sparseseg.trainer.sparse.evenly_spaced; the default),
+representative (`sparseseg-suggest`'s greedy max-cover on filter-bank features of the training
+half's xy sections, what a user would be told to paint) or random (`--seed`). "full" trains on
+every section of that half.
 
     python benchmarks/self_training.py --dataset isbi --method sparse --budget 10 --iterations 1000
     python benchmarks/self_training.py --dataset isbi --method selftrain --budget 10 --iterations 1000
     python benchmarks/self_training.py --dataset isbi --method full --iterations 1000
     python benchmarks/self_training.py --dataset isbi --method forest --budget 10
+    python benchmarks/self_training.py --dataset vnc --method sparse --budget 20 --selection random --seed 1
 
 Data loading reuses benchmarks/real_data.py `load` (and its option defaults and forest).
 """
@@ -45,10 +49,25 @@ def dense_halves(dataset: str, task: str):
     return tr_img, tr_lab, te_img, te_lab, names
 
 
-def budget_slices(sections: int, percent: float) -> list[int]:
-    from sparseseg.trainer.sparse import evenly_spaced
+def budget_slices(image: np.ndarray, percent: float, selection: str = "equal", seed: int = 0) -> list[int]:
+    """The z-sections of `image` (Z, Y, X) a budget of `percent` annotates, by `selection`."""
+    sections = image.shape[0]
+    k = max(1, math.ceil(sections * percent / 100 - 1e-9))
+    if selection == "equal":
+        from sparseseg.trainer.sparse import evenly_spaced
 
-    return evenly_spaced(sections, max(1, math.ceil(sections * percent / 100 - 1e-9)))
+        return evenly_spaced(sections, k)
+    if selection == "random":
+        return sorted(np.random.default_rng(seed).choice(sections, k, replace=False).tolist())
+    import tempfile
+
+    from sparseseg.suggest.run import SuggestConfig, suggest
+
+    with tempfile.TemporaryDirectory() as tmp:       # suggest() reads a stored image, as the CLI does
+        path = Path(tmp) / "train_half.npy"
+        np.save(path, image)
+        res = suggest(str(path), SuggestConfig(budget=k, planes=("xy",)))
+    return sorted(int(s["index"]) for s in res["planes"]["xy"]["suggested"])
 
 
 def options(names, iterations, overrides) -> dict:
@@ -94,6 +113,9 @@ def main():
     ap.add_argument("--task", choices=["all", "membrane", "mito"], default="all", help="vnc only")
     ap.add_argument("--method", choices=["sparse", "selftrain", "full", "forest"], required=True)
     ap.add_argument("--budget", type=float, default=10.0, help="percent of the sections annotated (not for full)")
+    ap.add_argument("--selection", choices=["equal", "representative", "random"], default="equal",
+                    help="how the budget's sections are chosen")
+    ap.add_argument("--seed", type=int, default=0, help="for --selection random")
     ap.add_argument("--iterations", type=int, default=500, help="per network trained")
     ap.add_argument("--self-train-mode", default="distill")
     ap.add_argument("--self-train-iterations", type=int, default=0, help="final network (0: --iterations)")
@@ -120,13 +142,16 @@ def main():
     if a.method == "full":
         slices, tr_lab, budget = list(range(tr_dense.shape[0])), tr_dense, 100.0
     else:
-        slices, budget = budget_slices(tr_dense.shape[0], a.budget), a.budget
+        slices, budget = budget_slices(tr_img, a.budget, a.selection, a.seed), a.budget
         tr_lab = sparsify(tr_dense, [(0, z) for z in slices], 255)
     o = options(names, a.iterations, overrides)
     t0, c0 = time.time(), time.process_time()
     r = run_method(a.method, tr_img, tr_lab, te_img, te_lab, names, o, st_cfg)
     rec = {"dataset": a.dataset, "task": a.task if a.dataset == "vnc" else "membrane", "method": a.method,
-           "budget_percent": budget, "annotated_sections": slices, "sections": int(tr_dense.shape[0]),
+           "budget_percent": budget,
+           "selection": "all" if a.method == "full" else a.selection,
+           **({"selection_seed": a.seed} if a.selection == "random" and a.method != "full" else {}),
+           "annotated_sections": slices, "sections": int(tr_dense.shape[0]),
            "protocol": f"train x<{tr_dense.shape[2]} of the volume, test the other half, all sections",
            "iterations": a.iterations if a.method != "forest" else None, "overrides": overrides, "tag": a.tag,
            "crop": a.crop or None, "classes": names, **r,

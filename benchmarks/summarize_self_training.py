@@ -1,11 +1,13 @@
 """Table and figure from the JSON lines benchmarks/self_training.py appends.
 
-    python benchmarks/summarize_self_training.py [--tag s4]
+    python benchmarks/summarize_self_training.py [--tag s4 [--tag s6-1000 ...]]
 
 Writes benchmarks/results/self_training.json (one row per run: dataset, budget, method, IoU per
 class, seconds, machine, date, load) and self_training.png (foreground IoU per budget: forest,
 sparse 3D network, self-training per mode, full labels), from whatever runs exist. Where a
-(dataset, budget, method) ran more than once the latest run is shown.
+(dataset, budget, method) ran more than once the latest run is shown. Those use equal-interval
+sections; runs with another `--selection` go to selection.json / selection.png instead: the sparse
+3D network per budget and selection (equal, representative, random: mean and range over seeds).
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ def label(r) -> str:
     return {"sparse": "sparse 3D", "full": "full labels", "forest": "forest"}.get(r["method"], r["method"])
 
 
+def selection(r) -> str:
+    return r.get("selection", "all" if r["method"] == "full" else "equal")   # older runs: equal-interval
+
+
 def rows(runs):
     latest = {}
     for r in runs:
+        if selection(r) not in ("equal", "all"):
+            continue
         latest[(r["dataset"], r["task"], r["budget_percent"], label(r))] = r
     out = []
     for (dataset, task, budget, method), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
@@ -73,21 +81,84 @@ def figure(table, path):
     fig.savefig(path, dpi=110)
 
 
+def selection_rows(runs):
+    """Sparse 3D runs per (dataset, budget, selection): the latest run per seed, then mean and range."""
+    latest = {}
+    for r in runs:
+        if r["method"] == "sparse":
+            latest[(r["dataset"], r["budget_percent"], selection(r), r.get("selection_seed"))] = r
+    groups = {}
+    for (dataset, budget, sel, _), r in latest.items():
+        groups.setdefault((dataset, budget, sel), []).append(r)
+    out = []
+    for (dataset, budget, sel), rs in sorted(groups.items()):
+        names = rs[0]["classes"][1:]
+        per = {n: [r["iou"][i + 1] for r in rs] for i, n in enumerate(names)}
+        out.append({"dataset": dataset, "budget_percent": budget, "selection": sel, "runs": len(rs),
+                    "annotated_sections": [r["annotated_sections"] for r in rs],
+                    "iou_mean": {n: round(sum(v) / len(v), 4) for n, v in per.items()},
+                    "iou_min": {n: round(min(v), 4) for n, v in per.items()},
+                    "iou_max": {n: round(max(v), 4) for n, v in per.items()},
+                    "iterations": rs[0].get("iterations"), "tags": sorted({r.get("tag") for r in rs}),
+                    "machine": rs[0].get("machine"), "dates": [r.get("date") for r in rs]})
+    return out
+
+
+def selection_figure(table, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["dataset"], c) for r in table for c in r["iou_mean"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    order = ["equal", "representative", "random"]
+    for ax, (dataset, cls) in zip(axes[0], panels):
+        sub = [r for r in table if r["dataset"] == dataset and cls in r["iou_mean"]]
+        budgets = sorted({r["budget_percent"] for r in sub})
+        for i, sel in enumerate(order):
+            pts = [(j, r) for j, b in enumerate(budgets) for r in sub if r["budget_percent"] == b and r["selection"] == sel]
+            if not pts:
+                continue
+            xs = [j + i * 0.27 for j, _ in pts]
+            mean = [r["iou_mean"][cls] for _, r in pts]
+            err = [[m - r["iou_min"][cls] for m, (_, r) in zip(mean, pts)],
+                   [r["iou_max"][cls] - m for m, (_, r) in zip(mean, pts)]]
+            ax.bar(xs, mean, 0.27, yerr=err, capsize=3, label=sel)
+        ax.set_xticks([j + 0.27 for j in range(len(budgets))], [f"{b:g}%" for b in budgets])
+        ax.set_xlabel("annotated sections")
+        ax.set_ylabel(f"{cls} IoU (held-out half)")
+        ax.set_title(dataset)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    machine = next((r["machine"] for r in table if r.get("machine")), "")
+    fig.suptitle(f"which sections to annotate: sparse 3D network ({machine}); random: mean, min-max", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tag", help="only runs with this tag")
+    ap.add_argument("--tag", action="append", help="only runs with this tag (repeat for several)")
     a = ap.parse_args()
     src = RESULTS / "self_training.jsonl"
     runs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()] if src.exists() else []
-    runs = [r for r in runs if a.tag is None or r.get("tag") == a.tag]
+    runs = [r for r in runs if a.tag is None or r.get("tag") in a.tag]
     if not runs:
-        raise SystemExit(f"no runs in {src}" + (f" with tag {a.tag}" if a.tag else ""))
+        raise SystemExit(f"no runs in {src}" + (f" with tags {', '.join(a.tag)}" if a.tag else ""))
     table = rows(runs)
     (RESULTS / "self_training.json").write_text(json.dumps(table, indent=1) + "\n")
     figure(table, RESULTS / "self_training.png")
     for r in table:
         iou = ", ".join(f"{k} {v:.3f}" for k, v in r["iou"].items() if v is not None)
         print(f"{r['dataset']:5} {r['budget_percent']:5g}%  {r['method']:22} {iou}  ({r['wall_seconds']:.0f} s)")
+    sel = selection_rows(runs)
+    if any(r["selection"] not in ("equal", "all") for r in sel):
+        (RESULTS / "selection.json").write_text(json.dumps(sel, indent=1) + "\n")
+        selection_figure(sel, RESULTS / "selection.png")
+        for r in sel:
+            iou = ", ".join(f"{k} {v:.3f} [{r['iou_min'][k]:.3f}, {r['iou_max'][k]:.3f}]" for k, v in r["iou_mean"].items())
+            print(f"{r['dataset']:5} {r['budget_percent']:5g}%  {r['selection']:15} n={r['runs']}  {iou}")
 
 
 if __name__ == "__main__":
