@@ -101,6 +101,11 @@ def test_labels_on_separate_sections_train_one_section_deep():
     # one section deep, wider in plane (the preset's section_input: 132 -> 92 against 92 -> 52)
     assert out == (1, 92, 92) and patch_output_size(thin, "small", shape)[1:] == (52, 52)
     assert thin.geometry.input_for_output(out)[0] == 5
+    # a 2D network's patch is one section by nature: it gets the same in-plane size, so 2D and 3D
+    # see as many labelled voxels per step (with or without the hint)
+    flat = plan_model("small", 1, 2, ndim=2, shape=shape)
+    assert patch_output_size(flat, "small", shape)[1:] == patch_output_size(flat, "small", shape, sections=True)[1:]
+    assert patch_output_size(flat, "small", shape)[1:] == out[1:]
     # a cube keeps its network (z is not thin) and trains in the smallest valid depth
     cube = plan_model("small", 1, 2, shape=(64, 64, 64), sections=True)
     assert cube.kernel_sizes == plan_model("small", 1, 2, shape=(64, 64, 64)).kernel_sizes
