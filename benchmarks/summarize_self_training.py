@@ -82,13 +82,15 @@ def figure(table, path):
 
 
 def selection_rows(runs):
-    """Sparse 3D runs per (dataset, budget, selection): the latest run per seed, then mean and range."""
+    """Sparse 3D runs per (dataset, budget, selection): the latest run per selection seed and
+    network seed (`--set seed=N`), then mean and range over them."""
     latest = {}
     for r in runs:
         if r["method"] == "sparse":
-            latest[(r["dataset"], r["budget_percent"], selection(r), r.get("selection_seed"))] = r
+            net_seed = (r.get("overrides") or {}).get("seed")
+            latest[(r["dataset"], r["budget_percent"], selection(r), r.get("selection_seed"), net_seed)] = r
     groups = {}
-    for (dataset, budget, sel, _), r in latest.items():
+    for (dataset, budget, sel, *_), r in latest.items():
         groups.setdefault((dataset, budget, sel), []).append(r)
     out = []
     for (dataset, budget, sel), rs in sorted(groups.items()):
