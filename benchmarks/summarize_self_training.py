@@ -101,6 +101,7 @@ def selection_rows(runs):
                     "iou_mean": {n: round(sum(v) / len(v), 4) for n, v in per.items()},
                     "iou_min": {n: round(min(v), 4) for n, v in per.items()},
                     "iou_max": {n: round(max(v), 4) for n, v in per.items()},
+                    "iou_runs": {n: [round(x, 4) for x in v] for n, v in per.items()},
                     "iterations": rs[0].get("iterations"), "tags": sorted({r.get("tag") for r in rs}),
                     "machine": rs[0].get("machine"), "dates": [r.get("date") for r in rs]})
     return out
@@ -127,14 +128,17 @@ def selection_figure(table, path):
             err = [[m - r["iou_min"][cls] for m, (_, r) in zip(mean, pts)],
                    [r["iou_max"][cls] - m for m, (_, r) in zip(mean, pts)]]
             ax.bar(xs, mean, 0.27, yerr=err, capsize=3, label=sel)
+            for x, (_, r) in zip(xs, pts):        # every run, so one-run bars read as one run
+                ax.plot([x] * len(r["iou_runs"][cls]), r["iou_runs"][cls], "k.", ms=4)
+        values = [v for r in sub for v in r["iou_runs"][cls]]
         ax.set_xticks([j + 0.27 for j in range(len(budgets))], [f"{b:g}%" for b in budgets])
         ax.set_xlabel("annotated sections")
         ax.set_ylabel(f"{cls} IoU (held-out half)")
         ax.set_title(dataset)
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7)
+        ax.set_ylim(min(values) - 0.05, max(values) + 0.03)   # the differences are a few hundredths
+        ax.legend(fontsize=7, loc="lower right")
     machine = next((r["machine"] for r in table if r.get("machine")), "")
-    fig.suptitle(f"which sections to annotate: sparse 3D network ({machine}); random: mean, min-max", fontsize=9)
+    fig.suptitle(f"which sections to annotate: sparse 3D network ({machine}); bars: mean, min-max; dots: runs", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
