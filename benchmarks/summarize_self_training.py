@@ -22,6 +22,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def label(r) -> str:
     if r["method"] == "selftrain":
         return f"self-train ({(r.get('self_train') or {}).get('mode', 'distill')})"
+    if (r.get("overrides") or {}).get("ndim") == 2:
+        return {"sparse": "sparse 2D", "full": "full labels 2D"}.get(r["method"], r["method"])
     return {"sparse": "sparse 3D", "full": "full labels", "forest": "forest"}.get(r["method"], r["method"])
 
 
@@ -32,8 +34,8 @@ def selection(r) -> str:
 def rows(runs):
     latest = {}
     for r in runs:
-        if selection(r) not in ("equal", "all"):
-            continue
+        if selection(r) not in ("equal", "all") or (r.get("overrides") or {}).get("seed") is not None:
+            continue            # other selections and network-seed repeats: selection_rows
         latest[(r["dataset"], r["task"], r["budget_percent"], label(r))] = r
     out = []
     for (dataset, task, budget, method), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
@@ -59,17 +61,18 @@ def figure(table, path):
     for ax, (dataset, cls) in zip(axes[0], panels):
         sub = [r for r in table if r["dataset"] == dataset and cls in r["iou"]]
         methods = sorted({r["method"] for r in sub})
-        budgets = sorted({r["budget_percent"] for r in sub if r["method"] != "full labels"})
-        width = 0.8 / max(1, len(methods) - ("full labels" in methods))
-        bars = [m for m in methods if m != "full labels"]
+        fulls = [m for m in methods if m.startswith("full labels")]
+        budgets = sorted({r["budget_percent"] for r in sub if r["method"] not in fulls})
+        bars = [m for m in methods if m not in fulls]
+        width = 0.8 / max(1, len(bars))
         for i, m in enumerate(bars):
             ys = [next((r["iou"][cls] for r in sub if r["method"] == m and r["budget_percent"] == b), None)
                   for b in budgets]
             xs = [j + i * width for j, y in enumerate(ys) if y is not None]
             ax.bar(xs, [y for y in ys if y is not None], width, label=m)
-        full = next((r["iou"][cls] for r in sub if r["method"] == "full labels"), None)
-        if full is not None:
-            ax.axhline(full, color="k", ls="--", lw=1, label="full labels")
+        for m, style in zip(fulls, ("--", ":")):
+            full = next(r["iou"][cls] for r in sub if r["method"] == m)
+            ax.axhline(full, color="k", ls=style, lw=1, label=m)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(budgets))], [f"{b:g}%" for b in budgets])
         ax.set_xlabel("annotated sections")
         ax.set_ylabel(f"{cls} IoU (held-out half)")
@@ -86,7 +89,7 @@ def selection_rows(runs):
     network seed (`--set seed=N`), then mean and range over them."""
     latest = {}
     for r in runs:
-        if r["method"] == "sparse":
+        if r["method"] == "sparse" and (r.get("overrides") or {}).get("ndim", 3) == 3:
             net_seed = (r.get("overrides") or {}).get("seed")
             latest[(r["dataset"], r["budget_percent"], selection(r), r.get("selection_seed"), net_seed)] = r
     groups = {}
