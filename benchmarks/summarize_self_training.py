@@ -19,10 +19,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def overrides(r) -> dict:
+    return r.get("overrides") or {}
+
+
 def label(r) -> str:
     if r["method"] == "selftrain":
         return f"self-train ({(r.get('self_train') or {}).get('mode', 'distill')})"
-    if (r.get("overrides") or {}).get("ndim") == 2:
+    if overrides(r).get("ndim") == 2:
         return {"sparse": "sparse 2D", "full": "full labels 2D"}.get(r["method"], r["method"])
     return {"sparse": "sparse 3D", "full": "full labels", "forest": "forest"}.get(r["method"], r["method"])
 
@@ -34,7 +38,7 @@ def selection(r) -> str:
 def rows(runs):
     latest = {}
     for r in runs:
-        if selection(r) not in ("equal", "all") or (r.get("overrides") or {}).get("seed") is not None:
+        if selection(r) not in ("equal", "all") or overrides(r).get("seed") is not None:
             continue            # other selections and network-seed repeats: selection_rows
         latest[(r["dataset"], r["task"], r["budget_percent"], label(r))] = r
     out = []
@@ -89,8 +93,8 @@ def selection_rows(runs):
     network seed (`--set seed=N`), then mean and range over them."""
     latest = {}
     for r in runs:
-        if r["method"] == "sparse" and (r.get("overrides") or {}).get("ndim", 3) == 3:
-            net_seed = (r.get("overrides") or {}).get("seed")
+        if r["method"] == "sparse" and overrides(r).get("ndim", 3) == 3:
+            net_seed = overrides(r).get("seed")
             latest[(r["dataset"], r["budget_percent"], selection(r), r.get("selection_seed"), net_seed)] = r
     groups = {}
     for (dataset, budget, sel, *_), r in latest.items():
@@ -123,7 +127,8 @@ def selection_figure(table, path):
         sub = [r for r in table if r["dataset"] == dataset and cls in r["iou_mean"]]
         budgets = sorted({r["budget_percent"] for r in sub})
         for i, sel in enumerate(order):
-            pts = [(j, r) for j, b in enumerate(budgets) for r in sub if r["budget_percent"] == b and r["selection"] == sel]
+            pts = [(j, r) for j, b in enumerate(budgets) for r in sub
+                   if r["budget_percent"] == b and r["selection"] == sel]
             if not pts:
                 continue
             xs = [j + i * 0.27 for j, _ in pts]
@@ -141,7 +146,8 @@ def selection_figure(table, path):
         ax.set_ylim(min(values) - 0.05, max(values) + 0.03)   # the differences are a few hundredths
         ax.legend(fontsize=7, loc="lower right")
     machine = next((r["machine"] for r in table if r.get("machine")), "")
-    fig.suptitle(f"which sections to annotate: sparse 3D network ({machine}); bars: mean, min-max; dots: runs", fontsize=9)
+    fig.suptitle(f"which sections to annotate: sparse 3D network ({machine}); bars: mean, min-max; dots: runs",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -166,7 +172,8 @@ def main():
         (RESULTS / "selection.json").write_text(json.dumps(sel, indent=1) + "\n")
         selection_figure(sel, RESULTS / "selection.png")
         for r in sel:
-            iou = ", ".join(f"{k} {v:.3f} [{r['iou_min'][k]:.3f}, {r['iou_max'][k]:.3f}]" for k, v in r["iou_mean"].items())
+            iou = ", ".join(f"{k} {v:.3f} [{r['iou_min'][k]:.3f}, {r['iou_max'][k]:.3f}]"
+                            for k, v in r["iou_mean"].items())
             print(f"{r['dataset']:5} {r['budget_percent']:5g}%  {r['selection']:15} n={r['runs']}  {iou}")
 
 

@@ -17,8 +17,9 @@ from sparseseg.model.shapes import axis_rule, geometry_of
 
 PRESETS = {
     # Cicek et al. 2016: four resolution levels, 32 -> 512 channels, BatchNorm before ReLU.
-    # "section_input": the in-plane input of a one-section-deep training patch (labels on separate
-    # sections, sparseseg.trainer.config): wider, as the patch is shallow. small: measured (ISBI,
+    # "section_input": the in-plane input of a one-section-deep training patch (a 3D network with
+    # labels on separate sections, and every 2D network; sparseseg.trainer.config): wider, as the
+    # patch is shallow. small: measured (ISBI,
     # VNC, benchmarks/results/real_data_runs.jsonl, tags s5-*-thin); paper: scaled alike, unmeasured.
     "paper": {"base_width": 32, "depth": 4, "batchnorm": True, "patch_input": (116, 132, 132),
               "section_input": (188, 188)},

@@ -5,9 +5,9 @@ whenever channels x depth x height of the input is at most 20480 (a heuristic tu
 images). One-section training patches (5 sections deep) fall there at every level: on ISBI
 defaults slow_conv3d and its backward took ~70% of a training step. A 3D convolution is the sum
 over its kernel's depth of 2D convolutions over the input with depth folded into the batch, and
-those run through oneDNN: forward + backward 1.1-10x faster per layer on those shapes (most 4-10x;
-one thread, 2-core VM with another run beside it, 2026-11-24), with equal results (to float rounding for depth > 1). Where PyTorch already uses oneDNN the
-plain 3D convolution is faster, so it stays; so does every case this rewrite does not cover
+those run through oneDNN: forward + backward 1.1-10x faster per layer on those shapes (most
+4-10x; one thread, 2-core VM with another run beside it, 2026-11-24), with equal results (to
+float rounding for depth > 1). Where PyTorch already uses oneDNN the plain 3D convolution is faster, so it stays; so does every case this rewrite does not cover
 (strides, dilation, groups, other devices, ONNX export and tracing: the graph keeps plain Conv).
 """
 
