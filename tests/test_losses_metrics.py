@@ -82,6 +82,27 @@ def test_loss_modes():
     assert torch.allclose(segmentation_loss(logits, target, w, 255, loss="jaccard"), jac)
 
 
+def test_jaccard_next_to_cross_entropy_skips_classes_absent_from_the_batch():
+    # A patch without class 2: beside cross-entropy, Jaccard scores classes 1 only (the paper's
+    # sum p / (sum p + 1) for an absent class would push class 2 to "never"); alone it keeps all.
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 4, 4, requires_grad=True)
+    target = torch.randint(0, 2, (1, 2, 4, 4))
+    w = torch.ones(3)
+    ce = weighted_cross_entropy(logits, target, w, 255)
+    present_only = soft_jaccard(logits, target, 255, classes=(1,))
+    every = soft_jaccard(logits, target, 255)
+    assert float(every) > float(present_only) + 0.1
+    assert torch.allclose(segmentation_loss(logits, target, w, 255, loss="ce+jaccard"), ce + present_only)
+    assert torch.allclose(segmentation_loss(logits, target, w, 255, loss="jaccard"), every)
+    # No scored class present at all: the term is 0 with a gradient graph, not NaN.
+    zeros = torch.zeros_like(target)
+    alone = segmentation_loss(logits, zeros, w, 255, loss="ce+jaccard")
+    assert torch.allclose(alone, weighted_cross_entropy(logits, zeros, w, 255))
+    alone.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_schedules():
     from sparseseg.trainer.schedule import lr_at
 

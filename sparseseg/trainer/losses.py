@@ -50,30 +50,43 @@ def weighted_cross_entropy(logits, target, weights, ignore_label: int):
     return F.cross_entropy(logits.float(), target.long(), weight=weights, ignore_index=ignore_label)
 
 
-def soft_jaccard(logits, target, ignore_label: int, classes=None):
+def soft_jaccard(logits, target, ignore_label: int, classes=None, skip_absent: bool = False):
     """1 - (sum p*y + 1) / (sum p + sum y - sum p*y + 1) over labelled voxels, averaged over
-    `classes` (default: the foreground classes 1..K-1) (Cheng & Varshney 2017)."""
+    `classes` (default: the foreground classes 1..K-1) (Cheng & Varshney 2017).
+
+    skip_absent: average only over the classes that occur among the batch's labelled voxels.
+    Why: for an absent class the term is sum p / (sum p + 1), which saturates near 1 as soon as
+    the class gets any probability mass, so on a patch without that class it pushes the class
+    towards "never" at any cost. One VNC section (4.7% mitochondria, 81% of 92x92 patches without
+    one) taught the network no mitochondria at all this way (IoU 0.065 and 0.000, two seeds).
+    Cross-entropy already penalises false positives on those patches, so next to it the
+    Jaccard term only needs to score overlap where the class is present."""
     k = logits.shape[1]
     labelled = (target != ignore_label).unsqueeze(1)
     p = torch.softmax(logits.float(), dim=1) * labelled
     y = F.one_hot(torch.where(labelled[:, 0], target.long(), 0), k).movedim(-1, 1) * labelled
     dims = (0,) + tuple(range(2, logits.ndim))
     inter = (p * y).sum(dims)
-    union = p.sum(dims) + y.sum(dims) - inter
+    total = y.sum(dims)
+    union = p.sum(dims) + total - inter
     jac = (inter + 1.0) / (union + 1.0)
-    pick = list(classes) if classes is not None else list(range(1, k))
+    pick = torch.as_tensor(list(classes) if classes is not None else list(range(1, k)), device=jac.device)
+    if skip_absent:
+        pick = pick[total[pick] > 0]
+        if len(pick) == 0:
+            return logits.sum() * 0.0
     return 1.0 - jac[pick].mean()
 
 
 def segmentation_loss(logits, target, weights, ignore_label: int, dice_weight: float = 0.0, loss: str = "ce",
                       classes=None):
     """`ce`: weighted cross-entropy (plus dice_weight x Jaccard when dice_weight > 0, as before
-    --loss existed); `jaccard`: the Jaccard loss alone; `ce+jaccard`: cross-entropy plus
-    dice_weight (1 when 0) x Jaccard."""
+    --loss existed); `jaccard`: the Jaccard loss alone (the paper's, every class scored);
+    `ce+jaccard`: cross-entropy plus dice_weight (1 when 0) x Jaccard over the classes present."""
     if loss == "jaccard":
         return soft_jaccard(logits, target, ignore_label, classes)
     value = weighted_cross_entropy(logits, target, weights, ignore_label)
     w = dice_weight if dice_weight > 0 else (1.0 if loss == "ce+jaccard" else 0.0)
     if w > 0:
-        value = value + w * soft_jaccard(logits, target, ignore_label, classes)
+        value = value + w * soft_jaccard(logits, target, ignore_label, classes, skip_absent=True)
     return value
