@@ -104,6 +104,9 @@ def training_options(fn):
                      help="weight of the Jaccard term (ce+jaccard: 1 when 0)"),
         click.option("--max-weight-ratio", type=click.FloatRange(0), default=D["max_weight_ratio"], show_default=True,
                      help="bound on balanced class weights, largest/smallest (0: unbounded)"),
+        click.option("--class-sampling", type=click.FloatRange(0, 1), default=D["class_sampling"],
+                     show_default=True, help="share of patches centred on a voxel of a class drawn uniformly "
+                                             "(rare classes seen more often, without reweighting voxels)"),
         click.option("--normalization", default=D["normalization"], show_default=True,
                      help="global (z-score over the training volumes, in the graph), volume (per-volume "
                           "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)"),
@@ -421,8 +424,8 @@ def infer_cmd(engine, input_path, output, as_label, pyramid, workers, scheduler,
     INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
     file://); name an array inside a URL store as URL#path/in/group."""
     _setup_logging(verbose)
-    from sparseseg.volume import storage_options_from
     from sparseseg.engine.run import run_inference
+    from sparseseg.volume import storage_options_from
 
     if workers is not None and scheduler:
         raise SparsesegError("--workers and --scheduler exclude each other")

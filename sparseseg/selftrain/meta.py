@@ -91,7 +91,7 @@ def train_meta(vols, means, candidates, options: dict, num_classes: int, image_m
     if in_shape is None:
         raise SparsesegError(f"--patch {out_shape} is not a valid output size for this network")
     indexed = [index_labels(d, ignore, k) for d in dense]
-    sampler = PatchSampler(dense, [t for t, _ in indexed], out_shape, ignore, rng)
+    sampler = PatchSampler(dense, [t for t, _ in indexed], out_shape, ignore, rng, tcfg.class_sampling)
     counts = sum(cnt for _, cnt in indexed)
     weights = torch.as_tensor(np.asarray(tcfg.class_weights, np.float32) if tcfg.class_weights else
                               balanced_class_weights(counts, tcfg.max_weight_ratio), device=device)

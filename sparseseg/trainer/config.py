@@ -90,6 +90,7 @@ class TrainConfig:
     patch_output: tuple = ()        # (Z, Y, X); empty: chosen from the preset and the volume
     class_weights: tuple = ()       # empty: balanced from labelled-voxel frequencies, clipped
     max_weight_ratio: float = 10.0  # bound on balanced weights (largest / smallest); 0: unbounded
+    class_sampling: float = 0.0     # share of patches anchored on a voxel of a uniformly drawn class
     loss: str = "ce"                # ce | jaccard | ce+jaccard
     dice_weight: float = 0.0        # weight of the soft Jaccard term
     normalization: str = "global"   # global | volume | percentile (sparseseg.model.normalization)
@@ -117,6 +118,8 @@ class TrainConfig:
         if self.normalization not in MODES:
             raise SparsesegError(f"unknown normalization {self.normalization!r} (choose from {', '.join(MODES)})")
         check_schedule(self.schedule)
+        if not 0.0 <= self.class_sampling <= 1.0:
+            raise SparsesegError(f"--class-sampling must be between 0 and 1, got {self.class_sampling}")
         if self.val_slices and self.val_fraction:
             raise SparsesegError("--val-slices and --val-fraction exclude each other; give one")
 

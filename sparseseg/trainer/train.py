@@ -220,7 +220,8 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     val_labels = [LabelView(v.labels, h, cfg.ignore_label, "val") for v, h in zip(vols, held)]
     indexed = [index_labels(view, cfg.ignore_label, k) for view in train_labels]
     counts = sum(c for _, c in indexed)
-    sampler = PatchSampler(train_labels, [t for t, _ in indexed], out_shape, cfg.ignore_label, rng)
+    sampler = PatchSampler(train_labels, [t for t, _ in indexed], out_shape, cfg.ignore_label, rng,
+                           cfg.class_sampling)
     val_tiles = _validation_tiles(held, [v.shape for v in vols], out_shape, val_labels, cfg.ignore_label, rng)
     if any(held):
         log.info("held out for validation: %s (%d tiles)", holdout.describe(held), len(val_tiles))
