@@ -35,7 +35,8 @@ OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimize
 # class_sampling 0.5: half the patches anchored on a voxel of a uniformly drawn class (1000 it,
 # train half, benchmarks/results/self_training.jsonl s8-cs): one VNC section (10) mitochondria
 # 0.442 / 0.464 (two seeds) against 0.147 / 0.000, membranes equal; VNC 2 sections 0.708 / 0.447
-# against 0.710 / 0.446; ISBI 3 sections 0.605 against 0.586.
+# against 0.710 / 0.446; ISBI 3 sections 0.605 against 0.586. Cost at 3000 it, every 4th VNC
+# section: mitochondria 0.513 / 0.531 (seeds 0 / 1) against 0.573 / 0.533 (0.528 with 0.25).
 DEFAULTS = {
     "arch": "unet", "factorized": False, "feature_augment": False, "feature_augment_t": 4,
     "preset": "small", "iterations": 3000, "batch_size": 1, "lr": 1e-3, "optimizer": "adam",
