@@ -105,7 +105,7 @@ def training_options(fn):
         click.option("--max-weight-ratio", type=click.FloatRange(0), default=D["max_weight_ratio"], show_default=True,
                      help="bound on balanced class weights, largest/smallest (0: unbounded)"),
         click.option("--class-sampling", type=click.FloatRange(0, 1), default=D["class_sampling"],
-                     show_default=True, help="share of patches centred on a voxel of a class drawn uniformly "
+                     show_default=True, help="share of patches placed around a voxel of a class drawn uniformly "
                                              "(rare classes seen more often, without reweighting voxels)"),
         click.option("--normalization", default=D["normalization"], show_default=True,
                      help="global (z-score over the training volumes, in the graph), volume (per-volume "
