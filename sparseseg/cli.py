@@ -105,8 +105,9 @@ def training_options(fn):
         click.option("--max-weight-ratio", type=click.FloatRange(0), default=D["max_weight_ratio"], show_default=True,
                      help="bound on balanced class weights, largest/smallest (0: unbounded)"),
         click.option("--class-sampling", type=click.FloatRange(0, 1), default=D["class_sampling"],
-                     show_default=True, help="share of patches placed around a voxel of a class drawn uniformly "
-                                             "(rare classes seen more often, without reweighting voxels)"),
+                     show_default=True,
+                     help="share of patches placed around a voxel of a class drawn uniformly "
+                          "(rare classes seen more often, without reweighting voxels)"),
         click.option("--normalization", default=D["normalization"], show_default=True,
                      help="global (z-score over the training volumes, in the graph), volume (per-volume "
                           "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)"),
