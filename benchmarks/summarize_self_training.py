@@ -1,13 +1,19 @@
 """Table and figure from the JSON lines benchmarks/self_training.py appends.
 
-    python benchmarks/summarize_self_training.py [--tag s4 [--tag s6-1000 ...]]
+    python benchmarks/summarize_self_training.py [--tag s4 [--tag s6-1000 ...]] [--name NAME]
 
-Writes benchmarks/results/self_training.json (one row per run: dataset, budget, method, IoU per
-class, seconds, machine, date, load) and self_training.png (foreground IoU per budget: forest,
-sparse 3D network, self-training per mode, full labels), from whatever runs exist. Where a
-(dataset, budget, method) ran more than once the latest run is shown. Those use equal-interval
-sections; runs with another `--selection` go to selection.json / selection.png instead: the sparse
-3D network per budget and selection (equal, representative, random: mean and range over seeds).
+Writes benchmarks/results/NAME.json (default self_training; one row per dataset, budget and method:
+IoU per class as the mean over network seeds with each seed's figure, the latest run's seconds,
+machine, date, load) and NAME.png (foreground IoU per budget: forest, sparse 3D network,
+self-training per mode, full labels; dots: each seed where there are several), from whatever runs
+exist. Where a (dataset, budget, method, network seed) ran more than once the latest run counts.
+Those use equal-interval sections; runs with another `--selection` go to selection.json /
+selection.png instead (NAME_selection with another NAME): the sparse 3D network per budget and
+selection (equal, representative, random: mean and range over seeds).
+
+Runs that changed an option from today's default are shown apart, the change in the method's
+name. A run records only its overrides, not the defaults of its day: summarize the runs of one
+period (by tag), since older runs read as if today's defaults had applied.
 """
 
 from __future__ import annotations
@@ -23,12 +29,24 @@ def overrides(r) -> dict:
     return r.get("overrides") or {}
 
 
+def changed(r) -> str:
+    """The run's overrides that differ from today's defaults, but the network seed and ndim (a run
+    that set an option to what is now its default reads as a default run): "k=v, ..." or ""."""
+    from sparseseg.trainer.options import DEFAULTS
+
+    return ", ".join(f"{k}={v}" for k, v in sorted(overrides(r).items())
+                     if k not in ("seed", "ndim") and str(DEFAULTS.get(k)) != str(v))
+
+
 def label(r) -> str:
     if r["method"] == "selftrain":
-        return f"self-train ({(r.get('self_train') or {}).get('mode', 'distill')})"
-    if overrides(r).get("ndim") == 2:
-        return {"sparse": "sparse 2D", "full": "full labels 2D"}.get(r["method"], r["method"])
-    return {"sparse": "sparse 3D", "full": "full labels", "forest": "forest"}.get(r["method"], r["method"])
+        name = f"self-train ({(r.get('self_train') or {}).get('mode', 'distill')})"
+    elif overrides(r).get("ndim") == 2:
+        name = {"sparse": "sparse 2D", "full": "full labels 2D"}.get(r["method"], r["method"])
+    else:
+        names = {"sparse": "sparse 3D", "full": "full labels", "forest": "forest"}
+        name = names.get(r["method"], r["method"])
+    return f"{name} [{changed(r)}]" if changed(r) else name
 
 
 def selection(r) -> str:
@@ -36,16 +54,24 @@ def selection(r) -> str:
 
 
 def rows(runs):
+    """Equal-interval (or full-label) runs per (dataset, budget, method): the latest run per network
+    seed (`--set seed=N`), then the mean over seeds, each seed's figure beside it."""
     latest = {}
     for r in runs:
-        if selection(r) not in ("equal", "all") or overrides(r).get("seed") is not None:
-            continue            # other selections and network-seed repeats: selection_rows
-        latest[(r["dataset"], r["task"], r["budget_percent"], label(r))] = r
+        if selection(r) not in ("equal", "all"):
+            continue            # other selections: selection_rows
+        latest[(r["dataset"], r["task"], r["budget_percent"], label(r), overrides(r).get("seed", 0))] = r
+    groups = {}
+    for (dataset, task, budget, method, _), r in latest.items():
+        groups.setdefault((dataset, task, budget, method), []).append(r)
     out = []
-    for (dataset, task, budget, method), r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][2], kv[0][3])):
+    for (dataset, task, budget, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], *kv[0][2:])):
+        r = rs[-1]
+        per = {n: [x["iou"][i] for x in rs] for i, n in enumerate(r["classes"])}
         out.append({"dataset": dataset, "task": task, "budget_percent": budget, "method": method,
-                    "annotated_sections": r.get("annotated_sections"),
-                    "iou": {n: (round(v, 4) if v is not None else None) for n, v in zip(r["classes"], r["iou"])},
+                    "annotated_sections": r.get("annotated_sections"), "runs": len(rs),
+                    "iou": {n: None if None in v else round(sum(v) / len(v), 4) for n, v in per.items()},
+                    "iou_runs": {n: [None if x is None else round(x, 4) for x in v] for n, v in per.items()},
                     "iterations": r.get("iterations"), "stage_seconds": r.get("stage_seconds"),
                     "wall_seconds": r["wall_seconds"], "cpu_seconds": r.get("cpu_seconds"),
                     "overrides": r.get("overrides"), "commit": r.get("commit"), "date": r.get("date"),
@@ -74,6 +100,10 @@ def figure(table, path):
                   for b in budgets]
             xs = [j + i * width for j, y in enumerate(ys) if y is not None]
             ax.bar(xs, [y for y in ys if y is not None], width, label=m)
+            for x, b in zip(xs, [b for b, y in zip(budgets, ys) if y is not None]):   # each seed's run
+                r = next(r for r in sub if r["method"] == m and r["budget_percent"] == b)
+                if r["runs"] > 1:
+                    ax.plot([x] * r["runs"], r["iou_runs"][cls], "k.", ms=4)
         for m, style in zip(fulls, ("--", ":")):
             full = next(r["iou"][cls] for r in sub if r["method"] == m)
             ax.axhline(full, color="k", ls=style, lw=1, label=m)
@@ -155,6 +185,9 @@ def selection_figure(table, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tag", action="append", help="only runs with this tag (repeat for several)")
+    ap.add_argument("--name", default="self_training",
+                    help="output name in benchmarks/results (default self_training; another name also "
+                         "renames the selection table NAME_selection, so a subset never overwrites it)")
     a = ap.parse_args()
     src = RESULTS / "self_training.jsonl"
     runs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()] if src.exists() else []
@@ -162,15 +195,17 @@ def main():
     if not runs:
         raise SystemExit(f"no runs in {src}" + (f" with tags {', '.join(a.tag)}" if a.tag else ""))
     table = rows(runs)
-    (RESULTS / "self_training.json").write_text(json.dumps(table, indent=1) + "\n")
-    figure(table, RESULTS / "self_training.png")
+    (RESULTS / f"{a.name}.json").write_text(json.dumps(table, indent=1) + "\n")
+    figure(table, RESULTS / f"{a.name}.png")
     for r in table:
         iou = ", ".join(f"{k} {v:.3f}" for k, v in r["iou"].items() if v is not None)
-        print(f"{r['dataset']:5} {r['budget_percent']:5g}%  {r['method']:22} {iou}  ({r['wall_seconds']:.0f} s)")
+        print(f"{r['dataset']:5} {r['budget_percent']:5g}%  {r['method']:22} {iou}  n={r['runs']}  "
+              f"({r['wall_seconds']:.0f} s)")
     sel = selection_rows(runs)
     if any(r["selection"] not in ("equal", "all") for r in sel):
-        (RESULTS / "selection.json").write_text(json.dumps(sel, indent=1) + "\n")
-        selection_figure(sel, RESULTS / "selection.png")
+        name = "selection" if a.name == "self_training" else f"{a.name}_selection"
+        (RESULTS / f"{name}.json").write_text(json.dumps(sel, indent=1) + "\n")
+        selection_figure(sel, RESULTS / f"{name}.png")
         for r in sel:
             iou = ", ".join(f"{k} {v:.3f} [{r['iou_min'][k]:.3f}, {r['iou_max'][k]:.3f}]"
                             for k, v in r["iou_mean"].items())
