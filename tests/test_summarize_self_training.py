@@ -2,6 +2,7 @@
 changed options apart, other selections left to the selection table."""
 
 from benchmarks.summarize_self_training import rows
+from sparseseg.trainer.options import DEFAULTS
 
 
 def run(seed=None, iou=(0.9, 0.6), **over):
@@ -21,7 +22,7 @@ def test_seeds_are_averaged_and_the_latest_run_per_seed_counts():
 
 
 def test_a_changed_option_is_its_own_row_and_a_default_one_is_not():
-    table = rows([run(), run(class_sampling=0.25, iou=(0.9, 0.1)), run(class_sampling=0.5, seed=1)])
+    table = rows([run(), run(class_sampling=0.25, iou=(0.9, 0.1)), run(class_sampling=DEFAULTS["class_sampling"], seed=1)])
     by = {r["method"]: r for r in table}
     assert set(by) == {"sparse 3D", "sparse 3D [class_sampling=0.25]"}
     assert by["sparse 3D"]["runs"] == 2 and by["sparse 3D [class_sampling=0.25]"]["iou"]["membrane"] == 0.1
