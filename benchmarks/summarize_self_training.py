@@ -11,31 +11,50 @@ Those use equal-interval sections; runs with another `--selection` go to selecti
 selection.png instead (NAME_selection with another NAME): the sparse 3D network per budget and
 selection (equal, representative, random: mean and range over seeds).
 
-Runs that changed an option from today's default are shown apart, the change in the method's
-name. A run records only its overrides, not the defaults of its day: summarize the runs of one
-period (by tag), since older runs read as if today's defaults had applied.
+Runs whose settings differ from today's defaults are shown apart, the difference in the method's
+name. A run records its overrides and its commit; the defaults it ran with are read from that
+commit's sparseseg/trainer/options.py (git), so a run from before a default changed is told apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import json
+import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def overrides(r) -> dict:
     return r.get("overrides") or {}
 
 
-def changed(r) -> str:
-    """The run's overrides that differ from today's defaults, but the network seed and ndim (a run
-    that set an option to what is now its default reads as a default run): "k=v, ..." or ""."""
+@functools.lru_cache(maxsize=None)
+def defaults_at(commit: str) -> dict:
+    """The training defaults (sparseseg/trainer/options.py's DEFAULTS literal) at a commit, read
+    with git; today's where the commit or git is not at hand."""
     from sparseseg.trainer.options import DEFAULTS
 
-    return ", ".join(f"{k}={v}" for k, v in sorted(overrides(r).items())
-                     if k not in ("seed", "ndim") and str(DEFAULTS.get(k)) != str(v))
+    text = subprocess.run(["git", "show", f"{commit.split('+')[0]}:sparseseg/trainer/options.py"], cwd=ROOT,
+                          capture_output=True, text=True, check=False).stdout if commit else ""
+    for node in ast.parse(text).body if text else ():
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "DEFAULTS" for t in node.targets):
+            return {**DEFAULTS, **ast.literal_eval(node.value)}
+    return dict(DEFAULTS)
+
+
+def changed(r) -> str:
+    """The run's settings (the defaults of its commit with its overrides) that differ from today's
+    defaults, but the network seed, ndim and iterations (recorded apart): "k=v, ..." or ""."""
+    from sparseseg.trainer.options import DEFAULTS
+
+    settings = {**defaults_at(r.get("commit") or ""), **overrides(r)}
+    return ", ".join(f"{k}={v}" for k, v in sorted(settings.items())
+                     if k not in ("seed", "ndim", "iterations") and str(DEFAULTS.get(k)) != str(v))
 
 
 def label(r) -> str:
