@@ -105,16 +105,25 @@ def parse_overrides(items) -> dict:
     return out
 
 
-def provenance(load_before) -> dict:
-    """Commit (flagged when sparseseg/ has uncommitted changes), machine, date and load of a run.
-    A run from an exported snapshot (git archive, no .git) names its commit in BENCH_COMMIT."""
+def code_version() -> str:
+    """The commit the run's code comes from (flagged when sparseseg/ has uncommitted changes); taken
+    when the run starts, since a commit made while it runs is not the code it ran. A run from an
+    exported snapshot (git archive, no .git) names its commit in BENCH_COMMIT."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                            check=False).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "sparseseg"], cwd=ROOT, capture_output=True,
+                           text=True, check=False).stdout.strip()
+    return commit + ("+uncommitted sparseseg/ changes" if dirty else "")
+
+
+def provenance(load_before, commit: str | None = None) -> dict:
+    """Commit (`code_version()`, best taken at the start: `commit`), machine, date (the end) and
+    load of a run."""
     import torch
 
-    commit = os.environ.get("BENCH_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    dirty = "" if os.environ.get("BENCH_COMMIT") else subprocess.run(
-        ["git", "status", "--porcelain", "sparseseg"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-    return {"commit": commit + ("+uncommitted sparseseg/ changes" if dirty else ""),
+    return {"commit": commit or code_version(),
             "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
                        f"{torch.get_num_threads()} torch threads, cpu",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -231,7 +240,7 @@ def main():
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     overrides = parse_overrides(a.set)
-    load_before = os.getloadavg()
+    load_before, commit = os.getloadavg(), code_version()
     data = load(a.dataset, a.task, a.labels)
     t0 = time.time()
     if a.method == "forest":
@@ -241,7 +250,7 @@ def main():
     rec = {"dataset": a.dataset, "task": a.task if a.dataset == "vnc" else "membrane",
            "labels": a.labels if a.dataset == "vnc" else "sparse", "method": a.method, "tag": a.tag,
            "classes": data[4], "protocol": data[5], **r, "wall_seconds": round(time.time() - t0, 1),
-           **provenance(load_before)}
+           **provenance(load_before, commit)}
     with open(a.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps({k: rec[k] for k in ("dataset", "task", "labels", "method", "tag", "iou", "wall_seconds")}))

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:          # run as `python benchmarks/self_training.py`
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.real_data import cli_defaults, load, parse_overrides, provenance, run_forest  # noqa: E402
+from benchmarks.real_data import cli_defaults, code_version, load, parse_overrides, provenance, run_forest  # noqa: E402
 
 
 def dense_halves(dataset: str, task: str):
@@ -134,7 +134,7 @@ def main():
     overrides = parse_overrides(a.set)
     st_cfg = SelfTrainConfig(mode=a.self_train_mode, iterations=a.self_train_iterations,
                              threshold=a.self_train_threshold)
-    load_before = os.getloadavg()
+    load_before, commit = os.getloadavg(), code_version()
     tr_img, tr_dense, te_img, te_lab, names = dense_halves(a.dataset, a.task)
     if a.crop:
         c = (slice(None), slice(0, a.crop), slice(0, a.crop))
@@ -156,7 +156,7 @@ def main():
            "iterations": a.iterations if a.method != "forest" else None, "overrides": overrides, "tag": a.tag,
            "crop": a.crop or None, "classes": names, **r,
            "cpu_seconds": round(time.process_time() - c0, 1), "wall_seconds": round(time.time() - t0, 1),
-           **provenance(load_before)}
+           **provenance(load_before, commit)}
     with open(a.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
     print(json.dumps({k: rec.get(k) for k in ("dataset", "task", "method", "budget_percent", "annotated_sections",

@@ -65,6 +65,8 @@ def label(r) -> str:
     else:
         names = {"sparse": "sparse 3D", "full": "full labels", "forest": "forest"}
         name = names.get(r["method"], r["method"])
+    if r["method"] == "forest":
+        return name            # no network setting changes the forest
     return f"{name} [{changed(r)}]" if changed(r) else name
 
 
@@ -203,14 +205,16 @@ def selection_figure(table, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tag", action="append", help="only runs with this tag (repeat for several)")
+    ap.add_argument("--tag", action="append",
+                    help="only runs with this tag (repeat for several); forest runs count whatever their tag "
+                         "(no network setting changes them, and every table shows the incumbent)")
     ap.add_argument("--name", default="self_training",
                     help="output name in benchmarks/results (default self_training; another name also "
                          "renames the selection table NAME_selection, so a subset never overwrites it)")
     a = ap.parse_args()
     src = RESULTS / "self_training.jsonl"
     runs = [json.loads(line) for line in src.read_text().splitlines() if line.strip()] if src.exists() else []
-    runs = [r for r in runs if a.tag is None or r.get("tag") in a.tag]
+    runs = [r for r in runs if a.tag is None or r.get("tag") in a.tag or r["method"] == "forest"]
     if not runs:
         raise SystemExit(f"no runs in {src}" + (f" with tags {', '.join(a.tag)}" if a.tag else ""))
     table = rows(runs)
