@@ -109,6 +109,8 @@ def figure(table, path):
 
     panels = sorted({(r["dataset"], c) for r in table for c in list(r["iou"])[1:]})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    everywhere = sorted({r["method"] for r in table})      # one colour per method in every panel
+    colour = {m: plt.cm.tab10(i % 10) for i, m in enumerate(everywhere)}
     for ax, (dataset, cls) in zip(axes[0], panels):
         sub = [r for r in table if r["dataset"] == dataset and cls in r["iou"]]
         methods = sorted({r["method"] for r in sub})
@@ -120,7 +122,7 @@ def figure(table, path):
             ys = [next((r["iou"][cls] for r in sub if r["method"] == m and r["budget_percent"] == b), None)
                   for b in budgets]
             xs = [j + i * width for j, y in enumerate(ys) if y is not None]
-            ax.bar(xs, [y for y in ys if y is not None], width, label=m)
+            ax.bar(xs, [y for y in ys if y is not None], width, label=m, color=colour[m])
             for x, b in zip(xs, [b for b, y in zip(budgets, ys) if y is not None]):   # each seed's run
                 r = next(r for r in sub if r["method"] == m and r["budget_percent"] == b)
                 if r["runs"] > 1:
@@ -132,10 +134,13 @@ def figure(table, path):
         ax.set_xlabel("annotated sections")
         ax.set_ylabel(f"{cls} IoU (held-out half)")
         ax.set_title(dataset)
-        ax.legend(fontsize=7)
+        values = [v for r in sub for v in r["iou_runs"][cls] if v is not None]
+        ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03))   # differences: hundredths
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)), fontsize=7)
     machine = next((r["machine"] for r in table if r.get("machine")), "")
     fig.suptitle(f"sparse vs self-training vs full labels ({machine})", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(handles) - 1) // 4), 1, 1))
     fig.savefig(path, dpi=110)
 
 
