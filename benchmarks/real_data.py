@@ -134,8 +134,8 @@ def provenance(load_before, commit: str | None = None) -> dict:
 def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_every=0, save=None):
     import torch
 
-    from sparseseg.model.network import count_parameters
     from sparseseg import predict
+    from sparseseg.model.network import count_parameters
     from sparseseg.trainer.data import TrainingVolume
     from sparseseg.trainer.metrics import iou_per_class
     from sparseseg.trainer.options import build_configs
