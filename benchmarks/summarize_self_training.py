@@ -65,9 +65,8 @@ def label(r) -> str:
     else:
         names = {"sparse": "sparse 3D", "full": "full labels", "forest": "forest"}
         name = names.get(r["method"], r["method"])
-    if r["method"] == "forest":
-        return name            # no network setting changes the forest
-    return f"{name} [{changed(r)}]" if changed(r) else name
+    diff = "" if r["method"] == "forest" else changed(r)     # no network setting changes the forest
+    return f"{name} [{diff}]" if diff else name
 
 
 def selection(r) -> str:
