@@ -108,6 +108,9 @@ def training_options(fn):
                      show_default=True,
                      help="share of patches placed around a voxel of a class drawn uniformly "
                           "(rare classes seen more often, without reweighting voxels)"),
+        click.option("--pretrain", type=click.IntRange(0), default=D["pretrain"], show_default=True,
+                     help="self-supervised steps first: the network inpaints masked blocks of the raw "
+                          "volume, all voxels, labelled or not"),
         click.option("--normalization", default=D["normalization"], show_default=True,
                      help="global (z-score over the training volumes, in the graph), volume (per-volume "
                           "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)"),

@@ -103,6 +103,7 @@ class TrainConfig:
     val_fraction: float = 0.0       # or: this share of the annotated slices held out
     val_every: int = 100
     bn_recalibrate: int = 0         # un-augmented patches to re-estimate BatchNorm statistics on, at the end
+    pretrain: int = 0               # self-supervised inpainting steps before training (trainer.pretrain)
     early_stop: int = 0             # stop after this many validations without a better IoU; 0: never
     checkpoint_every: int = 500
     voxel_size: tuple = ()          # relative spacing used for the elastic field (Z, Y, X)
@@ -120,6 +121,8 @@ class TrainConfig:
         check_schedule(self.schedule)
         if not 0.0 <= self.class_sampling <= 1.0:
             raise SparsesegError(f"--class-sampling must be between 0 and 1, got {self.class_sampling}")
+        if self.pretrain < 0:
+            raise SparsesegError(f"--pretrain must be 0 or more iterations, got {self.pretrain}")
         if self.val_slices and self.val_fraction:
             raise SparsesegError("--val-slices and --val-fraction exclude each other; give one")
 

@@ -13,7 +13,7 @@ from sparseseg.trainer.data import check_pair, infer_num_classes, on_separate_se
 
 ARCH_KEYS = ["arch", "factorized", "feature_augment", "feature_augment_t"]   # see sparseseg.model.cheng
 OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimizer", "patch", "padding", "ndim", "base_width", "depth", "batchnorm", "num_classes", "class_names", "class_weights", "dice_weight", "ignore_label", "voxel_size", "augment", "no_augment", "val_fraction", "val_every", "checkpoint_every", "seed", "device", "no_amp", "schedule", "warmup", "loss", "normalization", "val_slices", "early_stop", "max_weight_ratio", "bn_recalibrate", "filters",
-               "class_sampling"]
+               "class_sampling", "pretrain"]
 
 # Every option's default, in one place: the CLI, the napari widget, the benchmarks and options
 # dicts from older callers (a missing key means its default) all read it.
@@ -48,7 +48,7 @@ DEFAULTS = {
     "val_fraction": 0.0, "val_every": 100, "checkpoint_every": 500, "seed": 0, "device": "auto",
     "no_amp": False, "schedule": "poly", "warmup": 0, "loss": "ce+jaccard", "normalization": "global",
     "val_slices": 0, "early_stop": 0, "max_weight_ratio": 10.0, "bn_recalibrate": 0,
-    "filters": "auto", "class_sampling": 0.33,
+    "filters": "auto", "class_sampling": 0.33, "pretrain": 0,
 }
 assert set(DEFAULTS) == set(OPTION_KEYS)
 
@@ -138,5 +138,6 @@ def build_configs(vols, o: dict):
         checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug,
         schedule=o["schedule"], warmup=o["warmup"], loss=o["loss"], normalization=o["normalization"],
         val_slices=o["val_slices"], early_stop=o["early_stop"], max_weight_ratio=o["max_weight_ratio"],
-        bn_recalibrate=o["bn_recalibrate"], class_sampling=o["class_sampling"])
+        bn_recalibrate=o["bn_recalibrate"], class_sampling=o["class_sampling"],
+        pretrain=o["pretrain"])
     return mcfg, tcfg, names

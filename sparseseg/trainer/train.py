@@ -26,6 +26,7 @@ from sparseseg.trainer.config import TrainConfig, patch_output_size
 from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
 from sparseseg.trainer.metrics import confusion, iou_from_confusion
+from sparseseg.trainer.pretrain import pretrain
 from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
 from sparseseg.trainer.sampler import PatchSampler, index_labels
 from sparseseg.trainer.schedule import lr_at, set_lr
@@ -72,6 +73,7 @@ class Run:
     rng: np.random.Generator
     spacing: tuple | None
     history: list = field(default_factory=list)
+    pretrained: dict | None = None    # the self-supervised phase's summary, kept in checkpoints
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,9 +96,14 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
     torch.manual_seed(cfg.seed)
     run = _prepare(vols, model_cfg, cfg, class_names)
     start = _resume(run, resume) if resume else 0
+    begun = time.time()
+    if cfg.pretrain and start == 0 and run.pretrained is None:
+        run.pretrained = pretrain(run, cfg.pretrain)
     runlog = RunLog(out_path, run.history)
     bar = _progress_bar(cfg.iterations, start, progress)
-    t0, offset = time.time(), (run.history[-1].get("seconds", 0.0) if run.history else 0.0)
+    # The clock includes the self-supervised phase: it is part of what training costs.
+    t0, offset = time.time(), (run.history[-1].get("seconds", 0.0) if run.history else
+                               (run.pretrained or {}).get("seconds", 0.0))
     done = start
     for it in range(start, cfg.iterations):
         entry = _step(run, it)
@@ -121,7 +128,7 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
     best = _best_so_far(run.history)
     best_path = sibling(out_path, ".best.pt") if out_path is not None and best is not None else None
     final = run.history[-1]["loss"] if run.history else float("nan")
-    return TrainResult(run.model, path, done, time.time() - t0, final, run.history,
+    return TrainResult(run.model, path, done, time.time() - begun, final, run.history,
                        str(best_path) if best_path else None, best)
 
 
@@ -393,6 +400,8 @@ def _save(run: Run, path, iteration: int, history=None):
              "sampler_rng": run.rng.bit_generator.state, "augment_rng": run.augmenter.rng.bit_generator.state,
              "patch_output": list(run.out_shape),
              "held_out": [{str(a): ix for a, ix in h.items()} for h in run.held_out]}
+    if run.pretrained:
+        extra["pretrain"] = run.pretrained
     if run.scaler.is_enabled():     # AMP: the loss scale is part of an exact resume
         extra["grad_scaler"] = run.scaler.state_dict()
     run_cfg = replace(run.cfg, patch_output=tuple(run.out_shape),
@@ -420,6 +429,7 @@ def _resume(run: Run, path) -> int:
         run.rng.bit_generator.state = extra["sampler_rng"]
         run.augmenter.rng.bit_generator.state = extra["augment_rng"]
     run.history = list(extra.get("history", []))
+    run.pretrained = extra.get("pretrain")
     log.info("resuming at iteration %d", ck.iteration)
     return ck.iteration
 
