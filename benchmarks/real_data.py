@@ -200,7 +200,8 @@ def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_e
     return {**fit, **({"input": "forest filter bank, 40 channels per section"} if features else {}),
             "options": {k: v for k, v in o.items() if k in overrides or k == "iterations"},
             "model_config": mcfg.to_dict(), "parameters": count_parameters(res.model.net),
-            "train_seconds": round(res.seconds, 1), "seconds_per_iteration": round(res.seconds / iterations, 3),
+            "train_seconds": round(res.seconds, 1), **({"pretrain": res.pretrain} if res.pretrain else {}),
+            "seconds_per_iteration": round((res.seconds - (res.pretrain or {}).get("seconds", 0)) / iterations, 3),
             "predict_seconds": round(time.time() - t0, 1), "final_loss": res.final_loss,
             "predicted_fraction": np.bincount(pred.ravel(), minlength=len(names)).astype(float).tolist(),
             **({"curve_crop": "central 256x256 columns of the test volume, all sections", "curve": curve}

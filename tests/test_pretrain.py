@@ -53,6 +53,7 @@ def test_pretrained_training_is_recorded_and_resume_does_not_repeat_it(tmp_path)
     full = train(vols, tiny_config(), cfg, ["bg", "ball"], out_path=tmp_path / "a.pt", progress=False)
     ck = load_checkpoint(full.checkpoint)
     assert ck.extra["pretrain"]["iterations"] == 10 and ck.train_config["pretrain"] == 10
+    assert full.pretrain == ck.extra["pretrain"]
     # The clock counts the self-supervised phase.
     assert full.history[0]["seconds"] >= ck.extra["pretrain"]["seconds"]
     half = train(vols, tiny_config(), fast_train_config(iterations=10, pretrain=10, checkpoint_every=0),

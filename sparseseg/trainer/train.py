@@ -46,6 +46,7 @@ class TrainResult:
     history: list
     best_checkpoint: str | None = None
     best_iou: float | None = None
+    pretrain: dict | None = None      # the self-supervised phase (trainer.pretrain), when there was one
 
 
 @dataclass
@@ -129,7 +130,7 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
     best_path = sibling(out_path, ".best.pt") if out_path is not None and best is not None else None
     final = run.history[-1]["loss"] if run.history else float("nan")
     return TrainResult(run.model, path, done, time.time() - begun, final, run.history,
-                       str(best_path) if best_path else None, best)
+                       str(best_path) if best_path else None, best, run.pretrained)
 
 
 # ------------------------------------------------------------------ preparation
