@@ -1,8 +1,9 @@
 """The training loop, readable top to bottom.
 
-`train()` prepares a `Run` (data views, held-out slices, sampler, model, optimizer), then
-repeats: one step, validation when due, the run log, the caller's callback, checkpoints. Each
-concern is one small function below; new features attach there, not inside the loop.
+`train()` prepares a `Run` (data views, held-out slices, sampler, model, optimizer), runs the
+optional self-supervised phase (`trainer.pretrain`, fresh runs only), then repeats: one step,
+validation when due, the run log, the caller's callback, checkpoints. Each concern is one small
+function below; new features attach there, not inside the loop.
 """
 
 from __future__ import annotations
