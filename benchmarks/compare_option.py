@@ -46,19 +46,23 @@ def compare(rows, option: str, tags, defaults: dict) -> dict:
         o = r.get("options", {})
         other = {k: v for k, v in o.items() if k not in FREE + (option,) and v != defaults.get(k)}
         if other:
-            left_out.append({"tag": r["tag"], "options": o})
+            left_out.append({"tag": r["tag"], "options": o, "why": "other settings"})
             continue
         state = "off" if o.get(option, defaults[option]) == defaults[option] else "on"
-        key = (r["dataset"], "2D" if str(o.get("ndim", "3")) == "2" else "3D", int(o.get("seed", 0)))
+        key = (r["dataset"], "2D" if str(o.get("ndim", "3")) == "2" else "3D", int(o.get("seed", 0)),
+               o.get("iterations"))
         run = {"iou": foreground(r), "value": o.get(option, defaults[option]), "tag": r["tag"],
                "train_seconds": r.get("train_seconds"), "commit": r["commit"], "date": r["date"],
                "machine": r["machine"], "load_before": r["load_before"]}
         if r.get("pretrain"):
             run["phase"] = r["pretrain"]
+        if state in cells[key]:         # a repeat of a cell: the first run counts, the repeat is named
+            left_out.append({"tag": r["tag"], "options": o, "why": "same cell as an earlier run"})
+            continue
         cells[key][state] = run
     table = []
-    for (dataset, net, seed), runs in sorted(cells.items()):
-        entry = {"dataset": dataset, "network": net, "seed": seed, **runs}
+    for (dataset, net, seed, iterations), runs in sorted(cells.items(), key=lambda kv: str(kv[0])):
+        entry = {"dataset": dataset, "network": net, "seed": seed, "iterations": iterations, **runs}
         if "on" in runs and "off" in runs:
             on, off = runs["on"]["iou"], runs["off"]["iou"]
             entry["difference"] = {c: round(on[c] - off[c], 4) for c in on}
@@ -66,10 +70,10 @@ def compare(rows, option: str, tags, defaults: dict) -> dict:
     means = defaultdict(list)
     for e in table:
         if "difference" in e:
-            means[(e["dataset"], e["network"])].append(e["difference"])
-    mean = [{"dataset": d, "network": n, "seeds": len(v),
+            means[(e["dataset"], e["network"], e["iterations"])].append(e["difference"])
+    mean = [{"dataset": d, "network": n, "iterations": i, "seeds": len(v),
              "mean_difference": {c: round(sum(x[c] for x in v) / len(v), 4) for c in v[0]}}
-            for (d, n), v in sorted(means.items())]
+            for (d, n, i), v in sorted(means.items(), key=lambda kv: str(kv[0]))]
     return {"option": option, "tags": sorted(tags), "cells": table, "mean": mean, "forest": forest,
             "left_out": left_out}
 

@@ -30,6 +30,21 @@ def test_hidden_blocks_are_squares_drawn_per_section():
     assert len(runs) and (runs % 8 == 0).all()
 
 
+def test_mirror_copies_past_the_border_share_the_hidden_state():
+    from sparseseg.engine.tiling import reflect_index
+
+    rng = np.random.default_rng(1)
+    start, shape, size = (-2, -30, 5), (5, 60, 40), (4, 50, 30)
+    index = [reflect_index(np.arange(s, s + n), m) for s, n, m in zip(start, shape, size)]
+    m = hide_blocks(shape, rng, index=index)
+    assert 0.2 < m.mean() < 0.4
+    # Every window position showing volume voxel (z, y, x) is hidden or visible together.
+    seen = {}
+    for p in zip(*np.nonzero(np.ones(shape, bool))):
+        key = (index[0][p[0]], index[1][p[1]], index[2][p[2]])
+        assert seen.setdefault(key, m[p]) == m[p]
+
+
 def test_pretraining_learns_to_inpaint_and_leaves_the_class_head():
     vols = _vols()
     mcfg = tiny_config()

@@ -5,7 +5,8 @@ steps. Each step reads an input window anywhere in the training volumes, hides a
 of square in-plane blocks of it (each z-section drawn independently), and trains the network,
 through a temporary head (one output per input channel), to predict the hidden normalized
 intensities in its output window (mean squared error on hidden voxels only). Then the class
-head is put back, untouched, and supervised training starts from the learnt features.
+head's final convolution is put back, untouched (the Cheng network's normalization and PReLU
+before it are trained with the body), and supervised training starts from the learnt features.
 
 Why in-plane blocks, per section: a block hidden on one section is often visible on its
 neighbours, so a 3D network can learn to read across sections (the context the 2D baseline
@@ -33,15 +34,21 @@ BLOCK = 8           # side of a hidden in-plane square, voxels
 HIDDEN = 0.3        # share of blocks hidden per section
 
 
-def hide_blocks(shape, rng: np.random.Generator, block: int = BLOCK, share: float = HIDDEN) -> np.ndarray:
+def hide_blocks(shape, rng: np.random.Generator, block: int = BLOCK, share: float = HIDDEN,
+                index=None) -> np.ndarray:
     """Boolean (Z, Y, X) mask: True where hidden; squares of `block` on a grid with a random
-    phase, `share` of them per z-section, drawn independently per section."""
-    z, h, w = shape
-    gy, gx = -(-h // block) + 1, -(-w // block) + 1
-    grid = rng.random((z, gy, gx)) < share
-    cells = grid.repeat(block, 1).repeat(block, 2)
+    phase, `share` of them per z-section, drawn independently per section.
+
+    `index`: the volume coordinate of every window position per axis (three arrays; default
+    0..n-1). A window reflected past the volume border repeats voxels; the mask follows the
+    volume coordinate, so a hidden voxel's mirror copy is hidden too and cannot be copied."""
+    index = index or [np.arange(n) for n in shape]
+    iz, iy, ix = (np.asarray(i) for i in index)
     oy, ox = (int(v) for v in rng.integers(block, size=2))
-    return cells[:, oy:oy + h, ox:ox + w]
+    by, bx = (iy + oy) // block, (ix + ox) // block
+    sections, zi = np.unique(iz, return_inverse=True)
+    grid = rng.random((len(sections), int(by.max()) + 1, int(bx.max()) + 1)) < share
+    return grid[zi][:, by][:, :, bx]
 
 
 def _final_conv(net: nn.Module):
@@ -55,14 +62,18 @@ def _final_conv(net: nn.Module):
 
 
 def _window(image, start, shape, rng):
-    """A raw input window at `start` (reflected past the border), randomly flipped in-plane."""
+    """A raw input window at `start` (reflected past the border) and its hidden-voxel mask,
+    both flipped alike in-plane at random."""
+    from sparseseg.engine.tiling import reflect_index
     from sparseseg.trainer.train import read_reflected
 
     x = read_reflected(image, start, shape)
+    index = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
+    hidden = hide_blocks(shape, rng, index=index)
     for axis in (2, 3):
         if rng.random() < 0.5:
-            x = np.flip(x, axis)
-    return np.ascontiguousarray(x)
+            x, hidden = np.flip(x, axis), np.flip(hidden, axis - 1)
+    return np.ascontiguousarray(x), np.ascontiguousarray(hidden)
 
 
 def pretrain(run, iterations: int) -> dict:
@@ -75,6 +86,8 @@ def pretrain(run, iterations: int) -> dict:
     channels = run.model_cfg.in_channels
     recon = type(class_head)(class_head.in_channels, channels, 1).to(device)
     setattr(owner, name, recon)
+    # The phase's own Adam at the run's rate, poly decay, whatever --optimizer says: its state is
+    # not carried into the supervised steps, which start with a fresh optimizer.
     optimizer = torch.optim.Adam(model.parameters(), lr=run.cfg.lr)
     rng = np.random.default_rng([run.cfg.seed, 1])      # its own stream: the sampler's is untouched
     sizes = np.array([float(np.prod(im.shape[1:])) for im in run.images])
@@ -90,8 +103,8 @@ def pretrain(run, iterations: int) -> dict:
             shape = run.images[vi].shape[1:]
             start = [int(rng.integers(0, n - o + 1)) - c
                      for n, o, c in zip(shape, run.out_shape, geom.context)]
-            x = torch.from_numpy(_window(run.images[vi], start, run.in_shape, rng))[None].to(device)
-            hidden = torch.from_numpy(hide_blocks(run.in_shape, rng)).to(device)
+            x, hidden = _window(run.images[vi], start, run.in_shape, rng)
+            x, hidden = torch.from_numpy(x)[None].to(device), torch.from_numpy(hidden).to(device)
             target = model.normalize(x)[:, :, out[0], out[1], out[2]]
             # bf16 needs no loss scaling; fp16 (older GPUs) and the CPU run in float32 here.
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
