@@ -94,6 +94,7 @@ def pretrain(run, iterations: int) -> dict:
     fill = model.mean.view(1, -1, 1, 1, 1)
     out = tuple(slice(c, c + n) for c, n in zip(geom.context, run.out_shape))
     bf16 = run.amp_dtype == torch.bfloat16
+    tenth = max(1, iterations // 10)
     losses, t0 = [], time.time()
     model.train()
     try:
@@ -115,11 +116,10 @@ def pretrain(run, iterations: int) -> dict:
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
-            if (it + 1) % max(1, iterations // 10) == 0:
+            if (it + 1) % tenth == 0:
                 log.info("pretraining %d/%d inpainting loss %.4f", it + 1, iterations,
-                         float(np.mean(losses[-max(1, iterations // 10):])))
+                         float(np.mean(losses[-tenth:])))
     finally:
         setattr(owner, name, class_head)
-    tenth = max(1, iterations // 10)
     return {"iterations": iterations, "first_loss": round(float(np.mean(losses[:tenth])), 5),
             "loss": round(float(np.mean(losses[-tenth:])), 5), "seconds": round(time.time() - t0, 2)}

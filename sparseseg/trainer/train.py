@@ -99,7 +99,7 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
     run = _prepare(vols, model_cfg, cfg, class_names)
     start = _resume(run, resume) if resume else 0
     begun = time.time()
-    if cfg.pretrain and start == 0 and run.pretrained is None:
+    if cfg.pretrain and start == 0:            # a resumed run has had its phase
         run.pretrained = pretrain(run, cfg.pretrain)
     runlog = RunLog(out_path, run.history)
     bar = _progress_bar(cfg.iterations, start, progress)
