@@ -16,6 +16,7 @@ import click
 
 from sparseseg import __version__
 from sparseseg.errors import SparsesegError
+from sparseseg.model.defaults import DEFAULTS
 from sparseseg.suggest.command import run_suggest, suggest_options
 from sparseseg.trainer.options import parse_triple
 
@@ -64,78 +65,77 @@ def user_errors(fn):
 
 # ------------------------------------------------------------------ shared training options
 
-def training_options(fn):
-    from sparseseg.trainer.options import DEFAULTS as D
+# Help text per training option; the option's name and default come from the one dict of
+# defaults (sparseseg.model.defaults.DEFAULTS), so the CLI cannot drift from the Python API.
+TRAINING_HELP = {
+    "preset": dict(type=click.Choice(["small", "paper"])),
+    "time_budget": dict(type=float, metavar="MINUTES",
+                        help="minutes for the whole run, prediction included for densify: the step time is "
+                             "measured and the iterations planned to fit  [default: "
+                             f"{DEFAULTS['time_budget']:g}]"),
+    "iterations": dict(type=click.IntRange(1), help="pin an exact iteration count instead of a --time-budget"),
+    "batch_size": dict(type=click.IntRange(1)),
+    "lr": dict(type=float),
+    "optimizer": dict(type=click.Choice(["adam", "sgd"])),
+    "schedule": dict(help="learning rate: poly (nnU-Net), step (x0.1 at 50% and 75%) or constant; "
+                          "it follows the planned iteration count"),
+    "warmup": dict(type=click.IntRange(0), help="linear learning-rate warm-up iterations"),
+    "patch": dict(help="training patch output size Z,Y,X (default: from preset and volume)"),
+    "padding": dict(type=click.Choice(["valid", "same"])),
+    "ndim": dict(type=click.Choice(["2", "3"]), help="2: the 2D network applied per xy slice (the paper's 2D baseline)"),
+    "base_width": dict(type=click.IntRange(1), help="channels of the first convolution"),
+    "depth": dict(type=click.IntRange(1, 8), help="resolution levels"),
+    "arch": dict(help="unet (Cicek 2016) or cheng (Cheng & Varshney 2017 residual encoder-decoder; pads)"),
+    "factorized": dict(is_flag=True, help="cheng: rank-1 (1D) convolutions instead of full kernels"),
+    "feature_augment": dict(is_flag=True, help="cheng: stochastic sub-sampling in the downsampling shortcuts"),
+    "feature_augment_t": dict(type=click.IntRange(2), help="cheng: region size of that sub-sampling"),
+    "filters": dict(help="fixed filter bank in front of the network, per section: ilastik (its 40 features: "
+                         "scales 0.7,1,1.6,3.5,5), auto (those scales whose margin fits the volume), "
+                         "comma-separated scales, or none"),
+    "batchnorm": dict(decls=("--batchnorm/--no-batchnorm",), help="default: the preset's"),
+    "num_classes": dict(type=click.IntRange(2, 255), help="default: largest label + 1"),
+    "class_names": dict(help="comma-separated, one per class"),
+    "class_weights": dict(help="balanced (inverse frequency), uniform, or comma-separated per-class loss weights"),
+    "loss": dict(help="ce, jaccard or ce+jaccard"),
+    "dice_weight": dict(type=float, help="weight of the Jaccard term (ce+jaccard: 1 when 0)"),
+    "max_weight_ratio": dict(type=click.FloatRange(0), help="bound on balanced class weights, largest/smallest "
+                                                             "(0: unbounded)"),
+    "class_sampling": dict(type=click.FloatRange(0, 1), help="share of patches placed around a voxel of a class "
+                                                              "drawn uniformly (rare classes seen more often, "
+                                                              "without reweighting voxels)"),
+    "pretrain": dict(type=click.IntRange(0), help="self-supervised steps first: the network inpaints masked "
+                                                  "blocks of the raw volume, all voxels, labelled or not"),
+    "normalization": dict(help="global (z-score over the training volumes, in the graph), volume (per-volume "
+                               "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)"),
+    "ignore_label": dict(type=click.IntRange(0, 255)),
+    "voxel_size": dict(help="Z,Y,X voxel size (default: from file metadata, else from shape)"),
+    "augment": dict(help="full (elastic, any rotation, scaling, flips, gray values), lossless (flips, "
+                         "right-angle rotations, gray values: no resampling) or none"),
+    "no_augment": dict(is_flag=True, help="switch off all augmentation (= --augment none)"),
+    "val_slices": dict(type=click.IntRange(0), help="annotated slices held out per plane orientation for "
+                                                    "validation IoU (and best.pt)"),
+    "val_fraction": dict(type=click.FloatRange(0, 0.9), help="or: this share of the annotated slices held out"),
+    "val_every": dict(type=click.IntRange(1)),
+    "early_stop": dict(type=click.IntRange(0), help="stop after this many validations without a better IoU "
+                                                    "(0: never)"),
+    "bn_recalibrate": dict(type=click.IntRange(0), help="re-estimate BatchNorm statistics on this many "
+                                                        "un-augmented patches at the end"),
+    "checkpoint_every": dict(type=click.IntRange(0)),
+    "seed": dict(type=int),
+    "device": dict(type=click.Choice(["auto", "cpu", "cuda"])),
+    "no_amp": dict(is_flag=True, help="no mixed precision on GPU"),
+}
+# Defaults click must not fill in, so that giving both --iterations and --time-budget is caught.
+UNSET_DEFAULTS = ("iterations", "time_budget")
 
-    opts = [
-        click.option("--preset", type=click.Choice(["small", "paper"]), default=D["preset"], show_default=True),
-        click.option("--iterations", type=click.IntRange(1), default=D["iterations"], show_default=True),
-        click.option("--batch-size", type=click.IntRange(1), default=D["batch_size"], show_default=True),
-        click.option("--lr", type=float, default=D["lr"], show_default=True),
-        click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default=D["optimizer"], show_default=True),
-        click.option("--schedule", default=D["schedule"], show_default=True,
-                     help="learning rate: poly (nnU-Net), step (x0.1 at 50%% and 75%%) or constant"),
-        click.option("--warmup", type=click.IntRange(0), default=D["warmup"], show_default=True,
-                     help="linear learning-rate warm-up iterations"),
-        click.option("--patch", help="training patch output size Z,Y,X (default: from preset and volume)"),
-        click.option("--padding", type=click.Choice(["valid", "same"]), default=D["padding"], show_default=True),
-        click.option("--ndim", type=click.Choice(["2", "3"]), default=D["ndim"], show_default=True,
-                     help="2: the 2D network applied per xy slice (the paper's 2D baseline)"),
-        click.option("--base-width", type=click.IntRange(1), help="channels of the first convolution"),
-        click.option("--depth", type=click.IntRange(1, 8), help="resolution levels"),
-        click.option("--arch", default=D["arch"], show_default=True,
-                     help="unet (Cicek 2016) or cheng (Cheng & Varshney 2017 residual encoder-decoder; pads)"),
-        click.option("--factorized", is_flag=True, help="cheng: rank-1 (1D) convolutions instead of full kernels"),
-        click.option("--feature-augment", is_flag=True,
-                     help="cheng: stochastic sub-sampling in the downsampling shortcuts while training"),
-        click.option("--feature-augment-t", type=click.IntRange(2), default=D["feature_augment_t"], show_default=True,
-                     help="cheng: region size of that sub-sampling"),
-        click.option("--filters", default=D["filters"], show_default=True,
-                     help="fixed filter bank in front of the network, per section: ilastik (its 40 "
-                          "features: scales 0.7,1,1.6,3.5,5), auto (those scales whose margin fits "
-                          "the volume), comma-separated scales, or none"),
-        click.option("--batchnorm/--no-batchnorm", default=None, help="default: the preset's"),
-        click.option("--num-classes", type=click.IntRange(2, 255), help="default: largest label + 1"),
-        click.option("--class-names", help="comma-separated, one per class"),
-        click.option("--class-weights", default=D["class_weights"], show_default=True,
-                     help="balanced (inverse frequency), uniform, or comma-separated per-class loss weights"),
-        click.option("--loss", default=D["loss"], show_default=True, help="ce, jaccard or ce+jaccard"),
-        click.option("--dice-weight", type=float, default=D["dice_weight"], show_default=True,
-                     help="weight of the Jaccard term (ce+jaccard: 1 when 0)"),
-        click.option("--max-weight-ratio", type=click.FloatRange(0), default=D["max_weight_ratio"], show_default=True,
-                     help="bound on balanced class weights, largest/smallest (0: unbounded)"),
-        click.option("--class-sampling", type=click.FloatRange(0, 1), default=D["class_sampling"],
-                     show_default=True,
-                     help="share of patches placed around a voxel of a class drawn uniformly "
-                          "(rare classes seen more often, without reweighting voxels)"),
-        click.option("--pretrain", type=click.IntRange(0), default=D["pretrain"], show_default=True,
-                     help="self-supervised steps first: the network inpaints masked blocks of the raw "
-                          "volume, all voxels, labelled or not"),
-        click.option("--normalization", default=D["normalization"], show_default=True,
-                     help="global (z-score over the training volumes, in the graph), volume (per-volume "
-                          "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)"),
-        click.option("--ignore-label", type=click.IntRange(0, 255), default=D["ignore_label"], show_default=True),
-        click.option("--voxel-size", help="Z,Y,X voxel size (default: from file metadata, else from shape)"),
-        click.option("--augment", default=D["augment"], show_default=True,
-                     help="full (elastic, any rotation, scaling, flips, gray values), lossless (flips, "
-                          "right-angle rotations, gray values: no resampling) or none"),
-        click.option("--no-augment", is_flag=True, help="switch off all augmentation (= --augment none)"),
-        click.option("--val-slices", type=click.IntRange(0), default=D["val_slices"], show_default=True,
-                     help="annotated slices held out per plane orientation for validation IoU (and best.pt)"),
-        click.option("--val-fraction", type=click.FloatRange(0, 0.9), default=D["val_fraction"], show_default=True,
-                     help="or: this share of the annotated slices held out"),
-        click.option("--val-every", type=click.IntRange(1), default=D["val_every"], show_default=True),
-        click.option("--early-stop", type=click.IntRange(0), default=D["early_stop"], show_default=True,
-                     help="stop after this many validations without a better IoU (0: never)"),
-        click.option("--bn-recalibrate", type=click.IntRange(0), default=D["bn_recalibrate"], show_default=True,
-                     help="re-estimate BatchNorm statistics on this many un-augmented patches at the end"),
-        click.option("--checkpoint-every", type=click.IntRange(0), default=D["checkpoint_every"], show_default=True),
-        click.option("--seed", type=int, default=D["seed"], show_default=True),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=D["device"], show_default=True),
-        click.option("--no-amp", is_flag=True, help="no mixed precision on GPU"),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
+
+def training_options(fn):
+    for key in reversed(list(TRAINING_HELP)):
+        kw = dict(TRAINING_HELP[key])
+        decls = kw.pop("decls", ("--" + key.replace("_", "-"),))
+        default = None if key in UNSET_DEFAULTS else DEFAULTS[key]
+        show = default is not None and not kw.get("is_flag")
+        fn = click.option(*decls, key, default=default, show_default=show, **kw)(fn)
     return fn
 
 
@@ -173,9 +173,10 @@ def _self_train_config(kwargs):
 
 
 def _train_options_only(kwargs):
-    from sparseseg.trainer.options import OPTION_KEYS
-
-    return {k: kwargs[k] for k in OPTION_KEYS}
+    """The training options out of a command's keyword arguments (None: the default)."""
+    if kwargs["iterations"] is not None and kwargs["time_budget"] is not None:
+        raise SparsesegError("give --iterations or --time-budget, not both (--iterations pins the count)")
+    return {k: (DEFAULTS[k] if kwargs[k] is None and k in UNSET_DEFAULTS else kwargs[k]) for k in DEFAULTS}
 
 
 # ------------------------------------------------------------------ commands
@@ -217,8 +218,10 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
     vols = load_pairs(images, labels, kwargs["ignore_label"])
     mcfg, tcfg, names = build_configs(vols, _train_options_only(kwargs))
     res = train(vols, mcfg, tcfg, names, out_path=out, resume=resume)
-    click.echo(f"trained {res.iterations} iterations in {res.seconds:.1f} s, final loss {res.final_loss:.4f}; "
-               f"checkpoint: {res.checkpoint}")
+    budget = f" (planned for a {res.plan['minutes']:g}-min budget at {res.plan['step_seconds']:.2f} s/it)" \
+        if res.plan else ""
+    click.echo(f"trained {res.iterations} iterations{budget} in {res.seconds:.1f} s, final loss "
+               f"{res.final_loss:.4f}; checkpoint: {res.checkpoint}")
 
 
 @click.command("densify")

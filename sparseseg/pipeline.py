@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
+
 
 log = logging.getLogger("sparseseg.densify")
 
@@ -34,7 +36,9 @@ def densify(image_path, labels_path, out, options: dict, model_out=None, tile=No
             res = run_self_train(vols, options, self_train, out_path=ckpt)
             train_seconds = res.seconds["total"]
         else:
-            res = train(vols, mcfg, tcfg, names, out_path=ckpt)
+            # The budget covers the prediction too: keep time for every voxel of the volume.
+            voxels = sum(int(np.prod(v.shape)) for v in vols)
+            res = train(vols, mcfg, tcfg, names, out_path=ckpt, predict_voxels=voxels)
             train_seconds = res.seconds
         del vols                                  # the engine reads the volume block by block
         t0 = time.time()

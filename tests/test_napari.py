@@ -151,17 +151,27 @@ def test_widget_paint_train_densify_retrain(make_napari_viewer, qtbot, tmp_path,
     _paint(sparse, labels)
 
     widget.model_path.setText(str(tmp_path / "model.pt"))
-    widget.iterations.setValue(4)
+    widget.budget.setValue(0.3)                  # minutes: the trainer plans the iterations
     widget.val_fraction.setValue(0.0)
     widget.device.setCurrentText("cpu")
     widget.extra_options = dict(TINY)
+    widget.preview_seconds = 2.0                 # a live prediction every 2 s
+    viewer.dims.set_point(0, 12.0)               # the slice in view: z = 12
     widget.train_btn.click()
     assert widget._worker is not None and not widget.train_btn.isEnabled()
     _wait(qtbot, widget)
     assert not errors, errors
     assert widget.last_model == tmp_path / "model.pt" and widget.last_model.is_file()
-    assert [e["iteration"] for e in widget._history] == [1, 2, 3, 4]
-    assert widget.progress.value() == 4
+    ran = load_checkpoint(widget.last_model).extra["budget"]
+    assert ran["minutes"] == pytest.approx(0.3) and ran["ran"] == len(widget._history) >= 2
+    if "planned" in widget._history[-1]:         # planned after six steps (a loaded machine may not get there)
+        assert widget._history[-1]["planned"] == len(widget._history)
+        assert widget.progress.maximum() == widget.progress.value() == len(widget._history)
+    # the live prediction showed the network's labels on the slice in view, and only there
+    assert widget.preview_layer is not None
+    live = viewer.layers["blobs live prediction"].data
+    assert live.shape == labels.shape and not live[:12].any() and not live[13:].any() and live.max() <= 1
+    first = len(widget._history)
 
     widget.probabilities.setChecked(True)
     widget.densify_btn.click()
@@ -176,11 +186,11 @@ def test_widget_paint_train_densify_retrain(make_napari_viewer, qtbot, tmp_path,
 
     # Correct a slice and continue from the last model.
     sparse.data[16] = labels[16]
-    widget.iterations.setValue(2)
+    widget.extra_options = {**TINY, "iterations": first + 2}    # pinned: two more iterations
     widget.retrain_btn.click()
     _wait(qtbot, widget)
     assert not errors, errors
-    assert load_checkpoint(widget.last_model).iteration == 6
+    assert load_checkpoint(widget.last_model).iteration == first + 2
 
 
 def test_widget_cancel_stops_and_saves(make_napari_viewer, qtbot, tmp_path, errors):
@@ -193,7 +203,7 @@ def test_widget_cancel_stops_and_saves(make_napari_viewer, qtbot, tmp_path, erro
     widget.image_combo.setCurrentText("blobs")
     _paint(widget.new_sparse_labels(), labels)
     widget.model_path.setText(str(tmp_path / "model.pt"))
-    widget.iterations.setValue(10_000)
+    widget.budget.setValue(60.0)
     widget.device.setCurrentText("cpu")
     widget.extra_options = dict(TINY)
     widget.start_training()

@@ -152,7 +152,7 @@ def test_amp_loss_scale_is_checkpointed_and_resumed(tmp_path):
     run = _prepare(vols, tiny_config(), tc, ["bg", "fg"])
     run.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
     for it in range(2):
-        _step(run, it)
+        _step(run, it, 2)
     assert run.scaler.get_scale() == 4096.0          # grew once per finite step
     _save(run, tmp_path / "m.pt", 2)
     again = _prepare(vols, tiny_config(), tc, ["bg", "fg"])

@@ -28,17 +28,18 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model.defaults import DEFAULTS
 from sparseseg.napari.reader import IGNORE_LABEL, labels_colormap
 
 log = logging.getLogger("sparseseg.napari")
 
 POLL_MS = 250
+PREVIEW_S = 30.0       # seconds between live predictions of the slice in view while training
 
 
 def notify_error(exc: BaseException) -> None:
@@ -55,13 +56,19 @@ def notify_error(exc: BaseException) -> None:
 
 
 def default_options(**kw) -> dict:
-    """Training options as the CLI would parse them (sparseseg.trainer.options.DEFAULTS), with
-    the widget's shorter run: fewer iterations, validation more often, no periodic checkpoints."""
-    from sparseseg.trainer.options import DEFAULTS
-
-    o = {**DEFAULTS, "iterations": 200, "ignore_label": IGNORE_LABEL, "val_every": 20, "checkpoint_every": 0}
+    """Training options as the CLI would parse them (sparseseg.model.defaults.DEFAULTS, the same
+    time budget included), with validation more often and no periodic checkpoints."""
+    o = {**DEFAULTS, "ignore_label": IGNORE_LABEL, "val_every": 20, "checkpoint_every": 0}
     o.update(kw)
     return o
+
+
+def plan_text(entry: dict, start: int = 0) -> str:
+    """"~250 iterations at 2.3 s in 10 min, ETA 14:05" from a history entry of a budgeted run."""
+    done, planned = entry["iteration"], entry.get("planned") or entry["iteration"]
+    rate = entry["seconds"] / max(1, done - start)
+    eta = time.strftime("%H:%M", time.localtime(time.time() + rate * max(0, planned - done)))
+    return f"iteration {done} of ~{planned} at {rate:.2f} s, ETA {eta}"
 
 
 class SparseTrainingWidget(QWidget):
@@ -74,6 +81,10 @@ class SparseTrainingWidget(QWidget):
         self.dense_layer = None
         self.extra_options: dict = {}      # programmatic overrides of the training options (tests, scripts)
         self._history: list = []
+        self.preview_seconds = PREVIEW_S
+        self.preview_layer = None
+        self._view = None           # (axis, index) of the slice in view, read by the training thread
+        self._preview = None        # (axis, index, labels) from the training thread, shown by the timer
         self._stop = False
         self._worker = None
         self._densify_out: Path | None = None
@@ -90,9 +101,12 @@ class SparseTrainingWidget(QWidget):
         self.suggestions.setToolTip("go to a suggested slice (from the template)")
         self.preset = QComboBox()
         self.preset.addItems(["small", "paper"])
-        self.iterations = QSpinBox()
-        self.iterations.setRange(1, 1_000_000)
-        self.iterations.setValue(200)
+        self.budget = QDoubleSpinBox()
+        self.budget.setRange(0.1, 24 * 60)
+        self.budget.setDecimals(1)
+        self.budget.setSuffix(" min")
+        self.budget.setValue(DEFAULTS["time_budget"])
+        self.budget.setToolTip("the iterations are planned from the measured step time to fit this budget")
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda"])
         self.val_fraction = QDoubleSpinBox()
@@ -120,7 +134,7 @@ class SparseTrainingWidget(QWidget):
         form.addRow("", self.template_btn)
         form.addRow("suggested slice", self.suggestions)
         form.addRow("preset", self.preset)
-        form.addRow("iterations", self.iterations)
+        form.addRow("time budget", self.budget)
         form.addRow("device", self.device)
         form.addRow("validation fraction", self.val_fraction)
         row = QHBoxLayout()
@@ -398,6 +412,7 @@ class SparseTrainingWidget(QWidget):
         from napari.qt.threading import thread_worker
 
         from sparseseg.trainer.options import build_configs
+        from sparseseg.trainer.preview import predict_plane
         from sparseseg.trainer.train import train
 
         if self._worker is not None:
@@ -407,9 +422,8 @@ class SparseTrainingWidget(QWidget):
             raise SparsesegError(f"model folder does not exist: {out.parent}")
         vol = self._training_volume()
         opts = default_options(preset=self.preset.currentText(), device=self.device.currentText(),
-                               iterations=int(self.iterations.value()),
+                               time_budget=float(self.budget.value()),
                                val_fraction=float(self.val_fraction.value()))
-        opts["val_every"] = max(1, opts["iterations"] // 10)
         labels_meta = self.labels_layer().metadata or {}
         resume = None
         if retrain:
@@ -419,8 +433,8 @@ class SparseTrainingWidget(QWidget):
                 raise SparsesegError("no model to continue from: train first")
             ck = load_checkpoint(self.last_model)
             # Same classes as the model being continued, whatever this labels layer holds.
-            opts.update(num_classes=ck.model_config.num_classes, class_names=",".join(ck.class_names),
-                        iterations=ck.iteration + int(self.iterations.value()))
+            # A new budget from where it stands.
+            opts.update(num_classes=ck.model_config.num_classes, class_names=",".join(ck.class_names))
             resume = str(self.last_model)
             out = self.last_model
         else:
@@ -437,16 +451,25 @@ class SparseTrainingWidget(QWidget):
         self._history = [] if not retrain else list(self._history)
         self._stop = False
         start = ck.iteration if retrain else 0
-        self._progress_range = (start, tcfg.iterations)
-        self.progress.setRange(start, tcfg.iterations)
-        self.progress.setValue(start)
+        self._progress_start = start
+        self.progress.setRange(start, tcfg.iterations) if tcfg.iterations else self.progress.setRange(0, 0)
+        self.progress.setValue(start)         # a budgeted run shows "busy" until its first plan
 
         def on_step(entry):
             self._history.append(dict(entry))
             return self._stop
 
+        def preview(model):
+            view = self._view
+            if view is not None:
+                plane = predict_plane(model, vol.image, *view)
+                if plane is not None:
+                    self._preview = (*view, plane)
+
+        self._update_view()
         worker = thread_worker(train, start_thread=False, ignore_errors=True)(
-            [vol], mcfg, tcfg, names, out_path=out, resume=resume, progress=False, on_step=on_step)
+            [vol], mcfg, tcfg, names, out_path=out, resume=resume, progress=False, on_step=on_step,
+            preview=(self.preview_seconds, preview))
         worker.returned.connect(self._trained)
         worker.errored.connect(self._failed)
         worker.finished.connect(self._finished)
@@ -479,14 +502,55 @@ class SparseTrainingWidget(QWidget):
         self.status.setText("stopping after this iteration …")
 
     def _poll(self):
-        """GUI-thread timer: progress, curve, and the densify layer as blocks land."""
+        """GUI-thread timer: progress, curve, the live prediction, and the densify layer as blocks land."""
+        self._update_view()
+        self._show_preview()
         if self._history:
-            last = self._history[-1]["iteration"]
-            self.progress.setValue(min(last, self.progress.maximum()))
+            entry = self._history[-1]
+            planned = entry.get("planned")          # a budgeted run's plan, once made
+            if planned and self.progress.maximum() != planned:
+                self.progress.setRange(self._progress_start, planned)
+            if self.progress.maximum():
+                self.progress.setValue(min(entry["iteration"], self.progress.maximum()))
+            if self._worker is not None and planned:
+                self.status.setText(plan_text(entry, self._progress_start))
             self._draw_curve()
         out = self._densify_out
         if out is not None:
             self._show_dense(out)
+
+    def _update_view(self):
+        """The slice on screen, in the image's voxels, for the training thread's preview."""
+        try:
+            image = self.image_layer()
+        except SparsesegError:
+            self._view = None
+            return
+        dims = self.viewer.dims
+        if dims.ndisplay != 2:
+            self._view = None
+            return
+        axis = dims.order[-3] - (dims.ndim - 3)
+        index = int(round(float(image.world_to_data(dims.point)[-3:][axis])))
+        self._view = (axis, index) if 0 <= axis < 3 else None
+
+    def _show_preview(self):
+        """The latest live prediction, one slice of a "live prediction" labels layer."""
+        got, self._preview = self._preview, None
+        if got is None:
+            return
+        axis, index, plane = got
+        image = self.image_layer()
+        shape = self._spatial_shape(image)
+        layer = self.preview_layer
+        if layer is None or layer not in self.viewer.layers or tuple(layer.data.shape) != shape:
+            layer = self.viewer.add_labels(np.zeros(shape, np.uint8), name=f"{image.name} live prediction",
+                                           scale=image.scale[-3:], translate=image.translate[-3:], opacity=0.4)
+            self.preview_layer = layer
+        index_ = [slice(None)] * 3
+        index_[axis] = index
+        layer.data[tuple(index_)] = plane
+        layer.refresh()
 
     # ------------------------------------------------------------------ densify
 

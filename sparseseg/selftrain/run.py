@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model.defaults import DEFAULTS
 from sparseseg.selftrain.config import SelfTrainConfig, check_options, check_output_name
 
 log = logging.getLogger("sparseseg.selftrain")
@@ -48,6 +49,9 @@ def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress
 
     check_options(options, mode=st.mode)
     check_output_name(st, out_path)
+    if not options.get("iterations"):
+        # A time budget is shared: the 3D and 2D base networks and the final one get a third each.
+        options = {**options, "time_budget": (options.get("time_budget") or DEFAULTS["time_budget"]) / 3}
     lazy = not in_memory(vols)
     if lazy and st.mode == "meta":
         raise SparsesegError("--self-train-mode meta needs the volumes in memory (up to 2 GiB as float32)")
@@ -110,7 +114,9 @@ def _meta(vols, options, st, base, k, out_path, paths, progress):
     log.info("self-training: pseudo-labels %s (%.1f s)", ", ".join(names), time.time() - t1)
     t2 = time.time()
     meta, tcfg, class_names, history = train_meta(vols, means, cands, options, k, base.model3d.mean.tolist(),
-                                                  base.model3d.std.tolist(), st.iterations, progress)
+                                                  base.model3d.std.tolist(),
+                                                  st.iterations or options.get("iterations") or base.iterations["3d"],
+                                                  progress)
     del means, cands
     composed = ComposedMeta(base.model3d.cpu(), base.model2d.cpu(), base.planes, meta.cpu()).eval()
     info = {**st.to_dict(), "planes": base.planes, "predictions": names, "base_checkpoints": base.checkpoints}

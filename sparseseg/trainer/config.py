@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from sparseseg.errors import SparsesegError
 from sparseseg.model.config import PRESETS, ModelConfig
+from sparseseg.model.defaults import DEFAULTS as D
+from sparseseg.model.defaults import PAPER
 
 
 def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None,
@@ -76,38 +78,52 @@ class AugmentConfig:
         raise SparsesegError(f"unknown --augment {name!r} (choose from {', '.join(AUGMENT_MODES)})")
 
 
+def _augment_default() -> AugmentConfig:
+    return AugmentConfig.mode(D["augment"])
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    preset: str = "small"
-    iterations: int = 1000
-    batch_size: int = 1
-    optimizer: str = "adam"         # adam | sgd
-    lr: float = 1e-3
-    schedule: str = "constant"      # poly | step | constant (sparseseg.trainer.schedule)
-    warmup: int = 0                 # linear warm-up iterations
+    """Field defaults are the project's defaults (sparseseg.model.defaults), so the Python API,
+    the CLI and the napari widget train the same model; `TrainConfig.paper()` gives the paper's."""
+    preset: str = D["preset"]
+    iterations: int = 0             # > 0 pins the count; 0: planned from `time_budget`
+    time_budget: float = D["time_budget"]   # minutes for the whole run (sparseseg.trainer.budget)
+    batch_size: int = D["batch_size"]
+    optimizer: str = D["optimizer"]         # adam | sgd
+    lr: float = D["lr"]
+    schedule: str = D["schedule"]   # poly | step | constant (sparseseg.trainer.schedule)
+    warmup: int = D["warmup"]       # linear warm-up iterations
     momentum: float = 0.99          # SGD only (the paper's value)
     weight_decay: float = 0.0
     patch_output: tuple = ()        # (Z, Y, X); empty: chosen from the preset and the volume
-    class_weights: tuple = ()       # empty: balanced from labelled-voxel frequencies, clipped
-    max_weight_ratio: float = 10.0  # bound on balanced weights (largest / smallest); 0: unbounded
-    class_sampling: float = 0.0     # share of patches anchored on a voxel of a uniformly drawn class
-    loss: str = "ce"                # ce | jaccard | ce+jaccard
-    dice_weight: float = 0.0        # weight of the soft Jaccard term
-    normalization: str = "global"   # global | volume | percentile (sparseseg.model.normalization)
+    class_weights: tuple | str = D["class_weights"]   # "uniform", "balanced" (or empty) or one per class
+    max_weight_ratio: float = D["max_weight_ratio"]   # bound on balanced weights (largest / smallest); 0: unbounded
+    class_sampling: float = D["class_sampling"]       # share of patches anchored on a voxel of a uniformly drawn class
+    loss: str = D["loss"]           # ce | jaccard | ce+jaccard
+    dice_weight: float = D["dice_weight"]             # weight of the soft Jaccard term
+    normalization: str = D["normalization"]           # global | volume | percentile (sparseseg.model.normalization)
     percentiles: tuple = (0.5, 99.5)
-    ignore_label: int = 255
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True                # used on CUDA only
-    val_slices: int = 0             # annotated slices held out per plane orientation
-    val_fraction: float = 0.0       # or: this share of the annotated slices held out
-    val_every: int = 100
-    bn_recalibrate: int = 0         # un-augmented patches to re-estimate BatchNorm statistics on, at the end
-    pretrain: int = 0               # self-supervised inpainting steps before training (trainer.pretrain)
-    early_stop: int = 0             # stop after this many validations without a better IoU; 0: never
-    checkpoint_every: int = 500
+    ignore_label: int = D["ignore_label"]
+    seed: int = D["seed"]
+    device: str = D["device"]
+    amp: bool = not D["no_amp"]     # used on CUDA only
+    val_slices: int = D["val_slices"]       # annotated slices held out per plane orientation
+    val_fraction: float = D["val_fraction"]     # or: this share of the annotated slices held out
+    val_every: int = D["val_every"]
+    bn_recalibrate: int = D["bn_recalibrate"]   # un-augmented patches to re-estimate BatchNorm statistics on, at the end
+    pretrain: int = D["pretrain"]   # self-supervised inpainting steps before training (trainer.pretrain)
+    early_stop: int = D["early_stop"]       # stop after this many validations without a better IoU; 0: never
+    checkpoint_every: int = D["checkpoint_every"]
     voxel_size: tuple = ()          # relative spacing used for the elastic field (Z, Y, X)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=_augment_default)
+
+    @classmethod
+    def paper(cls, **kw) -> TrainConfig:
+        """Çiçek et al.'s training choices (sparseseg.model.defaults.PAPER) with `kw` on top."""
+        base = {k: v for k, v in PAPER.items() if k in {f.name for f in fields(cls)}}
+        base["augment"] = AugmentConfig.mode(PAPER["augment"])
+        return cls(**{**base, **kw})
 
     def __post_init__(self):
         from sparseseg.model.normalization import MODES
@@ -123,6 +139,10 @@ class TrainConfig:
             raise SparsesegError(f"--class-sampling must be between 0 and 1, got {self.class_sampling}")
         if self.pretrain < 0:
             raise SparsesegError(f"--pretrain must be 0 or more iterations, got {self.pretrain}")
+        if self.iterations < 0:
+            raise SparsesegError(f"--iterations must be 1 or more, got {self.iterations}")
+        if not self.iterations and not self.time_budget > 0:
+            raise SparsesegError(f"--time-budget must be more than 0 minutes, got {self.time_budget}")
         if self.val_slices and self.val_fraction:
             raise SparsesegError("--val-slices and --val-fraction exclude each other; give one")
 

@@ -23,6 +23,7 @@ from sparseseg.model.config import ModelConfig
 from sparseseg.model.network import SegmentationModel
 from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
+from sparseseg.trainer.budget import Budget
 from sparseseg.trainer.config import TrainConfig, patch_output_size
 from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
@@ -48,6 +49,7 @@ class TrainResult:
     best_checkpoint: str | None = None
     best_iou: float | None = None
     pretrain: dict | None = None      # the self-supervised phase (trainer.pretrain), when there was one
+    plan: dict | None = None          # what the time budget bought (trainer.budget.Plan), when there was one
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Run:
     spacing: tuple | None
     history: list = field(default_factory=list)
     pretrained: dict | None = None    # the self-supervised phase's summary, kept in checkpoints
+    budget: Budget | None = None      # the time budget's planner; None with a pinned --iterations
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,39 +92,54 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=None, resume: str | None = None,
-          progress: bool | None = None, on_step=None) -> TrainResult:
+          progress: bool | None = None, on_step=None, predict_voxels: int = 0, preview=None) -> TrainResult:
     """Train `model_cfg` on TrainingVolumes with sparse labels; checkpoints go to `out_path`
     (the best by validation IoU beside it as `<stem>.best.pt`, with `<stem>.metrics.jsonl` and
     `<stem>.curve.png`). `on_step(entry)` is called after every iteration with its history
-    entry (iteration, loss, lr, seconds, and val_* when validated); returning True stops
-    training cleanly, with the checkpoint written as at the end."""
+    entry (iteration, loss, lr, seconds, planned, and val_* when validated); returning True stops
+    training cleanly, with the checkpoint written as at the end. Without a pinned
+    `cfg.iterations` the count is planned from `cfg.time_budget` (trainer.budget), keeping time
+    for predicting `predict_voxels` voxels afterwards (densify). `preview` = (seconds, fn):
+    `fn(model)` is called with the network in eval mode at most every `seconds` (the napari
+    widget's live prediction); its time counts against the budget."""
+    began = time.monotonic()
     torch.manual_seed(cfg.seed)
     run = _prepare(vols, model_cfg, cfg, class_names)
     start = _resume(run, resume) if resume else 0
     begun = time.time()
+    if not cfg.iterations:       # a resumed run gets the budget afresh, from where it resumes
+        run.budget = Budget(cfg.time_budget, _prediction_reserve(run, predict_voxels), start, began=began)
     if cfg.pretrain and start == 0:            # a resumed run has had its phase
         run.pretrained = pretrain(run, cfg.pretrain)
     runlog = RunLog(out_path, run.history)
-    bar = _progress_bar(cfg.iterations, start, progress)
+    total = cfg.iterations or run.budget.total
+    bar = _progress_bar(cfg.iterations or None, start, progress)
     # The clock includes the self-supervised phase: it is part of what training costs.
     t0, offset = time.time(), (run.history[-1].get("seconds", 0.0) if run.history else
                                (run.pretrained or {}).get("seconds", 0.0))
-    done = start
-    for it in range(start, cfg.iterations):
-        entry = _step(run, it)
-        done = it + 1
+    done, last_preview = start, time.monotonic()
+    while done < total:
+        entry = _step(run, done, total)
+        done += 1
         entry["seconds"] = round(offset + time.time() - t0, 3)
-        if _validation_due(run, done):
+        if run.budget is not None:
+            run.budget.after_step(done)
+            total = run.budget.total
+            if run.budget.planned_once:
+                entry["planned"] = total
+        if _validation_due(run, done, total):
             entry.update(_validate(run))
             _keep_best(run, entry, out_path)
         run.history.append(entry)
         runlog.write(entry)
-        _report(bar, entry, cfg.iterations, time.time() - t0)
+        _report(bar, entry, total, time.time() - t0, run.budget is not None and run.budget.planned_once)
+        last_preview = _preview(run, preview, last_preview)
         if _stop_requested(on_step, entry) or _early_stop(run):
             break
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.iterations:
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
             _save(run, out_path, done)
     bar.close()
+    plan = run.budget.finish(done).to_dict() if run.budget is not None else None
     if cfg.bn_recalibrate and done > start:
         recalibrate_batchnorm(run, cfg.bn_recalibrate)
     path = _save(run, out_path, done)
@@ -131,7 +149,7 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
     best_path = sibling(out_path, ".best.pt") if out_path is not None and best is not None else None
     final = run.history[-1]["loss"] if run.history else float("nan")
     return TrainResult(run.model, path, done, time.time() - begun, final, run.history,
-                       str(best_path) if best_path else None, best, run.pretrained)
+                       str(best_path) if best_path else None, best, run.pretrained, plan)
 
 
 # ------------------------------------------------------------------ preparation
@@ -208,6 +226,37 @@ def _window(start, shape):
     return tuple(slice(s, s + n) for s, n in zip(start, shape))
 
 
+def _class_weights(cfg: TrainConfig, counts, k: int) -> np.ndarray:
+    """Per-class loss weights: "uniform", "balanced" (or empty: inverse frequency, bounded)
+    or the given numbers."""
+    if isinstance(cfg.class_weights, str) and cfg.class_weights not in ("uniform", "balanced"):
+        raise SparsesegError(f"--class-weights must be balanced, uniform or numbers, got {cfg.class_weights!r}")
+    if cfg.class_weights == "uniform":
+        return np.ones(k, np.float32)
+    if cfg.class_weights in ("balanced", ()):
+        return balanced_class_weights(counts, cfg.max_weight_ratio)
+    return np.asarray(cfg.class_weights, np.float32)
+
+
+def _prediction_reserve(run: Run, voxels: int) -> float:
+    """Seconds to keep for predicting `voxels` voxels after training: one timed forward of a
+    training patch, scaled by voxels per patch output (inference tiles are larger, so cheaper
+    per voxel: this errs on the safe side)."""
+    if not voxels:
+        return 0.0
+    x = torch.zeros((1, run.model_cfg.in_channels, *run.in_shape), device=run.device)
+    run.model.eval()
+    with torch.inference_mode():
+        run.model(x)                       # the first call pays for kernel selection
+        t = time.monotonic()
+        run.model(x)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.monotonic() - t
+    run.model.train()
+    return seconds * voxels / float(np.prod(run.out_shape))
+
+
 def _optimizer(model, cfg: TrainConfig):
     if cfg.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -235,8 +284,7 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     if any(held):
         log.info("held out for validation: %s (%d tiles)", holdout.describe(held), len(val_tiles))
 
-    weights = np.asarray(cfg.class_weights, np.float32) if cfg.class_weights else \
-        balanced_class_weights(counts, cfg.max_weight_ratio)
+    weights = _class_weights(cfg, counts, k)
     if len(weights) != k:
         raise SparsesegError(f"--class-weights needs {k} values, got {len(weights)}")
     log.info("patch in %s out %s, training voxels per class %s, weights %s", in_shape, out_shape, counts.tolist(),
@@ -276,9 +324,9 @@ def _batch(run: Run):
     return torch.stack(xs), torch.stack(ys)
 
 
-def _step(run: Run, it: int) -> dict:
+def _step(run: Run, it: int, total: int) -> dict:
     cfg = run.cfg
-    lr = lr_at(it, cfg.iterations, cfg.lr, cfg.schedule, cfg.warmup)
+    lr = lr_at(it, total, cfg.lr, cfg.schedule, cfg.warmup)
     set_lr(run.optimizer, lr)
     x, y = _batch(run)
     run.optimizer.zero_grad(set_to_none=True)
@@ -323,8 +371,8 @@ def recalibrate_batchnorm(run: Run, patches: int) -> None:
 
 # ------------------------------------------------------------------ validation, best, early stop
 
-def _validation_due(run: Run, done: int) -> bool:
-    return bool(run.val_tiles) and (done % run.cfg.val_every == 0 or done == run.cfg.iterations)
+def _validation_due(run: Run, done: int, total: int) -> bool:
+    return bool(run.val_tiles) and (done % run.cfg.val_every == 0 or done == total)
 
 
 def read_reflected(image, start, shape) -> np.ndarray:
@@ -372,6 +420,20 @@ def _keep_best(run: Run, entry: dict, out_path) -> None:
     entry["best"] = True
 
 
+def _preview(run: Run, preview, last: float) -> float:
+    """Call the caller's preview function with the current network when its interval has
+    passed; the time it was last called."""
+    if preview is None or time.monotonic() - last < preview[0]:
+        return last
+    run.model.eval()
+    try:
+        with torch.inference_mode():
+            preview[1](run.model)
+    finally:
+        run.model.train()
+    return time.monotonic()
+
+
 def _stop_requested(on_step, entry: dict) -> bool:
     if on_step is not None and on_step(entry) is True:
         log.info("stopping at iteration %d: asked by the caller", entry["iteration"])
@@ -404,6 +466,8 @@ def _save(run: Run, path, iteration: int, history=None):
              "held_out": [{str(a): ix for a, ix in h.items()} for h in run.held_out]}
     if run.pretrained:
         extra["pretrain"] = run.pretrained
+    if run.budget is not None:      # the budget, its plan and what ran so far
+        extra["budget"] = {**run.budget.plan.to_dict(), "ran": iteration - run.budget.start}
     if run.scaler.is_enabled():     # AMP: the loss scale is part of an exact resume
         extra["grad_scaler"] = run.scaler.state_dict()
     run_cfg = replace(run.cfg, patch_output=tuple(run.out_shape),
@@ -438,16 +502,20 @@ def _resume(run: Run, path) -> int:
 
 # ------------------------------------------------------------------ progress
 
-def _progress_bar(total: int, start: int, progress):
+def _progress_bar(total: int | None, start: int, progress):
+    """The bar's total is unknown (None) until a time budget's first plan."""
     from tqdm import tqdm
 
     show = sys.stderr.isatty() if progress is None else progress
     return tqdm(total=total, initial=start, disable=not show, desc="train", unit="it")
 
 
-def _report(bar, entry: dict, total: int, seconds: float) -> None:
+def _report(bar, entry: dict, total: int, seconds: float, planned: bool = True) -> None:
+    if bar.total != total and planned:
+        bar.total = total
+        bar.refresh()
     bar.update(1)
     bar.set_postfix(loss=f"{entry['loss']:.4f}")
     done = entry["iteration"]
-    if bar.disable and (done % max(1, total // 10) == 0 or done == total):
+    if bar.disable and planned and (done % max(1, total // 10) == 0 or done == total):
         log.info("iteration %d/%d loss %.4f lr %.2g (%.1f s)", done, total, entry["loss"], entry["lr"], seconds)
