@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
 
 log = logging.getLogger("sparseseg.densify")
 
@@ -36,9 +34,8 @@ def densify(image_path, labels_path, out, options: dict, model_out=None, tile=No
             res = run_self_train(vols, options, self_train, out_path=ckpt)
             train_seconds = res.seconds["total"]
         else:
-            # The budget covers the prediction too: keep time for every voxel of the volume.
-            voxels = sum(int(np.prod(v.shape)) for v in vols)
-            res = train(vols, mcfg, tcfg, names, out_path=ckpt, predict_voxels=voxels)
+            # The budget covers the prediction too: keep time for the whole volume.
+            res = train(vols, mcfg, tcfg, names, out_path=ckpt, predict_shapes=[v.shape for v in vols])
             train_seconds = res.seconds
         del vols                                  # the engine reads the volume block by block
         t0 = time.time()

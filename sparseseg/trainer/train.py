@@ -36,6 +36,9 @@ from sparseseg.trainer.schedule import lr_at, set_lr
 log = logging.getLogger("sparseseg.train")
 
 MAX_VALIDATION_TILES = 64    # a fixed subset bounds the cost of each validation
+# The engine's fixed cost before its first block (export to the CPU backend and compilation):
+# ~12 s per 75^3 crop end to end on the 2-core VM, most of it this start (docs/time_budget.md).
+ENGINE_START_SECONDS = 10.0
 
 
 @dataclass
@@ -92,14 +95,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=None, resume: str | None = None,
-          progress: bool | None = None, on_step=None, predict_voxels: int = 0, preview=None) -> TrainResult:
+          progress: bool | None = None, on_step=None, predict_shapes=(), preview=None) -> TrainResult:
     """Train `model_cfg` on TrainingVolumes with sparse labels; checkpoints go to `out_path`
     (the best by validation IoU beside it as `<stem>.best.pt`, with `<stem>.metrics.jsonl` and
     `<stem>.curve.png`). `on_step(entry)` is called after every iteration with its history
     entry (iteration, loss, lr, seconds, planned, and val_* when validated); returning True stops
     training cleanly, with the checkpoint written as at the end. Without a pinned
     `cfg.iterations` the count is planned from `cfg.time_budget` (trainer.budget), keeping time
-    for predicting `predict_voxels` voxels afterwards (densify). `preview` = (seconds, fn):
+    for predicting volumes of `predict_shapes` afterwards (densify). `preview` = (seconds, fn):
     `fn(model)` is called with the network in eval mode at most every `seconds` (the napari
     widget's live prediction); its time counts against the budget."""
     began = time.monotonic()
@@ -108,7 +111,7 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
     start = _resume(run, resume) if resume else 0
     begun = time.time()
     if not cfg.iterations:       # a resumed run gets the budget afresh, from where it resumes
-        run.budget = Budget(cfg.time_budget, _prediction_reserve(run, predict_voxels), start, began=began)
+        run.budget = Budget(cfg.time_budget, _prediction_reserve(run, predict_shapes), start, began=began)
     if cfg.pretrain and start == 0:            # a resumed run has had its phase
         run.pretrained = pretrain(run, cfg.pretrain)
     runlog = RunLog(out_path, run.history)
@@ -238,23 +241,27 @@ def _class_weights(cfg: TrainConfig, counts, k: int) -> np.ndarray:
     return np.asarray(cfg.class_weights, np.float32)
 
 
-def _prediction_reserve(run: Run, voxels: int) -> float:
-    """Seconds to keep for predicting `voxels` voxels after training: one timed forward of a
-    training patch, scaled by voxels per patch output (inference tiles are larger, so cheaper
-    per voxel: this errs on the safe side)."""
-    if not voxels:
+def _prediction_reserve(run: Run, shapes) -> float:
+    """Seconds to keep for predicting volumes of `shapes` after training (densify): the
+    engine's start (export and backend compilation, ENGINE_START_SECONDS) plus the input voxels it
+    will read (each volume with its halo, at least 1.6 per output voxel as large-tile blocks
+    read, PERF.md) at the speed of a timed forward pass over a training patch's input."""
+    if not shapes:
         return 0.0
     x = torch.zeros((1, run.model_cfg.in_channels, *run.in_shape), device=run.device)
     run.model.eval()
+    times = []
     with torch.inference_mode():
-        run.model(x)                       # the first call pays for kernel selection
-        t = time.monotonic()
-        run.model(x)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.monotonic() - t
+        for _ in range(3):                 # the first call pays for kernel selection
+            t = time.monotonic()
+            run.model(x)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.monotonic() - t)
     run.model.train()
-    return seconds * voxels / float(np.prod(run.out_shape))
+    context = run.model_cfg.geometry.context
+    inputs = sum(max(np.prod([n + 2 * c for n, c in zip(shape, context)]), 1.6 * np.prod(shape)) for shape in shapes)
+    return ENGINE_START_SECONDS + min(times[1:]) * float(inputs) / float(np.prod(run.in_shape))
 
 
 def _optimizer(model, cfg: TrainConfig):
