@@ -109,27 +109,33 @@ def resolve_device(engine, device: str) -> str:
     return "cuda" if want_cuda(device) else "cpu"
 
 
-def choose(contract: dict, volume_shape, *, device: str, block=None, tile=None, batch=None, overlap: float = 0.5):
+def choose(contract: dict, volume_shape, *, device: str, block=None, tile=None, batch=None, overlap: float = 0.5,
+           precision: str = "fp32"):
     """(block, tile, batch) for a run: what the user asked for, checked, else the defaults of
     engine/tiling.py (tile and batch from the memory budget or the plan's profile) and, for
     same-padding networks, a block that keeps recomputation under 10%."""
     from sparseseg.engine.blocks import Block, block_size, read_plan
-    from sparseseg.engine.tiling import check_profile_tile, check_tile, default_batch, default_tile
+    from sparseseg.engine.tiling import (check_activation_cap, check_profile_tile, check_tile, default_batch,
+                                         default_tile, run_dtype)
     from sparseseg.errors import SparsesegError
     from sparseseg.model.contract import geometry_of_contract
 
     geometry = geometry_of_contract(contract)
     blk = block_size(geometry, block, volume_shape)
+    dtype = run_dtype(precision)
     if tile:
         tile = check_tile(geometry, tile)
         check_profile_tile(contract, tile)
+        if "profile" not in contract:       # a plan's profile already bounds its tiles
+            check_activation_cap(contract, tile, dtype)
     else:
-        tile = check_tile(geometry, default_tile(contract, device, extent=blk))
+        tile = check_tile(geometry, default_tile(contract, device, extent=blk, dtype=dtype))
     if geometry.padding == "same" and not block:
         blk = same_padding_block(geometry, volume_shape, blk, tile, overlap)
     if batch is None:
         first = Block((0, 0, 0), (0, 0, 0), blk)
-        batch = default_batch(contract, device, tile, len(read_plan(first, volume_shape, geometry, tile, overlap).offsets))
+        batch = default_batch(contract, device, tile, len(read_plan(first, volume_shape, geometry, tile, overlap).offsets),
+                              dtype=dtype)
     elif batch < 1:
         raise SparsesegError(f"--batch must be >= 1, got {batch}")
     return blk, tile, int(batch)

@@ -148,7 +148,7 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
     kernels = kernels_option(kernels)
     check_kernels(kernels, engine.device.type)
     blk, tile, batch = choose(contract, vol.shape, device=engine.device.type, block=block, tile=tile, batch=batch,
-                              overlap=overlap)
+                              overlap=overlap, precision=precision)
     from sparseseg.model.contract import geometry_of_contract
 
     job = BlockJob("<memory>", "<memory>", spec, geometry_of_contract(contract).to_dict(), vol.shape, tile, overlap,
