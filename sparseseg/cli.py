@@ -468,7 +468,9 @@ def _plan_text(s: dict) -> str:
              f"input voxels read per output voxel {s['input_voxels_per_output_voxel']:.3g}, "
              f"tile input voxels per output voxel {s['tile_input_voxels_per_output_voxel']:.3g}",
              f"{s['flops_per_output_voxel'] / 1e6:.4g} MFLOP per output voxel "
-             f"({s['flops_per_tile'] / 1e9:.4g} GFLOP per tile), recomputed fraction {s['recomputed_fraction']:.3f}"]
+             f"({s['flops_per_tile'] / 1e9:.4g} GFLOP per tile), recomputed fraction {s['recomputed_fraction']:.3f}",
+             f"each tile keeps {x(map(str, s['tile_kept']))} of {x(map(str, s['tile_output']))}: "
+             f"{s['flops_per_kept_voxel'] / 1e6:.4g} MFLOP per kept voxel"]
     if "projected_seconds" in s:
         lines.append(f"projected wall time {s['projected_seconds']:.1f} s at {s['assumed_voxels_per_second']:.4g} "
                      "voxels/s")
