@@ -266,7 +266,8 @@ def tile_bytes(contract: dict, tile_out, batch: int = 1, dtype: str = "float32")
 
 
 def tile_largest(contract: dict, tile_out, dtype: str = "float32") -> int:
-    """Elements of the largest activation of one tile (batch 1: cuDNN splits the batch)."""
+    """Elements of the largest activation of one tile (batch 1: torch splits a batch into parts
+    cuDNN can index, but cannot split one tile)."""
     from sparseseg.engine.measure import largest_activation
 
     return largest_activation(contract["model_config"], _tile_shape(contract, tile_out), dtype)
