@@ -309,6 +309,7 @@ def test_export_default_plan_tile_is_the_engine_tile_of_its_default_block():
         got = default_plan_tile(contract, "cuda", budget=budget)
         block = tuple(-(-b // r.step) * r.step for b, r in zip(DEFAULT_BLOCK, geometry.axes))
         assert got == default_tile(contract, "cuda", extent=block, budget=budget)
+        assert default_tile(contract, "cuda", budget=budget) == got          # no extent: the default block
         assert all(t <= r.output_at_least(b) for t, b, r in zip(got, block, geometry.axes))
 
 
