@@ -349,7 +349,9 @@ def demo_cmd(workdir, iterations, seed):
 @click.option("--batch", type=click.IntRange(1), default=1, show_default=True, help="plan: largest batch")
 @click.option("--workspace", type=click.FloatRange(0.1), default=4.0, show_default=True, help="plan: GB")
 @click.option("--calibration", help="volume for a real-tile check and int8 calibration")
-@click.option("--version-compatible", is_flag=True, help="plan: runnable on newer TensorRT and Ampere+ GPUs")
+@click.option("--version-compatible", is_flag=True, help="plan: runnable on newer TensorRT of the same major version")
+@click.option("--hardware-compatible", is_flag=True,
+              help="plan: runnable on any Ampere or newer GPU (TensorRT's AMPERE_PLUS: drops Hopper-only tactics)")
 @click.option("--no-verify", is_flag=True, help="keep the export even if the parity check fails")
 @click.option("--no-simplify", is_flag=True, help="skip onnxslim/onnxsim even when installed")
 @click.option("--force", is_flag=True, help="replace existing outputs")
@@ -360,7 +362,7 @@ def demo_cmd(workdir, iterations, seed):
 @click.option("--cover", type=click.Path(dir_okay=False), help="bioimageio: cover image (e.g. the eval figure)")
 @user_errors
 def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max, batch, workspace, calibration,
-               version_compatible, no_verify, no_simplify, force,
+               version_compatible, hardware_compatible, no_verify, no_simplify, force,
                bioimageio_zip, authors, license_id, cover):
     """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
     _setup_logging()
@@ -375,7 +377,8 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
             return
     for line in run_export(model, onnx_path, plan_path, precision, parse_triple(tile, "--tile"), batch, workspace,
                            calibration, version_compatible, not no_verify, not no_simplify, force,
-                           tile_min=parse_triple(tile_min, "--tile-min"), tile_max=parse_triple(tile_max, "--tile-max")):
+                           tile_min=parse_triple(tile_min, "--tile-min"), tile_max=parse_triple(tile_max, "--tile-max"),
+                           hardware_compatible=hardware_compatible):
         click.echo(line)
 
 
@@ -403,8 +406,9 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
 @click.option("--resume", is_flag=True, help="continue an interrupted run: compute only unfinished blocks")
 @click.option("--overwrite", is_flag=True, help="replace an existing output")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
-              help=".pt engines on CUDA (autocast); on CPU bf16 runs OpenVINO on bf16 units (AMX, AVX512-BF16)")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="fp32 is IEEE fp32 everywhere (TF32 off on CUDA); tf32, fp16, bf16: .pt engines on CUDA "
+                   "(TF32 tensor cores, autocast); on CPU bf16 runs OpenVINO on bf16 units (AMX, AVX512-BF16)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout and nothing else")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "openvino", "tensorrt"]),
               default="auto", show_default=True,
@@ -420,7 +424,7 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
               help="extra attempts for a failing block before it is recorded as failed")
 @click.option("--kernels", type=click.Choice(["torch", "cuda"]), default=None,
               help="gather/stitch on the device: torch functions (default, or $SPARSESEG_KERNELS) or the CUDA "
-                   "kernels (needs CuPy and a CUDA device; not yet verified on a GPU)")
+                   "kernels (experimental: never run on a GPU yet; needs CuPy and a CUDA device)")
 @click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
 @user_errors
 def infer_cmd(engine, input_path, output, as_label, pyramid, workers, scheduler, block, tile, batch, overlap,
@@ -467,7 +471,9 @@ def _plan_text(s: dict) -> str:
              f"input voxels read per output voxel {s['input_voxels_per_output_voxel']:.3g}, "
              f"tile input voxels per output voxel {s['tile_input_voxels_per_output_voxel']:.3g}",
              f"{s['flops_per_output_voxel'] / 1e6:.4g} MFLOP per output voxel "
-             f"({s['flops_per_tile'] / 1e9:.4g} GFLOP per tile), recomputed fraction {s['recomputed_fraction']:.3f}"]
+             f"({s['flops_per_tile'] / 1e9:.4g} GFLOP per tile), recomputed fraction {s['recomputed_fraction']:.3f}",
+             f"each tile keeps {x(map(str, s['tile_kept']))} of {x(map(str, s['tile_output']))}: "
+             f"{s['flops_per_kept_voxel'] / 1e6:.4g} MFLOP per kept voxel"]
     if "projected_seconds" in s:
         lines.append(f"projected wall time {s['projected_seconds']:.1f} s at {s['assumed_voxels_per_second']:.4g} "
                      "voxels/s")

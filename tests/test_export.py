@@ -272,8 +272,10 @@ def test_plan_compatibility_rules():
         check_plan_compatible(side, "10.4.0", "NVIDIA H100 80GB HBM3", (9, 0))
     with pytest.raises(SparsesegError, match="built on NVIDIA H100"):
         check_plan_compatible(side, "10.3.0", "NVIDIA A100-SXM4-40GB", (8, 0))
-    vc = _sidecar(version_compatible=True)
+    vc = _sidecar(version_compatible=True, hardware_compatible=True)
     check_plan_compatible(vc, "10.5.1", "NVIDIA A100-SXM4-40GB", (8, 0))     # newer TRT, other Ampere+ GPU
+    with pytest.raises(SparsesegError, match="compute capability 9.0"):       # version-compatible only
+        check_plan_compatible(_sidecar(version_compatible=True), "10.5.1", "NVIDIA A100-SXM4-40GB", (8, 0))
     with pytest.raises(SparsesegError, match="same or newer"):
         check_plan_compatible(vc, "10.1.0", "NVIDIA H100 80GB HBM3", (9, 0))
     with pytest.raises(SparsesegError, match="Ampere"):

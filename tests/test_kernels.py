@@ -84,14 +84,15 @@ def test_gpu_gather_parity(dtype, half, normalize):
 
     rng = np.random.default_rng(2)
     vol = (rng.random((2, 17, 23, 29)) * 200).astype(dtype)
-    region = torch.from_numpy(vol[:, 1:, :, 2:]).cuda()          # resident part, starts at (1, 0, 2)
+    # resident part, starts at (0, 0, 2): z reflects through voxel 0, so the region must hold it
+    region = torch.from_numpy(np.ascontiguousarray(vol[:, :, :, 2:])).cuda()
     offsets = [(0, 0, 0), (8, 12, 16), (4, 0, 8)]
     origin = (-4, -7, 3)                                          # reflect at both ends
     tile = (13, 11, 17)
     norm = normalization_tensors({"mean": [50, 60], "std": [10, 20], "lo": [5, 0], "hi": [150, 190]}, "cuda") \
         if normalize else None
     out_dtype = torch.float16 if half else torch.float32
-    args = (region, (1, 0, 2), offsets, origin, vol.shape[1:], tile, norm, out_dtype)
+    args = (region, (0, 0, 2), offsets, origin, vol.shape[1:], tile, norm, out_dtype)
     assert torch.equal(gpu.gather(*args), ref.gather(*args))
 
 
@@ -185,7 +186,9 @@ def test_worker_calls_the_selected_functions(monkeypatch):
     assert asked == ["torch", "torch"]
 
 
-def test_cli_kernels_cuda_on_cpu_is_one_line_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("option, message", [(("--kernels", "cuda"), "--kernels cuda needs a CUDA device"),
+                                             (("--precision", "tf32"), "--precision tf32 needs a CUDA device")])
+def test_cli_gpu_only_options_on_cpu_are_one_line_and_write_nothing(tmp_path, option, message):
     from click.testing import CliRunner
 
     from sparseseg.cli import main
@@ -196,8 +199,8 @@ def test_cli_kernels_cuda_on_cpu_is_one_line_and_writes_nothing(tmp_path):
     ck = save_checkpoint(tmp_path / "m.pt", SegmentationModel(tiny_config()), None, ["a", "b"], 255)
     np.save(tmp_path / "v.npy", np.zeros((8, 16, 16), np.float32))
     r = CliRunner().invoke(main, ["infer", "--engine", str(ck), str(tmp_path / "v.npy"), "--output",
-                                  str(tmp_path / "o.zarr"), "--device", "cpu", "--kernels", "cuda"])
-    assert r.exit_code == 1 and r.output.count("\n") == 1 and "--kernels cuda needs a CUDA device" in r.output
+                                  str(tmp_path / "o.zarr"), "--device", "cpu", *option])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output
     assert not (tmp_path / "o.zarr").exists()
 
 

@@ -230,7 +230,7 @@ def test_default_plan_tile_follows_the_engine_rule(monkeypatch):
     import sparseseg.engine.tiling as tiling
 
     contract = _contract()
-    monkeypatch.setattr(tiling, "default_tile", lambda c, device: (36, 52, 60))
+    monkeypatch.setattr(tiling, "default_tile", lambda c, device, **k: (36, 52, 60))
     assert default_plan_tile(contract, "cuda") == (36, 52, 60)
 
 

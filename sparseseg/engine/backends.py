@@ -17,6 +17,8 @@ Each worker process loads its backend once (`cached_backend`) and reuses it for 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import threading
@@ -37,7 +39,7 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 class BackendSpec:
     engine: str
     device: str = "auto"        # auto | cpu | cuda
-    precision: str = "fp32"     # fp32 | fp16 | bf16: CUDA autocast for .pt; on CPU bf16 runs OpenVINO
+    precision: str = "fp32"     # fp32 | tf32 | fp16 | bf16: CUDA autocast for .pt; on CPU bf16 runs OpenVINO
     threads: int = 0            # CPU threads per worker (0: library default)
     backend: str = "auto"       # auto | torch | onnxruntime | openvino | tensorrt
 
@@ -76,10 +78,38 @@ def want_cuda(device: str) -> bool:
     return cuda_available()
 
 
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+@contextlib.contextmanager
+def math_mode(precision: str):
+    """cuDNN and matmul TF32 on only for --precision tf32 (torch enables it for cuDNN by default,
+    so GPU fp32 labels would differ from CPU ones at near-ties); the caller's flags come back after."""
+    import torch
+
+    flags = (torch.backends.cudnn, torch.backends.cuda.matmul)
+    before = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = precision == "tf32"
+        yield
+    finally:
+        for f, b in zip(flags, before):
+            f.allow_tf32 = b
+
+
+def ort_cuda_provider(precision: str):
+    """ONNX Runtime's CUDA provider with TF32 as --precision says (its default is on)."""
+    return ("CUDAExecutionProvider", {"use_tf32": "1" if precision == "tf32" else "0"})
+
+
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model, contract: dict, device: str = "auto", precision: str = "fp32", threads: int = 0):
+    def __init__(self, model, contract: dict, device: str = "auto", precision: str = "fp32", threads: int = 0,
+                 owned: bool = False):
+        """`owned`: the model is this backend's (loaded from a file); otherwise a copy runs, so
+        the caller's model keeps its device, memory format and train/eval mode."""
         import torch
 
         super().__init__(contract)
@@ -87,16 +117,17 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         cuda = want_cuda(device)
         self.device = torch.device("cuda" if cuda else "cpu")
-        self.model = model.to(self.device).eval()
-        self.autocast = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.model = (model if owned else copy.deepcopy(model)).to(self.device).eval()
+        self.precision = precision
+        self.autocast = {"fp32": None, "tf32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         self.channels_last = False
         if cuda:
             torch.backends.cudnn.benchmark = True           # once per tile shape
             if model.cfg.ndim == 3:
                 self.model = self.model.to(memory_format=torch.channels_last_3d)
                 self.channels_last = True
-        elif self.autocast is not None:
-            raise SparsesegError("--precision fp16/bf16 needs a CUDA device for .pt engines")
+        elif precision != "fp32":
+            raise SparsesegError(f"--precision {precision} needs a CUDA device for .pt engines")
         self._torch = torch
 
     @classmethod
@@ -106,11 +137,11 @@ class TorchBackend(Backend):
 
         ckpt = load_checkpoint(spec.engine)
         return cls(ckpt.model, contract_from_checkpoint(ckpt, file_sha256(spec.engine)), spec.device,
-                   spec.precision, spec.threads)
+                   spec.precision, spec.threads, owned=True)
 
     def forward(self, x):
         torch = self._torch
-        with torch.inference_mode():
+        with torch.inference_mode(), math_mode(self.precision):
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last_3d)
             if self.autocast is not None:
@@ -153,7 +184,7 @@ class OnnxBackend(Backend):
         if want_cuda(spec.device):
             available = ort.get_available_providers()
             if "CUDAExecutionProvider" in available:
-                providers = ["CUDAExecutionProvider"] + providers
+                providers = [ort_cuda_provider(spec.precision)] + providers
                 cuda = True
             elif spec.device == "cuda":
                 raise SparsesegError("--device cuda with an .onnx engine needs onnxruntime-gpu (CUDA provider)")
@@ -299,8 +330,8 @@ def resolve_backend(spec: BackendSpec) -> str:
     native = kinds[suffix]
     if spec.backend not in BACKENDS:
         raise SparsesegError(f"unknown backend {spec.backend!r} (expected one of {', '.join(BACKENDS)})")
-    if spec.precision not in ("fp32", "fp16", "bf16"):
-        raise SparsesegError(f"unknown precision {spec.precision!r} (expected fp32, fp16 or bf16)")
+    if spec.precision not in PRECISIONS:
+        raise SparsesegError(f"unknown precision {spec.precision!r} (expected {', '.join(PRECISIONS)})")
     if spec.precision != "fp32" and native != "tensorrt" and not want_cuda(spec.device):
         return reduced_cpu_backend(spec)
     if spec.backend == "auto":

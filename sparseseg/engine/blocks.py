@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparseseg.engine.tiling import axis_layout, reflect_index, tile_stride
+from sparseseg.engine.tiling import DEFAULT_BLOCK, axis_layout, reflect_index, tile_stride
 from sparseseg.errors import SparsesegError
 
 
@@ -42,7 +42,7 @@ class Block:
         return int(np.prod(self.shape))
 
 
-def block_size(geometry, requested, volume_shape, default=(128, 256, 256)) -> tuple[int, int, int]:
+def block_size(geometry, requested, volume_shape, default=DEFAULT_BLOCK) -> tuple[int, int, int]:
     """Block (= output chunk) size: requested or default, rounded up to the grid step and no
     larger than the volume needs."""
     size = tuple(requested) if requested else default

@@ -80,6 +80,7 @@ def plan_figures(contract: dict, volume_shape, block, tile, batch: int, overlap:
     counts = figures(geometry, volume_shape, block, tile, overlap)
     voxels = math.prod(volume_shape)
     tin = tile_input(geometry, tile)
+    stride = tile_stride(geometry, tile, overlap)
     activation_bytes, flops = tile_cost(contract["model_config"], (1, contract["in_channels"]) + tin)
     out = {
         "volume": list(volume_shape), "voxels": voxels, "block": list(block), "blocks": counts["blocks"],
@@ -89,6 +90,10 @@ def plan_figures(contract: dict, volume_shape, block, tile, batch: int, overlap:
         "tile_input_voxels_per_output_voxel": round(counts["tiles"] * math.prod(tin) / voxels, 4),
         "flops_per_tile": flops,
         "flops_per_output_voxel": round(counts["tiles"] * flops / voxels, 1),
+        # A tile keeps only its stride's voxels on the grid (valid: 24x40x40 of the paper tile's
+        # 28x44x44), so its cost per kept voxel, not per output voxel, bounds the throughput.
+        "tile_kept": list(stride),
+        "flops_per_kept_voxel": round(flops / math.prod(stride), 1),
         "activation_bytes_per_tile": activation_bytes,
         "recomputed_fraction": round(recomputed_fraction(counts), 4),
     }
@@ -109,27 +114,33 @@ def resolve_device(engine, device: str) -> str:
     return "cuda" if want_cuda(device) else "cpu"
 
 
-def choose(contract: dict, volume_shape, *, device: str, block=None, tile=None, batch=None, overlap: float = 0.5):
+def choose(contract: dict, volume_shape, *, device: str, block=None, tile=None, batch=None, overlap: float = 0.5,
+           precision: str = "fp32"):
     """(block, tile, batch) for a run: what the user asked for, checked, else the defaults of
     engine/tiling.py (tile and batch from the memory budget or the plan's profile) and, for
     same-padding networks, a block that keeps recomputation under 10%."""
     from sparseseg.engine.blocks import Block, block_size, read_plan
-    from sparseseg.engine.tiling import check_profile_tile, check_tile, default_batch, default_tile
+    from sparseseg.engine.tiling import (check_activation_cap, check_profile_tile, check_tile, default_batch,
+                                         default_tile, run_dtype)
     from sparseseg.errors import SparsesegError
     from sparseseg.model.contract import geometry_of_contract
 
     geometry = geometry_of_contract(contract)
     blk = block_size(geometry, block, volume_shape)
+    dtype = run_dtype(precision)
     if tile:
         tile = check_tile(geometry, tile)
         check_profile_tile(contract, tile)
+        if "profile" not in contract:       # a plan's profile already bounds its tiles
+            check_activation_cap(contract, tile, dtype)
     else:
-        tile = check_tile(geometry, default_tile(contract, device, extent=blk))
+        tile = check_tile(geometry, default_tile(contract, device, extent=blk, dtype=dtype))
     if geometry.padding == "same" and not block:
         blk = same_padding_block(geometry, volume_shape, blk, tile, overlap)
     if batch is None:
         first = Block((0, 0, 0), (0, 0, 0), blk)
-        batch = default_batch(contract, device, tile, len(read_plan(first, volume_shape, geometry, tile, overlap).offsets))
+        batch = default_batch(contract, device, tile, len(read_plan(first, volume_shape, geometry, tile, overlap).offsets),
+                              dtype=dtype)
     elif batch < 1:
         raise SparsesegError(f"--batch must be >= 1, got {batch}")
     return blk, tile, int(batch)

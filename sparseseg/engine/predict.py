@@ -115,7 +115,8 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
     just trained), or an engine file (.pt, .onnx, .plan). Both run with the backend
     `sparseseg-infer` would pick for them (a model object as a .pt file: the fastest installed
     CPU backend on CPU, torch on CUDA), unless `backend` pins one ("torch", "onnxruntime",
-    "openvino"). `precision`: "fp32", or "fp16"/"bf16" (torch autocast on CUDA; on CPU bf16
+    "openvino"). `precision`: "fp32" (TF32 off on CUDA), "tf32" (CUDA), or "fp16"/"bf16" (torch autocast
+    on CUDA; on CPU bf16
     through OpenVINO, where the CPU has bf16 units). `kernels`:
     "torch" (default, or $SPARSESEG_KERNELS) or "cuda" for the CUDA gather/stitch kernels."""
     from pathlib import Path
@@ -148,7 +149,7 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
     kernels = kernels_option(kernels)
     check_kernels(kernels, engine.device.type)
     blk, tile, batch = choose(contract, vol.shape, device=engine.device.type, block=block, tile=tile, batch=batch,
-                              overlap=overlap)
+                              overlap=overlap, precision=precision)
     from sparseseg.model.contract import geometry_of_contract
 
     job = BlockJob("<memory>", "<memory>", spec, geometry_of_contract(contract).to_dict(), vol.shape, tile, overlap,

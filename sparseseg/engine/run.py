@@ -260,7 +260,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
         block, tile, batch = resume_choice(resolve_output(output, input_path, as_label, input_inner)[0], engine_sha,
                                            block, tile, batch, storage_options)
     blk, tile, batch = choose(contract, shape, device=run_device, block=block, tile=tile, batch=batch,
-                              overlap=overlap)
+                              overlap=overlap, precision=precision)
     if dry_run:
         fig = plan_figures(contract, shape, blk, tile, batch, overlap, assume_voxels_per_second)
         return {"dry_run": True, "engine": str(engine), "input": str(input_path), "backend": backend_name,

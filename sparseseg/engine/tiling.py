@@ -102,6 +102,9 @@ def pad_region(image: np.ndarray, before, after) -> np.ndarray:
 
 # ------------------------------------------------------------------ default tile and batch
 
+DEFAULT_BLOCK = (128, 256, 256)  # write block (= output chunk) when --block is not given
+MAX_ACTIVATION_ELEMENTS = 2 ** 31  # cuDNN refuses (or splits slowly) convolutions on tensors this large
+NVML_LIBRARY = "libnvidia-ml.so.1"
 CPU_BUDGET = 2 << 30            # bytes of activations per CPU worker: fixed, so the default tile (which
                                 # a resumed run must repeat) does not depend on the memory free today
 GPU_BUDGET_FRACTION = 0.6       # of the free device memory (blocks, accumulators and cuDNN need the rest)
@@ -112,15 +115,54 @@ def memory_budget(device: str) -> int:
     """Bytes the network's activations may take: a share of the free GPU memory, or on CPU a
     fixed CPU_BUDGET (less where the machine has less than 4x that available)."""
     if device == "cuda":
-        import torch
+        free = nvml_free_bytes()
+        if free is None:                    # no NVML: ask CUDA (this opens a context in this process)
+            import torch
 
-        free, _ = torch.cuda.mem_get_info()
+            free, _ = torch.cuda.mem_get_info()
         return int(free * GPU_BUDGET_FRACTION)
     try:
         avail = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         avail = 8 * CPU_BUDGET
     return int(min(CPU_BUDGET, avail // 4))
+
+
+def nvml_free_bytes() -> int | None:
+    """Free memory of the first visible GPU from the driver's NVML, or None where NVML is missing.
+
+    NVML opens no CUDA context, so the client that plans a run holds no GPU memory that its
+    workers need. The first entry of CUDA_VISIBLE_DEVICES (an index or a UUID) names the GPU;
+    indices are taken in NVML's PCI order (set CUDA_DEVICE_ORDER=PCI_BUS_ID for them to agree)."""
+    import ctypes
+
+    class Memory(ctypes.Structure):
+        _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+    try:
+        lib = ctypes.CDLL(NVML_LIBRARY)
+    except OSError:
+        return None
+    if lib.nvmlInit_v2() != 0:
+        return None
+    try:
+        first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+        handle = ctypes.c_void_p()
+        if first.isdigit():
+            rc = lib.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(int(first)), ctypes.byref(handle))
+        else:
+            rc = lib.nvmlDeviceGetHandleByUUID(first.encode(), ctypes.byref(handle))
+        mem = Memory()
+        if rc != 0 or lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
+            return None
+        return int(mem.free)
+    finally:
+        lib.nvmlShutdown()
+
+
+def run_dtype(precision: str) -> str:
+    """The activations' dtype of a run in `precision` (what the tile measure counts in)."""
+    return {"fp16": "float16", "bf16": "bfloat16"}.get(precision, "float32")
 
 
 def profile_tiles(contract: dict) -> dict:
@@ -172,7 +214,8 @@ def _candidate(geometry, m: int, extent) -> tuple[int, int, int]:
     return tuple(out)
 
 
-def default_tile(contract: dict, device: str, extent=None, budget: int | None = None) -> tuple[int, int, int]:
+def default_tile(contract: dict, device: str, extent=None, budget: int | None = None,
+                 dtype: str = "float32") -> tuple[int, int, int]:
     """The output tile to run an engine file with.
 
     A TensorRT plan: its profile's opt tile. Otherwise the largest tile of about equal size per
@@ -187,7 +230,8 @@ def default_tile(contract: dict, device: str, extent=None, budget: int | None = 
     if prof is not None:
         return prof["opt"]
     geometry = geometry_of_contract(contract)
-    extent = tuple(extent) if extent is not None else (1 << 20,) * 3
+    extent = tuple(extent) if extent is not None else tuple(
+        -(-b // r.step) * r.step for b, r in zip(DEFAULT_BLOCK, geometry.axes))
     budget = budget if budget is not None else memory_budget(device)
     floor = max(max(geometry.step), max(geometry.context))
     # Distinct candidates from the floor up to one tile covering the extent; the activation peak
@@ -201,23 +245,44 @@ def default_tile(contract: dict, device: str, extent=None, budget: int | None = 
     lo, hi = 0, len(cands) - 1              # cands[0] is taken whatever the budget (the floor)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if tile_bytes(contract, cands[mid]) <= budget:
+        if tile_bytes(contract, cands[mid], dtype=dtype) <= budget and \
+                tile_largest(contract, cands[mid], dtype) < MAX_ACTIVATION_ELEMENTS:
             lo = mid
         else:
             hi = mid - 1
     return cands[lo]
 
 
-def tile_bytes(contract: dict, tile_out, batch: int = 1) -> int:
-    from sparseseg.engine.measure import tile_peak_bytes
+def _tile_shape(contract: dict, tile_out, batch: int = 1) -> tuple:
     from sparseseg.model.contract import geometry_of_contract
 
-    geometry = geometry_of_contract(contract)
-    shape = (batch, contract["in_channels"]) + tile_input(geometry, tile_out)
-    return tile_peak_bytes(contract["model_config"], shape)
+    return (batch, contract["in_channels"]) + tile_input(geometry_of_contract(contract), tile_out)
 
 
-def default_batch(contract: dict, device: str, tile_out, tiles_per_block: int, budget: int | None = None) -> int:
+def tile_bytes(contract: dict, tile_out, batch: int = 1, dtype: str = "float32") -> int:
+    from sparseseg.engine.measure import tile_peak_bytes
+
+    return tile_peak_bytes(contract["model_config"], _tile_shape(contract, tile_out, batch), dtype)
+
+
+def tile_largest(contract: dict, tile_out, dtype: str = "float32") -> int:
+    """Elements of the largest activation of one tile (batch 1: torch splits a batch into parts
+    cuDNN can index, but cannot split one tile)."""
+    from sparseseg.engine.measure import largest_activation
+
+    return largest_activation(contract["model_config"], _tile_shape(contract, tile_out), dtype)
+
+
+def check_activation_cap(contract: dict, tile_out, dtype: str = "float32") -> None:
+    """A one-line error for a tile whose largest activation reaches MAX_ACTIVATION_ELEMENTS."""
+    n = tile_largest(contract, tile_out, dtype)
+    if n >= MAX_ACTIVATION_ELEMENTS:
+        raise SparsesegError(f"--tile {'x'.join(map(str, tile_out))}: its largest activation has {n:.3g} elements, "
+                             "at or above cuDNN's 2^31-element limit; pass a smaller --tile")
+
+
+def default_batch(contract: dict, device: str, tile_out, tiles_per_block: int, budget: int | None = None,
+                  dtype: str = "float32") -> int:
     """Tiles per forward pass: a TensorRT plan's profile batch; on CUDA as many as the memory
     budget holds (at most MAX_BATCH and the tiles of a block); on CPU 1 (a batch gains nothing
     there and multiplies the memory)."""
@@ -227,5 +292,5 @@ def default_batch(contract: dict, device: str, tile_out, tiles_per_block: int, b
     if device != "cuda":
         return 1
     budget = budget if budget is not None else memory_budget(device)
-    per_tile = tile_bytes(contract, tile_out)
+    per_tile = tile_bytes(contract, tile_out, dtype=dtype)
     return max(1, min(MAX_BATCH, tiles_per_block, budget // max(per_tile, 1)))

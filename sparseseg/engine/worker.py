@@ -17,8 +17,11 @@ device-wide synchronize. A block is marked done only after its chunks are stored
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -89,6 +92,9 @@ class BlockRunner:
         self.ops = block_ops(job.kernels, self.device)      # engine/tensor_ops.py unless --kernels cuda
         if self.cuda:
             self.upload_stream = torch.cuda.Stream(self.device)
+            # The compute has its own stream: on the legacy default stream TensorRT's execute_async_v3
+            # synchronizes per call, and every other stream would implicitly wait on it.
+            self.compute_stream = torch.cuda.Stream(self.device)
             self.download_stream = torch.cuda.Stream(self.device)
 
     # ---------------------------------------------------------------- reader thread
@@ -141,6 +147,13 @@ class BlockRunner:
                                  f"{self.batch}: pass a smaller --tile or --batch") from None
 
     def compute(self, block: Block, plan, region, staged):
+        """Gather, forward and stitch one block; on CUDA everything is enqueued on the compute stream."""
+        if not self.cuda:
+            return self._compute(block, plan, region, staged)
+        with self.torch.cuda.stream(self.compute_stream):
+            return self._compute(block, plan, region, staged)
+
+    def _compute(self, block: Block, plan, region, staged):
         torch, ops = self.torch, self.ops
         if staged is not None:
             torch.cuda.current_stream().wait_event(staged[0])
@@ -180,8 +193,11 @@ class BlockRunner:
         if not self.cuda:
             return lambda: (labels.numpy(), probs.numpy() if probs is not None else None)
         outs = []
+        # The stream that computed the labels, named before entering the download stream: inside
+        # it, current_stream() *is* the download stream and a wait on it would wait on itself.
+        compute = self.compute_stream
         with torch.cuda.stream(self.download_stream):
-            self.download_stream.wait_stream(torch.cuda.current_stream())
+            self.download_stream.wait_stream(compute)
             for t in (labels, probs):
                 if t is None:
                     outs.append(None)
@@ -200,6 +216,28 @@ class BlockRunner:
         return finish
 
 
+_RUNNERS: dict = {}
+_RUNNERS_LOCK = threading.Lock()
+MAX_RUNNERS = 4                 # a worker runs one job at a time; a few keep a retried job's runner too
+
+
+def _job_key(job: BlockJob) -> str:
+    return json.dumps(dataclasses.asdict(job), sort_keys=True, default=str)
+
+
+def cached_runner(job: BlockJob, backend) -> BlockRunner:
+    """One BlockRunner per job, backend and thread in a worker process, reused by every Dask task
+    of the run: streams, blending weights and a halved batch survive task edges."""
+    key = (_job_key(job), id(backend), threading.get_ident())
+    with _RUNNERS_LOCK:
+        runner = _RUNNERS.get(key)
+        if runner is None or runner.backend is not backend:
+            if len(_RUNNERS) >= MAX_RUNNERS:
+                _RUNNERS.pop(next(iter(_RUNNERS)))
+            runner = _RUNNERS[key] = BlockRunner(job, backend)
+        return runner
+
+
 def process_blocks(job: BlockJob, blocks: list[Block], on_block=None, io=None, backend=None
                    ) -> list[tuple[str, int, float]]:
     """Run a group of blocks with read-ahead and write-behind; returns (key, voxels, seconds) per
@@ -214,7 +252,7 @@ def process_blocks(job: BlockJob, blocks: list[Block], on_block=None, io=None, b
             write_block(job, block, labels, probs)
     else:
         volume, write = io
-    runner = BlockRunner(job, backend)
+    runner = BlockRunner(job, backend) if io is not None else cached_runner(job, backend)
     delay = float(os.environ.get("SPARSESEG_BLOCK_DELAY", "0"))   # fault-injection tests only
     import torch
 

@@ -13,7 +13,8 @@ from sparseseg.errors import SparsesegError
 
 
 def run_export(model, onnx_path, plan_path, precision, tile, batch, workspace, calibration, version_compatible,
-               verify: bool, simplify: bool, force: bool, tile_min=None, tile_max=None) -> list[str]:
+               verify: bool, simplify: bool, force: bool, tile_min=None, tile_max=None,
+               hardware_compatible: bool = False) -> list[str]:
     from sparseseg.engine.tiling import check_tile
     from sparseseg.export.onnx_export import ExportReport, export_onnx, verify_onnx
     from sparseseg.fsutil import atomic_path, temporary_sibling
@@ -76,7 +77,7 @@ def run_export(model, onnx_path, plan_path, precision, tile, batch, workspace, c
         from sparseseg.export.tensorrt import build_plan, describe_profile, verify_plan
 
         side = build_plan(onnx_out, plan_out, contract, profile, workspace_gb=workspace,
-                          version_compatible=version_compatible)
+                          version_compatible=version_compatible, hardware_compatible=hardware_compatible)
         line = (f"built {plan_out} ({precision}, strongly typed, TensorRT {side['tensorrt_version']}, "
                 f"{side['gpu_name']}; profile {describe_profile(profile)})")
         if verify:

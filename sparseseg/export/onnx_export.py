@@ -207,8 +207,9 @@ def check_parity(reference, candidate, precision: str, what: str):
     """Raise unless `candidate` (logits) is within the bound of `precision` of `reference`."""
     diff, agree = compare(reference, candidate)
     if precision == "fp32":
-        ok = diff <= FP32_ATOL and agree == 1.0
-        bound = f"max |diff| <= {FP32_ATOL:g} and identical argmax"
+        # Agreement, not identical argmax: within 1e-4 an exact tie may still flip.
+        ok = diff <= FP32_ATOL and agree >= ARGMAX_FP16_MIN_AGREEMENT
+        bound = f"max |diff| <= {FP32_ATOL:g} and >= {100 * ARGMAX_FP16_MIN_AGREEMENT:g}% argmax"
     elif precision == "int8":
         ok = agree >= ARGMAX_FP16_MIN_AGREEMENT
         bound = f">= {100 * ARGMAX_FP16_MIN_AGREEMENT:g}% argmax"

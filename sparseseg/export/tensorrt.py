@@ -45,11 +45,13 @@ def import_tensorrt():
 
 # ------------------------------------------------------------------ pure parts: profile
 
-def default_plan_tile(contract: dict, device: str = "cuda") -> tuple[int, int, int]:
-    """The output tile the engine would choose for this network on `device`: build and run agree."""
-    from sparseseg.engine.tiling import default_tile
+def default_plan_tile(contract: dict, device: str = "cuda", budget: int | None = None) -> tuple[int, int, int]:
+    """The output tile the engine would choose for this network on `device` for its default
+    block, measured in the plan's precision: build and run agree."""
+    from sparseseg.engine.tiling import default_tile, run_dtype
 
-    return tuple(int(t) for t in default_tile(contract, device))
+    return tuple(int(t) for t in default_tile(contract, device, budget=budget,
+                                              dtype=run_dtype(contract.get("precision", "fp32"))))
 
 
 def smallest_tile(geometry) -> tuple[int, int, int]:
@@ -112,7 +114,7 @@ def check_engine_profile(engine_shapes, profile: dict) -> None:
 # ------------------------------------------------------------------ pure parts: sidecar
 
 def plan_contract(contract: dict, *, precision, profile, trt_version, gpu_name, compute_capability,
-                  version_compatible: bool, workspace_gb: float) -> dict:
+                  version_compatible: bool, workspace_gb: float, hardware_compatible: bool = False) -> dict:
     side = dict(contract)
     side.update({
         "precision": precision,
@@ -120,7 +122,7 @@ def plan_contract(contract: dict, *, precision, profile, trt_version, gpu_name, 
         "gpu_name": gpu_name,
         "compute_capability": list(compute_capability),
         "version_compatible": bool(version_compatible),
-        "hardware_compatibility": "ampere_plus" if version_compatible else "same_gpu",
+        "hardware_compatibility": "ampere_plus" if hardware_compatible else "same_compute_capability",
         "strongly_typed": True,
         "profile": profile,
         "workspace_gb": workspace_gb,
@@ -133,8 +135,10 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 
 def check_plan_compatible(sidecar: dict, trt_version: str, gpu_name: str, compute_capability) -> None:
-    """Refuse a plan built for another GPU or TensorRT version (engines are not portable),
-    unless it was built version- and hardware-compatible."""
+    """Refuse a plan built for another TensorRT version (unless built version-compatible: then
+    the same major, same or newer) or another compute capability (unless built
+    hardware-compatible: then any Ampere or newer GPU). GPUs of one compute capability (H100 SXM
+    and PCIe, H200) run each other's plans, so the GPU's name is not compared."""
     built_v, built_gpu = sidecar.get("tensorrt_version"), sidecar.get("gpu_name")
     built_cc = tuple(sidecar.get("compute_capability", ()))
     cc = tuple(compute_capability)
@@ -143,17 +147,17 @@ def check_plan_compatible(sidecar: dict, trt_version: str, gpu_name: str, comput
                 _version_tuple(trt_version) < _version_tuple(built_v):
             raise SparsesegError(f"plan was built with TensorRT {built_v}; a version-compatible plan runs on the "
                                  f"same major version, same or newer (this is {trt_version}); rebuild it")
+    elif _version_tuple(trt_version) != _version_tuple(built_v):
+        raise SparsesegError(f"plan was built with TensorRT {built_v}, this is TensorRT {trt_version}: engines are "
+                             "not portable; rebuild it here with sparseseg-export (or build with --version-compatible)")
+    if sidecar.get("hardware_compatibility") == "ampere_plus":
         if cc < (8, 0):
             raise SparsesegError(f"plan was built for Ampere and newer GPUs; this GPU ({gpu_name}) has compute "
                                  f"capability {cc[0]}.{cc[1]}")
-        return
-    if _version_tuple(trt_version) != _version_tuple(built_v):
-        raise SparsesegError(f"plan was built with TensorRT {built_v}, this is TensorRT {trt_version}: engines are "
-                             "not portable; rebuild it here with sparseseg-export (or build with --version-compatible)")
-    if cc != built_cc or gpu_name != built_gpu:
+    elif cc != built_cc:
         raise SparsesegError(f"plan was built on {built_gpu} (compute capability {'.'.join(map(str, built_cc))}), "
                              f"this is {gpu_name} ({'.'.join(map(str, cc))}): engines are not portable; rebuild it "
-                             "here with sparseseg-export (or build with --version-compatible)")
+                             "here with sparseseg-export (or build with --hardware-compatible)")
 
 
 def timing_cache_path() -> Path:
@@ -163,8 +167,20 @@ def timing_cache_path() -> Path:
 
 # ------------------------------------------------------------------ build (needs TensorRT + GPU)
 
+def configure_builder(config, trt, precision: str, *, version_compatible: bool, hardware_compatible: bool) -> None:
+    """The builder flags: TF32 off for fp32 plans, and each compatibility only when asked for
+    (AMPERE_PLUS drops Hopper-only tactics, so it is not implied by version compatibility)."""
+    if precision == "fp32":
+        # TF32 is on by default for float32 tensors; an fp32 plan is meant to match fp32 to 1e-4.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if hardware_compatible:
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+
+
 def build_plan(onnx_path, plan_path: Path, contract: dict, profile: dict, *, workspace_gb=4.0,
-               version_compatible=False) -> dict:
+               version_compatible=False, hardware_compatible=False) -> dict:
     """Build and serialize a strongly typed engine from an ONNX graph that carries its precision
     (contract["precision"]); returns the sidecar contract (written next to the plan)."""
     precision = contract.get("precision", "fp32")
@@ -187,12 +203,8 @@ def build_plan(onnx_path, plan_path: Path, contract: dict, profile: dict, *, wor
         raise SparsesegError(f"TensorRT could not parse {onnx_path}: {errors[:300]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp32":
-        # TF32 is on by default for float32 tensors; an fp32 plan is meant to match fp32 to 1e-4.
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    configure_builder(config, trt, precision, version_compatible=version_compatible,
+                      hardware_compatible=hardware_compatible)
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(INPUT_NAME, profile["min"], profile["opt"], profile["max"])
     config.add_optimization_profile(trt_profile)
@@ -213,7 +225,8 @@ def build_plan(onnx_path, plan_path: Path, contract: dict, profile: dict, *, wor
     props = torch.cuda.get_device_properties(0)
     side = plan_contract(contract, precision=precision, profile=profile, trt_version=trt.__version__,
                          gpu_name=props.name, compute_capability=(props.major, props.minor),
-                         version_compatible=version_compatible, workspace_gb=workspace_gb)
+                         version_compatible=version_compatible, workspace_gb=workspace_gb,
+                         hardware_compatible=hardware_compatible)
     # The sidecar first: a plan never sits under its final name without its contract.
     with atomic_path(sidecar_path(plan_path)) as tmp:
         tmp.write_text(json.dumps(side, indent=2))

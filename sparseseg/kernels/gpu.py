@@ -27,10 +27,22 @@ def _ptr(t):
     return t.data_ptr() if t is not None else 0
 
 
-def _i64(values, device):
+def _upload_i64(values, device):
+    """(N, 3) int64 on `device`, copied from pinned memory without a host sync; the caller keeps
+    the result alive until after the launch (a freed temporary's block goes to the next tensor)."""
     import torch
 
-    return torch.as_tensor(np.asarray(values, np.int64).reshape(-1, 3), device=device).contiguous()
+    host = torch.from_numpy(np.ascontiguousarray(np.asarray(values, np.int64).reshape(-1, 3)))
+    if getattr(device, "type", str(device)) != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _check_batch(logits, *rows):
+    """One offset row per tile: the kernels index the rows by tile and would read past fewer."""
+    for r in rows:
+        if len(r) != len(logits):
+            raise ValueError(f"{len(logits)} tiles but {len(r)} offsets")
 
 
 def _channel(t):
@@ -46,7 +58,7 @@ def gather(region, region_start, offsets, origin, volume_shape, tile_shape, norm
     if src is None or dst is None:
         raise TypeError(f"gather supports uint8/uint16/float32 -> float32/float16, not {region.dtype} -> {dtype}")
     dev = region.device
-    off = _i64(offsets, dev)
+    off = _upload_i64(offsets, dev)
     region = region.contiguous()
     out = torch.empty((len(off), region.shape[0]) + tuple(tile_shape), dtype=dtype, device=dev)
     norm = norm or {}
@@ -67,10 +79,13 @@ def stitch_valid(logits, offsets, keep, labels, probs=None):
     dev = logits.device
     name = "stitch_valid_f16" if logits.dtype == torch.float16 else "stitch_valid_f32"
     logits = logits.contiguous() if logits.dtype in (torch.float16, torch.float32) else logits.float().contiguous()
+    _check_batch(logits, offsets, keep)
     n, k, oz, oy, ox = logits.shape
     i = np.int64
+    both = _upload_i64(list(offsets) + list(keep), dev)      # one upload: dst rows, then keep rows
+    dst, kept = both[:n], both[n:]
     _launch(kernel("stitch_valid.cu", name), n * oz * oy * ox, (
-        _ptr(logits), _ptr(labels), _ptr(probs), _ptr(_i64(offsets, dev)), _ptr(_i64(keep, dev)), i(k), i(oz), i(oy),
+        _ptr(logits), _ptr(labels), _ptr(probs), _ptr(dst), _ptr(kept), i(k), i(oz), i(oy),
         i(ox), *map(i, labels.shape), i(n * oz * oy * ox)))
 
 
@@ -79,11 +94,17 @@ def accumulate_same(logits, weights, offsets, acc, wsum):
 
     name = "accumulate_f16" if logits.dtype == torch.float16 else "accumulate_f32"
     logits = logits.contiguous() if logits.dtype in (torch.float16, torch.float32) else logits.float().contiguous()
+    _check_batch(logits, offsets)
     n, k, tz, ty, tx = logits.shape
     i = np.int64
-    _launch(kernel("stitch_same.cu", name), wsum.numel(), (
-        _ptr(logits), _ptr(weights.contiguous()), _ptr(_i64(offsets, logits.device)), i(n), i(k), i(tz), i(ty),
-        i(tx), _ptr(acc), _ptr(wsum), *map(i, wsum.shape)))
+    weights = weights.contiguous()
+    fn = kernel("stitch_same.cu", name)
+    # One launch per tile over its own voxels, in order: overlapping tiles add in the reference's
+    # order without atomics, and the work is the tiles' size, not region x tiles.
+    for t, pos in enumerate(offsets):
+        _launch(fn, tz * ty * tx, (
+            _ptr(logits) + t * k * tz * ty * tx * logits.element_size(), _ptr(weights), *map(i, pos), i(k), i(tz),
+            i(ty), i(tx), _ptr(acc), _ptr(wsum), *map(i, wsum.shape)))
 
 
 def finalize_same(acc, wsum, crop_start, labels, probs=None):

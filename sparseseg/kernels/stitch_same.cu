@@ -2,41 +2,40 @@
 // Stitch for same-padding networks: Gaussian-weighted accumulation of a batch of logits into a
 // region accumulator, then a finalize pass (argmax and quantized probabilities).
 //
-// accumulate: one thread per accumulator voxel loops over the batch's tiles in order, so the sum
-// is deterministic and in the same order as the CPU reference; __fmul_rn/__fadd_rn forbid FMA
-// contraction, so the float32 results are bit-identical to numpy's.
+// accumulate: one launch per tile (in batch order), one thread per voxel of that tile, so the
+// work is the tile's size and overlapping tiles add in the CPU reference's order: deterministic;
+// __fmul_rn/__fadd_rn forbid FMA contraction, so the float32 results are bit-identical to numpy's.
+// logits: this tile's (K, tz, ty, tx); (p0, p1, p2) its offset in the region accumulator
 // acc: (K, rz, ry, rx) float32, wsum: (rz, ry, rx) float32, weights: (tz, ty, tx) normalized.
 #include "common.cuh"
 
 template <typename L>
-__device__ void accumulate(const L* __restrict__ logits, const float* __restrict__ weights,
-                           const i64* __restrict__ pos, i64 N, i64 K, i64 tz, i64 ty, i64 tx,
-                           float* __restrict__ acc, float* __restrict__ wsum, i64 rz, i64 ry, i64 rx) {
+__device__ void accumulate(const L* __restrict__ logits, const float* __restrict__ weights, i64 p0, i64 p1,
+                           i64 p2, i64 K, i64 tz, i64 ty, i64 tx, float* __restrict__ acc,
+                           float* __restrict__ wsum, i64 rz, i64 ry, i64 rx) {
     i64 total = rz * ry * rx;
     i64 plane = tz * ty * tx;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
-        i64 x = i % rx, r = i / rx;
-        i64 y = r % ry, z = r / ry;
-        for (i64 n = 0; n < N; ++n) {
-            i64 lz = z - pos[3 * n], ly = y - pos[3 * n + 1], lx = x - pos[3 * n + 2];
-            if (lz < 0 || ly < 0 || lx < 0 || lz >= tz || ly >= ty || lx >= tx) continue;
-            i64 t = (lz * ty + ly) * tx + lx;
-            float w = weights[t];
-            for (i64 k = 0; k < K; ++k)
-                acc[k * total + i] = __fadd_rn(acc[k * total + i], __fmul_rn(to_float(logits[(n * K + k) * plane + t]), w));
-            wsum[i] = __fadd_rn(wsum[i], w);
-        }
+    for (i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x; t < plane; t += (i64)gridDim.x * blockDim.x) {
+        i64 lx = t % tx, r = t / tx;
+        i64 ly = r % ty, lz = r / ty;
+        i64 z = p0 + lz, y = p1 + ly, x = p2 + lx;
+        if (z < 0 || y < 0 || x < 0 || z >= rz || y >= ry || x >= rx) continue;
+        i64 i = (z * ry + y) * rx + x;
+        float w = weights[t];
+        for (i64 k = 0; k < K; ++k)
+            acc[k * total + i] = __fadd_rn(acc[k * total + i], __fmul_rn(to_float(logits[k * plane + t]), w));
+        wsum[i] = __fadd_rn(wsum[i], w);
     }
 }
 
-extern "C" __global__ void accumulate_f32(const float* logits, const float* weights, const i64* pos, i64 N, i64 K,
+extern "C" __global__ void accumulate_f32(const float* logits, const float* weights, i64 p0, i64 p1, i64 p2, i64 K,
                                           i64 tz, i64 ty, i64 tx, float* acc, float* wsum, i64 rz, i64 ry, i64 rx) {
-    accumulate<float>(logits, weights, pos, N, K, tz, ty, tx, acc, wsum, rz, ry, rx);
+    accumulate<float>(logits, weights, p0, p1, p2, K, tz, ty, tx, acc, wsum, rz, ry, rx);
 }
 
-extern "C" __global__ void accumulate_f16(const __half* logits, const float* weights, const i64* pos, i64 N, i64 K,
+extern "C" __global__ void accumulate_f16(const __half* logits, const float* weights, i64 p0, i64 p1, i64 p2, i64 K,
                                           i64 tz, i64 ty, i64 tx, float* acc, float* wsum, i64 rz, i64 ry, i64 rx) {
-    accumulate<__half>(logits, weights, pos, N, K, tz, ty, tx, acc, wsum, rz, ry, rx);
+    accumulate<__half>(logits, weights, p0, p1, p2, K, tz, ty, tx, acc, wsum, rz, ry, rx);
 }
 
 // finalize: blended = acc / wsum over the crop [c0, c0 + bz) x ... of the region; argmax labels
