@@ -106,7 +106,8 @@ TRAINING_HELP = {
     "pretrain": dict(type=click.IntRange(0), help="self-supervised steps first: the network inpaints masked "
                                                   "blocks of the raw volume, all voxels, labelled or not"),
     "normalization": dict(help="global (z-score over the training volumes, in the graph), volume (per-volume "
-                               "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)"),
+                               "z-score) or percentile (per volume: clip to 0.5/99.5 percentiles, z-score)  "
+                               f"[default: {DEFAULTS['normalization']}; meta self-training: global]"),
     "ignore_label": dict(type=click.IntRange(0, 255)),
     "voxel_size": dict(help="Z,Y,X voxel size (default: from file metadata, else from shape)"),
     "augment": dict(help="full (elastic, any rotation, scaling, flips, gray values), lossless (flips, "
@@ -125,8 +126,9 @@ TRAINING_HELP = {
     "device": dict(type=click.Choice(["auto", "cpu", "cuda"])),
     "no_amp": dict(is_flag=True, help="no mixed precision on GPU"),
 }
-# Defaults click must not fill in, so that giving both --iterations and --time-budget is caught.
-UNSET_DEFAULTS = ("iterations", "time_budget")
+# Defaults click must not fill in: giving both --iterations and --time-budget is caught, and an
+# unset --normalization lets meta self-training use the one it supports (None: the default).
+UNSET_DEFAULTS = ("iterations", "time_budget", "normalization")
 
 
 def training_options(fn):
@@ -176,7 +178,7 @@ def _train_options_only(kwargs):
     """The training options out of a command's keyword arguments (None: the default)."""
     if kwargs["iterations"] is not None and kwargs["time_budget"] is not None:
         raise SparsesegError("give --iterations or --time-budget, not both (--iterations pins the count)")
-    return {k: (DEFAULTS[k] if kwargs[k] is None and k in UNSET_DEFAULTS else kwargs[k]) for k in DEFAULTS}
+    return {k: (DEFAULTS[k] if kwargs[k] is None and k in UNSET_DEFAULTS[:2] else kwargs[k]) for k in DEFAULTS}
 
 
 # ------------------------------------------------------------------ commands

@@ -49,6 +49,9 @@ def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress
 
     check_options(options, mode=st.mode)
     check_output_name(st, out_path)
+    if st.mode == "meta" and not options.get("normalization"):
+        # The composed engine file takes raw intensities: every part normalizes in its graph.
+        options = {**options, "normalization": "global"}
     if not options.get("iterations"):
         # A time budget is shared: the 3D and 2D base networks and the final one get a third each.
         options = {**options, "time_budget": (options.get("time_budget") or DEFAULTS["time_budget"]) / 3}

@@ -97,7 +97,8 @@ def build_configs(vols, o: dict):
         dice_weight=o["dice_weight"], ignore_label=ignore, seed=o["seed"], device=o["device"],
         amp=not o["no_amp"], val_fraction=o["val_fraction"], val_every=o["val_every"],
         checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug,
-        schedule=o["schedule"], warmup=o["warmup"], loss=o["loss"], normalization=o["normalization"],
+        schedule=o["schedule"], warmup=o["warmup"], loss=o["loss"],
+        normalization=o["normalization"] or DEFAULTS["normalization"],
         val_slices=o["val_slices"], early_stop=o["early_stop"], max_weight_ratio=o["max_weight_ratio"],
         bn_recalibrate=o["bn_recalibrate"], class_sampling=o["class_sampling"],
         pretrain=o["pretrain"])

@@ -1,0 +1,55 @@
+"""One training lever on the light-microscopy nuclei crops, at a pinned iteration count: train on
+crop a's N,N,N orthogonal slices (classes background / interior / boundary), score semi (a's
+unannotated voxels) and auto (all of crop b); one JSON line to results/nuclei_levers.jsonl.
+
+    python benchmarks/nuclei_levers.py THREADS iterations=300 [option=value ...] [slices=5]
+"""
+import json, os, sys, time
+from pathlib import Path
+
+import numpy as np, torch, tifffile
+from scipy import ndimage
+from sparseseg.trainer.sparse import orthogonal_slices, sparsify, annotated_mask
+from sparseseg.trainer.data import TrainingVolume
+from sparseseg.trainer.options import build_configs
+from sparseseg.trainer.train import train
+from sparseseg.trainer.metrics import iou_per_class
+import sparseseg
+ROOT = Path(__file__).resolve().parents[1]
+D = str(Path(os.environ.get("SPARSESEG_DATA", ROOT.parent / "shared" / "data")) / "plantseg_nuclei") + "/"
+def load(n):
+    img = tifffile.imread(D + f"nuclei_{n}_image_zyx.tif").astype(np.float32)
+    ins = tifffile.imread(D + f"nuclei_{n}_instances_zyx.tif")
+    fp = ndimage.generate_binary_structure(3, 1)
+    mx, mn = ndimage.maximum_filter(ins, footprint=fp), ndimage.minimum_filter(ins, footprint=fp)
+    lab = np.where(ins > 0, np.where((mx != ins) | (mn != ins), 2, 1), 0).astype(np.uint8)
+    return img, lab
+threads = int(sys.argv[1]); torch.set_num_threads(threads)
+over = {}
+for a in sys.argv[2:]:
+    k, v = a.split("=")
+    try: v = float(v) if "." in v else int(v)
+    except ValueError: pass
+    over[k] = v
+counts = over.pop("slices", 5)
+ia, la = load("a"); ib, lb = load("b")
+sl = orthogonal_slices(la.shape, (counts,) * 3)
+vol = TrainingVolume(ia[None], sparsify(la, sl), "a")
+o = {"checkpoint_every": 0, "device": "cpu", **over}
+mcfg, tcfg, names = build_configs([vol], o)
+t = time.time()
+res = train([vol], mcfg, tcfg, ["bg", "interior", "boundary"], progress=False)
+tt = time.time() - t
+model = res.model.eval()
+t = time.time()
+pa, _ = sparseseg.predict(model, ia, device="cpu", backend="torch")
+pb, _ = sparseseg.predict(model, ib, device="cpu", backend="torch")
+tp = time.time() - t
+semi_t = la.copy(); semi_t[annotated_mask(la, sl)] = 255
+r_semi = iou_per_class(pa, semi_t, 3, 255); r_auto = iou_per_class(pb, lb, 3, 255)
+row = {"options": over, "slices": counts, "threads": threads, "iterations": res.iterations, "train_s": round(tt, 1),
+       "predict_s": round(tp, 1), "semi": [round(v, 4) for v in r_semi["iou"]], "semi_mf": round(r_semi["mean_foreground_iou"], 4),
+       "auto": [round(v, 4) for v in r_auto["iou"]], "auto_mf": round(r_auto["mean_foreground_iou"], 4), "plan": res.plan}
+print(json.dumps(row))
+with open(ROOT / "benchmarks" / "results" / "nuclei_levers.jsonl", "a") as f:
+    f.write(json.dumps(row) + "\n")
