@@ -17,28 +17,7 @@ OPTION_KEYS = ARCH_KEYS + ["preset", "iterations", "batch_size", "lr", "optimize
 
 # Every option's default, in one place: the CLI, the napari widget, the benchmarks and options
 # dicts from older callers (a missing key means its default) all read it.
-# augment "lossless" and loss "ce+jaccard" (not the paper's elastic deformation and plain weighted
-# cross-entropy): measured on ISBI 2012, 3D small preset, 300 CPU iterations, membrane IoU on the
-# 25 unannotated sections 0.508 against 0.488 with the paper's choices (resampling blurs
-# 2-voxel membranes; the Jaccard term counters the thickening of balanced class weights);
-# benchmarks/results/levers_isbi.json. schedule "poly" (nnU-Net's decay to 0): 2D, class weights
-# 1,1, 10000 iterations on ISBI, membrane IoU 0.603 against 0.573 with a constant rate.
-# TrainConfig keeps the paper's choices (constant rate) for Python callers.
-# iterations 3000: with one-section patches (labels on separate sections) and model/layers.Conv3d
-# a 3D iteration costs ~0.18 s on 2 cores with the filter bank, so ~9 minutes on ISBI and VNC.
-# 3200 against 1800 iterations (one thread): VNC membrane / mitochondria 0.721 / 0.597 against
-# 0.715 / 0.539; ISBI 0.625 against 0.616-0.626 (three seeds): more helps the rarer class.
-# class_weights "uniform": 3D, 2000 iterations, ISBI membrane 0.632 against 0.600 balanced (0.615
-# with --max-weight-ratio 2); VNC membrane / mitochondria 0.714 / 0.544 against 0.660 / 0.444
-# (ratio 2: 0.694 / 0.534). Balanced weights thicken thin structures (ISBI: 29% of voxels
-# predicted membrane against 22% true; uniform 24%).
-# class_sampling 0.33 (nnU-Net's share of forced-foreground patches): a third of the patches
-# anchored on a voxel of a uniformly drawn class (1000 it, train half, self_training.jsonl s8-cs,
-# s9-cs): one VNC section (10) mitochondria 0.432 / 0.445 (two seeds; 0.5: 0.442 / 0.464) against
-# 0.147 / 0.000 without, membranes equal. At 3000 it, every 4th VNC section (real_data_runs.jsonl
-# s8-default*, s9-*): 0.33 gives mitochondria 0.537 / 0.551 (seeds 0 / 1), 0.5 gave 0.513 / 0.531
-# / 0.481 (seeds 0 / 1 / 2), 0.25 0.528 (seed 0); before it and the Jaccard change 0.573 / 0.533.
-# Higher shares over-predict the rare class (6.6-7.3% of voxels at 0.5, 6.0-6.3% at 0.33; 4.4% true).
+# Why each default is what it is (measurements, result files): docs/history.md and docs/design/training.md.
 DEFAULTS = {
     "arch": "unet", "factorized": False, "feature_augment": False, "feature_augment_t": 4,
     "preset": "small", "iterations": 3000, "batch_size": 1, "lr": 1e-3, "optimizer": "adam",
