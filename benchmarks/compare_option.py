@@ -16,7 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+import sys
 from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/compare_option.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import record  # noqa: E402
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FREE = ("iterations", "seed", "ndim")       # the overrides that name a cell, not a setting
@@ -125,7 +132,7 @@ def main():
     result = compare(read_rows(Path(a.runs)), a.option, set(a.tags.split(",")), DEFAULTS)
     if not result["cells"]:
         raise SystemExit(f"no network run in tags {a.tags}")
-    (RESULTS / f"{a.name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{a.name}.json").write_text(json.dumps({"record": record(), **result}, indent=1))
     figure(result, RESULTS / f"{a.name}.png")
     for e in result["cells"]:
         print(e["dataset"], e["network"], e["seed"], *(f"{s} {e[s]['iou']}" for s in ("off", "on") if s in e),

@@ -19,6 +19,13 @@ from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
+import sys
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/cpu_backends.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import record  # noqa: E402
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -78,7 +85,7 @@ def main():
             rows.append(row)
             print(f"{net:6s} {name:14s} tile {tile} {med:8.2f} s {out_vox / med:10.0f} out voxels/s  labels "
                   f"{100 * row['labels_identical_to_torch']:.3f}% = torch")
-    result = {"machine": f"{platform.node()}, {platform.machine()}, {a.threads} threads", "date": str(date.today()),
+    result = {**record(), "threads": a.threads,
               "load_average_after": list(os.getloadavg()), "rows": rows}
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2))

@@ -19,6 +19,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/engine_e2e.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import record  # noqa: E402
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,8 +65,7 @@ def main():
         if i or not a.repeats:
             times.append(time.perf_counter() - t0)
     voxels = int(np.prod(shape))
-    result = {"network": a.network, "shape": list(shape), "code": a.code, "machine": f"{platform.node()}, "
-              f"{platform.machine()}, {a.threads} threads", "date": str(date.today()),
+    result = {"network": a.network, "shape": list(shape), "code": a.code, **record(), "threads": a.threads,
               "load_average": list(os.getloadavg()), "seconds": times, "voxels_per_second": voxels / min(times),
               "backend": summary.get("backend"), "tile": summary.get("tile"), "block": summary.get("block")}
     print(json.dumps(result))

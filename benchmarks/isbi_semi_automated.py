@@ -29,7 +29,14 @@ from sparseseg.trainer.sparse import annotated_mask, sparsify
 from sparseseg.trainer.train import train
 from sparseseg.volume import open_volume
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012_em"
+import sys
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/isbi_semi_automated.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import data_dir, record  # noqa: E402
+
+DATA = data_dir() / "isbi2012_em"
 
 
 def run(ndim: int, image, dense, slices, iterations: int, seed: int, device: str, preset: str):
@@ -63,9 +70,8 @@ def main():
     dense = open_volume(Path(a.data) / "isbi2012_train_label_zyx.tif").read_labels()
     slices = [(0, z) for z in range(0, dense.shape[0], a.every)]
     results = {"protocol": f"annotate sections {[s[1] for s in slices]} of {dense.shape[0]}; IoU on the others",
-               "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                          f"{torch.get_num_threads()} torch threads, device {a.device}",
-               "date": str(date.today()), "iterations": a.iterations, "preset": a.preset, "runs": []}
+               **record(), "threads": torch.get_num_threads(), "device": a.device,
+               "iterations": a.iterations, "preset": a.preset, "runs": []}
     for ndim in (3, 2):
         r = run(ndim, image, dense, slices, a.iterations, a.seed, a.device, a.preset)
         print(json.dumps(r))

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012_em"
 
 # Peak RSS from VmHWM: ru_maxrss would carry over the parent's high-water mark across fork+exec.
 PEAK = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]) / 1024"
@@ -52,6 +51,13 @@ RUN_SPARSESEG = """
 import json, sys, time
 import torch
 from sparseseg.engine.run import run_inference
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/monai_cpu.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import data_dir, record  # noqa: E402
+
+DATA = data_dir() / "isbi2012_em"
 torch.set_num_threads(int(sys.argv[5]))
 t0 = time.time()
 tile = tuple(int(v) for v in sys.argv[4].split(","))
@@ -118,8 +124,8 @@ def main():
 
     import os
 
-    results = {"machine": f"{platform.node()}, {platform.processor() or platform.machine()}, {a.threads} threads",
-               "date": str(date.today()), "load_average_before": list(os.getloadavg()), "volume": list(shape), "tile": a.tile, "overlap": a.overlap,
+    results = {**record(), "threads": a.threads,
+               "load_average_before": list(os.getloadavg()), "volume": list(shape), "tile": a.tile, "overlap": a.overlap,
                "network": "small preset, same padding", "runs": {}}
     m = run(RUN_MONAI, work / "model.pt", work / "volume.zarr", work / "monai.zarr", a.tile, a.threads, a.overlap)
     results["runs"]["monai"] = m

@@ -36,6 +36,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/paper_net_e2e.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import record  # noqa: E402
+
 OLD_DEFAULT_TILE = (12, 12, 12)     # the engine's default for this network before engine v2
 
 
@@ -121,10 +126,7 @@ def main():
     result = {"what": "run_inference (sparseseg-infer --engine model.pt), uint8 zarr -> zarr, paper network "
                       "with random weights (speed only)",
               "shape": list(shape), "code": a.code, "kernels": a.kernels,
-              "machine": f"{platform.node()}, {platform.machine()}, {os.cpu_count()} cores, "
-                         f"{a.threads} torch threads"
-                         + (f", {gpu}" if gpu else ""),
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              **record(), "threads": a.threads, "device_name": gpu,
               "load_average_after": list(os.getloadavg()), "runs": runs}
     if "old" in by and "default" in by:
         result["default_vs_old_speedup"] = by["default"]["voxels_per_second"] / by["old"]["voxels_per_second"]

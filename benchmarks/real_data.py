@@ -119,16 +119,11 @@ def code_version() -> str:
 
 
 def provenance(load_before, commit: str | None = None) -> dict:
-    """Commit (`code_version()`, best taken at the start: `commit`), machine, date (the end) and
-    load of a run."""
-    import torch
+    """Command, commit (`code_version()`, best taken at the start: `commit`), machine, library
+    versions, date (the end) and load of a run: benchmarks/record.py's record."""
+    from benchmarks.record import record
 
-    return {"commit": commit or code_version(),
-            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-                       f"{torch.get_num_threads()} torch threads, cpu",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "load_before": [round(x, 2) for x in load_before],
-            "load_after": [round(x, 2) for x in os.getloadavg()]}
+    return record(commit_at_start=commit or code_version(), load_before=load_before)
 
 
 def run_net(tr_img, tr_lab, te_img, te_lab, names, iterations, overrides, eval_every=0, save=None):

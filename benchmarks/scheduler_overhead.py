@@ -29,6 +29,13 @@ from dataclasses import MISSING, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+import sys
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/scheduler_overhead.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import record  # noqa: E402
+
 
 def stub_process_blocks(job, blocks, on_block=None, **_):
     from sparseseg.engine.store import mark_done
@@ -153,8 +160,7 @@ def main():
             rows.append(one(n, client, address, Path(tmp)))
             print(json.dumps(rows[-1]), flush=True)
     result = {"benchmark": "scheduler overhead per block, no compute (stub block body writing only the marker)",
-              "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+              **record(),
               "load_average_before": [round(x, 2) for x in load],
               "load_average_after": [round(x, 2) for x in os.getloadavg()],
               "dask_workers": args.workers, "threads_per_worker": 1,

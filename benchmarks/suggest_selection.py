@@ -38,7 +38,14 @@ from sparseseg.suggest.planes import PLANES, reduce_volume
 from sparseseg.trainer.metrics import iou_per_class
 from sparseseg.volume import open_volume
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+import sys
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/suggest_selection.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import data_dir, record  # noqa: E402
+
+DATA = data_dir()
 SETS = {
     "isbi2012": ("isbi2012_em/isbi2012_train_image_zyx.tif", "isbi2012_em/isbi2012_train_label_zyx.tif"),
     "vnc": ("drosophila_vnc/vnc_stack1_image_zyx.tif", "drosophila_vnc/vnc_stack1_labels_zyx.tif"),
@@ -219,8 +226,7 @@ def main():
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     sets = [run_set(s, Path(args.data), args.ae_steps, args.step) for s in args.sets.split(",")]
-    out = {"benchmark": "suggest_selection", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch 1 thread, no GPU",
+    out = {"benchmark": "suggest_selection", **record(), "threads": 1,
            "load_average_start": [round(v, 2) for v in load0],
            "load_average_end": [round(v, 2) for v in os.getloadavg()],
            "seconds": round(time.perf_counter() - t0, 1), "budgets": list(BUDGETS), "random_seeds": RANDOM_SEEDS,

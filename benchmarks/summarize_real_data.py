@@ -10,7 +10,14 @@ whatever runs exist; every row keeps its commit, date, machine and load.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/summarize_real_data.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import record  # noqa: E402
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOISE = 0.01        # IoU differences below this, from one short run each, are called inconclusive
@@ -23,13 +30,13 @@ def read(name):
 
 def true_shares(dataset: str, task: str) -> list[float]:
     """Share of each class among the voxels a run predicts (ISBI: the whole stack; VNC: the test half)."""
-    import os
-
     import numpy as np
 
     from sparseseg.volume import open_volume
 
-    data = Path(os.environ.get("SPARSESEG_DATA", "/work/shared/data"))
+    from benchmarks.record import data_dir
+
+    data = data_dir()
     if dataset == "isbi":
         lab = open_volume(data / "isbi2012_em" / "isbi2012_train_label_zyx.tif").read_labels()
     else:
@@ -126,15 +133,15 @@ def main():
     main_rows = [row(r) for r in read("real_data_runs.jsonl")]
     lever_rows = [row(r) for r in read("levers_runs.jsonl")]
     cheng_rows = [row(r) for r in read("cheng_vnc_runs.jsonl")]
-    (RESULTS / "real_data.json").write_text(json.dumps({"runs": main_rows}, indent=1))
+    (RESULTS / "real_data.json").write_text(json.dumps({"record": record(), "runs": main_rows}, indent=1))
     # The figure: the forest and the 10-minute runs (tags "l*"), not the short screening runs.
     shown = [r for r in main_rows if r["method"] == "forest" or r["method"].startswith("l")]
     figure(shown + [r for r in cheng_rows if r["labels"] == "sparse"], RESULTS / "real_data.png")
     lv = levers(main_rows)
     if lv:
-        (RESULTS / "levers_isbi.json").write_text(json.dumps(lv, indent=1))
+        (RESULTS / "levers_isbi.json").write_text(json.dumps({"record": record(), **lv}, indent=1))
     ref = [r for r in main_rows if r["dataset"] == "vnc"]
-    (RESULTS / "cheng_vnc.json").write_text(json.dumps({"runs": ref + cheng_rows}, indent=1))
+    (RESULTS / "cheng_vnc.json").write_text(json.dumps({"record": record(), "runs": ref + cheng_rows}, indent=1))
     for r in main_rows + lever_rows + cheng_rows:
         print(f"{r['dataset']:5} {r['labels']:6} {r['method']:22} "
               + " ".join(f"{k} {v:.3f}" for k, v in r["iou"].items() if v is not None)

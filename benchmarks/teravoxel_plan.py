@@ -23,6 +23,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:          # run as `python benchmarks/teravoxel_plan.py`
+    sys.path.insert(0, _ROOT)
+from benchmarks.record import record  # noqa: E402
+
 H100_FP16_DENSE = 989e12
 MLPERF_SHARE_OF_PEAK = 0.21
 
@@ -88,8 +93,7 @@ def main():
     projection = {f"{gpus} GPUs": round(voxels / (gpus * rate) / 3600, 2) for gpus in (1, 8, 128)}
     result = {
         "benchmark": "teravoxel dry-run plan (metadata-only 10,000^3 uint8 zarr)",
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU",
-        "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+        **record(),
         "load_average_before": [round(x, 2) for x in load],
         "input": {"shape": list(shape), "chunks": list(chunks), "dtype": "uint8", "bytes_on_disk": stored},
         "cli_dry_run_seconds_including_imports": round(cli_seconds, 2), "cli_ok": cli_ok, "cli_note": cli_note,

@@ -91,3 +91,20 @@ def test_export_errors_leave_nothing_behind(package, tmp_path, monkeypatch):
     assert code == 1 and out.startswith("error: the bioimage.io package failed its inference test"), out
     assert len(out.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []          # no zip, no temporary folder or file
+
+
+def test_validator_error_reaches_the_one_line_message(package, tmp_path, monkeypatch):
+    """bioimageio.spec raises "Invalid model description:" with its errors on the lines below; the
+    user's one line must carry the first of them, not end at the colon."""
+    import bioimageio.spec
+
+    def invalid(*args, **kwargs):
+        raise ValueError("Invalid model description:\n: Value error, 'index_key' is expected to be an integer\n"
+                         "- inputs.0: second error")
+
+    monkeypatch.setattr(bioimageio.spec, "load_model_description", invalid)
+    code, out = run("export", package / "model.pt", "--bioimageio", tmp_path / "bad.zip")
+    assert code == 1, out
+    assert out.strip() == ("error: could not build the bioimage.io package: Invalid model description: "
+                           "Value error, 'index_key' is expected to be an integer"), out
+    assert os.listdir(tmp_path) == []

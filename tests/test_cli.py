@@ -40,6 +40,18 @@ def test_train_eval_densify(data):
     assert code == 0, out
     res = json.loads(out)
     assert len(res["iou"]) == 2 and (data / "f.png").stat().st_size > 1000
+    # eval scores the densified labels against the annotated voxels only: TP / (TP + FP + FN)
+    sparse = np.load(data / "lab.npy")
+    seen = sparse != 255
+    expected = [((pred == c) & (sparse == c) & seen).sum() / max(1, (((pred == c) | (sparse == c)) & seen).sum())
+                for c in range(2)]
+    assert np.allclose(res["iou"], expected), (res["iou"], expected)
+    # the checkpoint records what it was trained with
+    from sparseseg.model.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(data / "m.pt")
+    assert ck.iteration == 2 and ck.ignore_label == 255 and len(ck.class_names) == 2
+    assert ck.model_config.depth == 2 and ck.model_config.base_width == 4
 
 
 def _err(code, out, text):

@@ -51,6 +51,12 @@ def test_eval_figure_and_report(tmp_path):
     res = json.loads(r.output.strip().splitlines()[-1])
     for v in res["iou"]:
         assert f"{v:.4f}" in page
+    # ... and each is TP / (TP + FP + FN) over the annotated voxels only, counted here by hand
+    seen = sparse != 255
+    expected = [float(((pred == c) & (sparse == c) & seen).sum() / (((pred == c) | (sparse == c)) & seen).sum())
+                for c in range(3)]
+    assert np.allclose(res["iou"], expected) and expected[1] < 1.0       # the false negatives count
+    assert np.isclose(res["mean_foreground_iou"], np.mean(expected[1:]))
 
 
 def test_report_with_names_and_history(tmp_path):

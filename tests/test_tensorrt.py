@@ -293,12 +293,27 @@ def test_plan_built_and_run_through_run_inference(tmp_path, precision):
     assert torch.equal(results[0], results[1])
 
 
-def test_tiny_config_is_what_the_end_to_end_test_builds():
-    # the end-to-end test's --tile 4,8,8 and --tile-max 8,16,16 are valid for the checkpoint it trains
-    from sparseseg.engine.tiling import check_tile
+def test_profile_of_the_end_to_end_arguments():
+    """What `--tile 4,8,8 --tile-max 8,16,16 --batch 2` (the end-to-end test's export) builds for the
+    checkpoint it trains: input shapes are the tiles plus the context on each side, min is the
+    smallest valid tile at batch 1, and a tile off the network's grid or an inverted range is refused."""
+    from sparseseg.export.tensorrt import smallest_tile
 
     geom = tiny_config(depth=2, width=4).geometry
-    assert check_tile(geom, (4, 8, 8)) == (4, 8, 8) and check_tile(geom, (8, 16, 16)) == (8, 16, 16)
+    prof = profile_shapes(geom, 1, (4, 8, 8), tile_max=(8, 16, 16), batch=2)
+
+    def inp(tile):
+        return [a + 2 * c for a, c in zip(tile, geom.context)]
+
+    assert prof["opt"] == [2, 1, *inp((4, 8, 8))] and prof["max"] == [2, 1, *inp((8, 16, 16))]
+    assert prof["min"] == [1, 1, *inp(smallest_tile(geom))]
+    assert prof["tiles"] == {"min": list(smallest_tile(geom)), "opt": [4, 8, 8], "max": [8, 16, 16]}
+    with pytest.raises(SparsesegError):
+        profile_shapes(geom, 1, (5, 8, 8))                        # not on the network's grid
+    with pytest.raises(SparsesegError, match="--tile-min <= --tile <= --tile-max"):
+        profile_shapes(geom, 1, (8, 16, 16), tile_max=(4, 8, 8))
+    with pytest.raises(SparsesegError, match="--batch"):
+        profile_shapes(geom, 1, (4, 8, 8), batch=0)
 
 
 # ------------------------------------------------------------------ the build call sequence, with a fake TensorRT

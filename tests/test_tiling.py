@@ -94,13 +94,20 @@ def test_default_tile_paper_network_cpu(budget_gib):
 
 
 def test_default_tile_paper_network_gpu_budget_and_batch():
+    from sparseseg.engine.tiling import MAX_BATCH, tile_bytes
+
     cfg = plan_model("paper", 3, 3)
     c = _contract(cfg)
     tile = default_tile(c, "cuda", extent=(512, 512, 512), budget=40 << 30)      # an H100's share
     tin = tile_input(cfg.geometry, tile)
     assert all(a >= b for a, b in zip(tin, PAPER_INPUT)) and np.prod(tin) > 4 * np.prod(PAPER_INPUT)
-    assert default_batch(c, "cuda", tile, 64, budget=40 << 30) >= 1
-    assert default_batch(c, "cpu", tile, 64) == 1
+    # on CUDA the batch is what the budget holds, capped by MAX_BATCH and by the block's tiles
+    per_tile = tile_bytes(c, tile)
+    assert default_batch(c, "cuda", tile, 64, budget=3 * per_tile + per_tile // 2) == min(3, MAX_BATCH)
+    assert default_batch(c, "cuda", tile, 64, budget=100 * per_tile) == MAX_BATCH
+    assert default_batch(c, "cuda", tile, 2, budget=100 * per_tile) == 2
+    assert default_batch(c, "cuda", tile, 64, budget=per_tile // 2) == 1      # one tile even over budget
+    assert default_batch(c, "cpu", tile, 64, budget=100 * per_tile) == 1     # CPU: never batched
 
 
 @pytest.mark.parametrize("voxel_size", [None, (4, 1, 1)])

@@ -342,7 +342,10 @@ def export_bioimageio(model_path, out_zip, *, authors=("sparseseg user",), licen
     except SparsesegError:
         raise
     except Exception as e:  # pydantic/IO errors from the zoo libraries: one line, nothing left behind
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        msg = lines[0]  # bioimageio.spec puts a heading ("Invalid model description:") above its errors
+        if msg.endswith(":") and len(lines) > 1:
+            msg = f"{msg} {lines[1].lstrip(':- ')}"
         raise SparsesegError(f"could not build the bioimage.io package: {msg[:300]}") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
