@@ -1,8 +1,10 @@
-"""One training lever on the light-microscopy nuclei crops, at a pinned iteration count: train on
-crop a's N,N,N orthogonal slices (classes background / interior / boundary), score semi (a's
-unannotated voxels) and auto (all of crop b); one JSON line to results/nuclei_levers.jsonl.
+"""One training lever on the light-microscopy nuclei crops: train on crop a's N,N,N orthogonal
+slices (classes background / interior / boundary), score semi (a's unannotated voxels) and auto
+(all of crop b); one JSON line to results/nuclei_levers.jsonl. Without iterations=N the run has
+the default time budget (time_budget=M to change it), keeping time to predict crop a as densify does.
+THREADS 0: torch's default (every core).
 
-    python benchmarks/nuclei_levers.py THREADS iterations=300 [option=value ...] [slices=5]
+    python benchmarks/nuclei_levers.py THREADS [iterations=300] [option=value ...] [slices=5]
 """
 import json, os, sys, time
 from pathlib import Path
@@ -13,9 +15,11 @@ from sparseseg.trainer.sparse import orthogonal_slices, sparsify, annotated_mask
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.options import build_configs
 from sparseseg.trainer.train import train
-from sparseseg.trainer.metrics import iou_per_class
+from sparseseg.trainer.metrics import confusion, iou_per_class
 import sparseseg
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.record import commit, record
 D = str(Path(os.environ.get("SPARSESEG_DATA", ROOT.parent / "shared" / "data")) / "plantseg_nuclei") + "/"
 def load(n):
     img = tifffile.imread(D + f"nuclei_{n}_image_zyx.tif").astype(np.float32)
@@ -24,7 +28,10 @@ def load(n):
     mx, mn = ndimage.maximum_filter(ins, footprint=fp), ndimage.minimum_filter(ins, footprint=fp)
     lab = np.where(ins > 0, np.where((mx != ins) | (mn != ins), 2, 1), 0).astype(np.uint8)
     return img, lab
-threads = int(sys.argv[1]); torch.set_num_threads(threads)
+threads = int(sys.argv[1])
+if threads:
+    torch.set_num_threads(threads)
+started, load0 = commit(), os.getloadavg()
 over = {}
 for a in sys.argv[2:]:
     k, v = a.split("=")
@@ -38,7 +45,8 @@ vol = TrainingVolume(ia[None], sparsify(la, sl), "a")
 o = {"checkpoint_every": 0, "device": "cpu", **over}
 mcfg, tcfg, names = build_configs([vol], o)
 t = time.time()
-res = train([vol], mcfg, tcfg, ["bg", "interior", "boundary"], progress=False)
+res = train([vol], mcfg, tcfg, ["bg", "interior", "boundary"], progress=False,
+            predict_shapes=[] if tcfg.iterations else [ia.shape])
 tt = time.time() - t
 model = res.model.eval()
 t = time.time()
@@ -49,7 +57,13 @@ semi_t = la.copy(); semi_t[annotated_mask(la, sl)] = 255
 r_semi = iou_per_class(pa, semi_t, 3, 255); r_auto = iou_per_class(pb, lb, 3, 255)
 row = {"options": over, "slices": counts, "threads": threads, "iterations": res.iterations, "train_s": round(tt, 1),
        "predict_s": round(tp, 1), "semi": [round(v, 4) for v in r_semi["iou"]], "semi_mf": round(r_semi["mean_foreground_iou"], 4),
-       "auto": [round(v, 4) for v in r_auto["iou"]], "auto_mf": round(r_auto["mean_foreground_iou"], 4), "plan": res.plan}
+       "auto": [round(v, 4) for v in r_auto["iou"]], "auto_mf": round(r_auto["mean_foreground_iou"], 4), "plan": res.plan,
+       "network": {"ndim": mcfg.ndim, "planes": mcfg.planes},
+       "semi_confusion": confusion(pa, semi_t, 3, 255)[:3, :3].tolist(), "auto_confusion": confusion(pb, lb, 3, 255)[:3, :3].tolist(),
+       "dataset": "nuclei (plantseg_nuclei crops a/b, 75^3, classes background/interior/boundary)",
+       "protocol": f"train on crop a's {counts},{counts},{counts} orthogonal slices; semi: IoU on a's unannotated voxels; "
+                   "auto: IoU on all of crop b",
+       **record(commit_at_start=started, load_before=load0)}
 print(json.dumps(row))
 with open(ROOT / "benchmarks" / "results" / "nuclei_levers.jsonl", "a") as f:
     f.write(json.dumps(row) + "\n")

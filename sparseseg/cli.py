@@ -82,7 +82,13 @@ TRAINING_HELP = {
     "warmup": dict(type=click.IntRange(0), help="linear learning-rate warm-up iterations"),
     "patch": dict(help="training patch output size Z,Y,X (default: from preset and volume)"),
     "padding": dict(type=click.Choice(["valid", "same"])),
-    "ndim": dict(type=click.Choice(["2", "3"]), help="2: the 2D network applied per xy slice (the paper's 2D baseline)"),
+    "ndim": dict(type=click.Choice(["auto", "2", "3"]), help="3: the 3D network; 2: a 2D network (per xy slice, "
+                                                              "or all planes: --planes); auto: 2 on all planes when "
+                                                              "the labels lie on xy, xz and yz slices, else 3"),
+    "planes": dict(type=click.Choice(["auto", "xy", "all"]), help="2D networks: applied per xy slice, or along xy, "
+                                                                   "xz and yz with their probabilities averaged; "
+                                                                   "auto: all when the labels lie on slices of two "
+                                                                   "or three orientations"),
     "base_width": dict(type=click.IntRange(1), help="channels of the first convolution"),
     "depth": dict(type=click.IntRange(1, 8), help="resolution levels"),
     "arch": dict(help="unet (Cicek 2016) or cheng (Cheng & Varshney 2017 residual encoder-decoder; pads)"),

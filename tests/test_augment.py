@@ -110,3 +110,47 @@ def test_lossless_mode_moves_voxels_without_resampling():
         assert np.array_equal(y.numpy()[ok], (inner[ok] % 3).astype(np.uint8))
         turned += not np.array_equal(v, image[0, 2:12, 5:26, 4:24])
     assert turned >= 4                                               # it does augment
+
+
+def _pair(mode, planar, seed=3):
+    args = (AugmentConfig.mode(mode), None, planar, [0.5, 0.5], [0.3, 0.3], seed, "cpu")
+    fast, slow = Augmenter(*args), Augmenter(*args)
+    slow.integral = False               # the interpolating path, as for elastic/scaled patches
+    return fast, slow
+
+
+def test_gathered_patches_equal_interpolated_ones():
+    """Flips and right-angle turns are gathered, not resampled: inside the volume the same image
+    values and labels as grid_sample gives, draw for draw (same random stream)."""
+    rng = np.random.default_rng(1)
+    image = rng.random((2, 30, 41, 37)).astype(np.float32)
+    labels = rng.integers(0, 4, (30, 41, 37)).astype(np.uint8)
+    labels[labels == 3] = 255
+    for mode in ("lossless", "none"):
+        for planar in (False, True):
+            fast, slow = _pair(mode, planar)
+            assert fast.integral
+            shape, out = ((1, 20, 20), (1, 10, 11)) if planar else ((8, 17, 20), (4, 10, 11))
+            for _ in range(60):
+                start = tuple(int(rng.integers(0, n - s + 1)) for n, s in zip(labels.shape, shape))
+                xa, ya = fast.sample(image, labels, start, shape, (0, 3, 4), out, 255)
+                xb, yb = slow.sample(image, labels, start, shape, (0, 3, 4), out, 255)
+                assert torch.allclose(xa, xb, atol=1e-5) and torch.equal(ya, yb)
+
+
+def test_gathered_patch_reflects_like_the_engine():
+    """Past the border the image is reflected by the engine's rule (read_reflected), however far
+    the patch reaches, and labels there are ignored."""
+    from sparseseg.trainer.train import read_reflected
+
+    rng = np.random.default_rng(2)
+    image = rng.random((1, 6, 9, 8)).astype(np.float32)
+    labels = rng.integers(0, 2, (6, 9, 8)).astype(np.uint8)
+    fast, _ = _pair("none", False)
+    start, shape = (-4, 5, -7), (10, 12, 14)
+    x, y = fast.sample(image, labels, start, shape, (2, 3, 4), (6, 6, 6), 255)
+    assert np.array_equal(x.numpy(), read_reflected(image, start, shape))
+    window = np.full((6, 6, 6), 255)
+    inside = labels[0:4, 8:9, 0:3]                     # output window (-2..3, 8..13, -3..2) meets the volume here
+    window[2:6, 0:1, 3:6] = inside
+    assert np.array_equal(y.numpy(), window)

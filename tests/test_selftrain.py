@@ -112,7 +112,8 @@ def test_self_train_gives_an_ordinary_checkpoint(cube):
 
 @pytest.mark.parametrize("args, message", [
     (["--self-train-iterations", "5"], "--self-train-iterations applies with --self-train only"),
-    (["--self-train", "--ndim", "2"], "leave --ndim at 3"),
+    (["--self-train", "--ndim", "2"], "leave --ndim and --planes at auto"),
+    (["--self-train", "--planes", "all"], "leave --ndim and --planes at auto"),
     (["--self-train", "--val-slices", "1"], "does not support --val-slices"),
     (["--self-train", "--self-train-mode", "mean"], "unknown --self-train-mode"),
     (["--self-train", "--resume", "x.pt"], "--resume does not apply"),

@@ -61,6 +61,9 @@ class ModelConfig:
     # Scales (sigmas, voxels) of the fixed in-plane filter bank in front of the network
     # (sparseseg.model.filters); () for none: the network sees the normalized image.
     filters: tuple = ()
+    # 2D networks: 1 = applied to every xy section; 3 = applied to the xy, xz and yz sections and
+    # their probabilities averaged (labels on orthogonal planes; sparseseg.model.network).
+    planes: int = 1
 
     def __post_init__(self):
         if not self.kernel_sizes:
@@ -83,6 +86,11 @@ class ModelConfig:
                 raise SparsesegError(f"kernel/pool sizes must have {self.ndim} entries, got {k}")
         if any(v % 2 == 0 or v < 1 for k in self.kernel_sizes for v in k):
             raise SparsesegError("kernel sizes must be odd and positive")
+        if self.planes not in (1, 3) or (self.planes == 3 and self.ndim != 2):
+            raise SparsesegError(f"planes must be 1, or 3 for a 2D network, got {self.planes} (ndim {self.ndim})")
+        if self.planes == 3 and any(len(set(k)) > 1 for k in self.kernel_sizes + self.pool_sizes):
+            raise SparsesegError("a 2D network applied in three planes needs the same kernels and pooling on both "
+                                 "of its axes (isotropic voxels)")
         if self.in_channels < 1 or self.num_classes < 2:
             raise SparsesegError("need at least 1 input channel and 2 classes")
         self._check_arch()
@@ -171,12 +179,13 @@ def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3
                batchnorm: bool | None = None, base_width: int | None = None, depth: int | None = None,
                voxel_size=None, shape=None, arch: str = "unet", factorized: bool = False,
                feature_augment: bool = False, feature_augment_t: int = 4, filters=(),
-               sections: bool = False) -> ModelConfig:
+               sections: bool = False, planes: int = 1) -> ModelConfig:
     """A ModelConfig for a preset, adapted to the data's voxel size and/or shape (Z, Y, X).
 
     `sections`: the labels lie on separate xy sections (sparseseg.trainer.data.on_separate_sections),
     so training patches are one section deep; a thin z axis then keeps 3-wide z kernels only
     where the network's input stays within SECTION_INPUT sections, so a patch stays cheap.
+    `planes` 3: a 2D network applied along all three planes (ModelConfig.planes).
 
     For arch "cheng" the preset gives only the patch budget: the network always pads, has
     BatchNorm and 4 levels, and starts from 16 maps unless `base_width` says otherwise."""
@@ -202,4 +211,4 @@ def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3
         kernel_sizes=tuple(map(tuple, kernels)), pool_sizes=tuple(map(tuple, pools)),
         padding=padding, batchnorm=p["batchnorm"] if batchnorm is None else batchnorm, arch=arch,
         factorized=factorized, feature_augment=feature_augment, feature_augment_t=feature_augment_t,
-        filters=tuple(filters or ()))
+        filters=tuple(filters or ()), planes=planes)

@@ -8,6 +8,9 @@ from torch import nn
 
 from sparseseg.model.config import ModelConfig
 
+# plane -> order of the (Z, Y, X) axes that puts the plane's normal first (its sections along z).
+PLANES = {"xy": (0, 1, 2), "xz": (1, 0, 2), "yz": (2, 0, 1)}
+
 
 def build_net(cfg: ModelConfig) -> nn.Module:
     """The bare network (N, C, ...) -> logits for a configuration."""
@@ -25,7 +28,9 @@ class SegmentationModel(nn.Module):
 
     Normalization lives in buffers, so a checkpoint or an exported graph needs nothing else. A
     2D network is applied to every z-slice (z folded into the batch), so callers always speak
-    5D and the engine treats 2D and 3D networks alike.
+    5D and the engine treats 2D and 3D networks alike. With `cfg.planes` 3 the 2D network runs
+    on the sections of all three planes and the output is the log of their mean probability
+    (`forward`); `sections` is the xy pass alone, which is what training patches need.
     """
 
     def __init__(self, cfg: ModelConfig, mean=None, std=None, normalization: str = "global", percentiles=None):
@@ -60,7 +65,29 @@ class SegmentationModel(nn.Module):
                          self.cfg.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.planes == 3:
+            return self.all_planes(x)
+        return self.sections(x)
+
+    def sections(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on every z-section (2D) or on the volume (3D)."""
         return self.apply_net(self.prepare(x))
+
+    def all_planes(self, x: torch.Tensor) -> torch.Tensor:
+        """log of the mean softmax of the xy, xz and yz passes over the output window they share.
+        Each pass first drops the sections along its normal that only the other passes need, so
+        no section is computed for nothing; log-probabilities keep argmax and softmax exact."""
+        context = self.cfg.geometry.context
+        mean = None
+        for order in PLANES.values():
+            view = x.permute(0, 1, *(2 + a for a in order))
+            c = context[order[0]]
+            view = view[:, :, c:view.shape[2] - c] if c else view
+            y = self.sections(view)
+            back = [order.index(a) for a in range(3)]
+            p = torch.softmax(y.float(), dim=1).permute(0, 1, *(2 + a for a in back))
+            mean = p if mean is None else mean + p
+        return torch.log(mean / len(PLANES))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1, 1, 1, 1)

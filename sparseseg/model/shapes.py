@@ -12,7 +12,8 @@ Hence, per axis:
 With same padding c_in = c_out = 0: sizes are multiples of P and the context is 0.
 
 The engine works in (Z, Y, X) for 2D and 3D networks alike: a 2D network sees every z-slice
-separately, i.e. its z axis has step 1 and no context.
+separately, i.e. its z axis has step 1 and no context; applied along all three planes
+(ModelConfig.planes 3) every axis is in-plane for two of them and takes the in-plane rule.
 """
 
 from __future__ import annotations
@@ -160,4 +161,7 @@ def geometry_of(cfg) -> NetGeometry:
     bank = bank_context(getattr(cfg, "filters", ())) if valid else 0
     if bank:
         rules[1:] = [AxisRule(r.step, r.c_in + 2 * bank, r.c_out, r.b_min) for r in rules[1:]]
+    # Applied along all three planes, z is an in-plane axis of two of them: it takes their rule.
+    if getattr(cfg, "planes", 1) == 3:
+        rules[0] = rules[1]
     return NetGeometry(*rules, padding=cfg.padding)

@@ -26,12 +26,12 @@ class BaseModels:
 
 def train_base(vols, options: dict, paths: dict, progress=None) -> BaseModels:
     """`paths`: {"3d": path or None, "2d": path or None} for the base checkpoints."""
-    mcfg3, tcfg3, names = build_configs(vols, options)
+    mcfg3, tcfg3, names = build_configs(vols, {**options, "ndim": 3})
     log.info("self-training: base 3D network (%s)", _count(tcfg3))
     res3 = train(vols, mcfg3, tcfg3, names, out_path=paths.get("3d"), progress=progress)
 
     # The 2D network is planned on the xy slices; --patch (a 3D patch) applies to the 3D networks.
-    mcfg2, tcfg2, _ = build_configs(vols, {**options, "ndim": 2, "patch": None})
+    mcfg2, tcfg2, _ = build_configs(vols, {**options, "ndim": 2, "planes": "xy", "patch": None})
     if in_memory(vols):
         planes = usable_planes(vols, mcfg2, tcfg2.preset)
     else:

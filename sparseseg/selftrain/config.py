@@ -35,8 +35,8 @@ def check_options(options: dict, resume=None, mode: str = "distill") -> None:
         raise SparsesegError("--self-train-mode meta supports --normalization global only")
     if resume:
         raise SparsesegError("--resume does not apply to --self-train (it trains several networks)")
-    if int(options.get("ndim") or 3) != 3:
-        raise SparsesegError("--self-train trains its own 2D base network: leave --ndim at 3")
+    if str(options.get("ndim") or "auto") not in ("auto", "3") or str(options.get("planes") or "auto") != "auto":
+        raise SparsesegError("--self-train trains its own 2D base network: leave --ndim and --planes at auto")
     if options.get("val_slices") or options.get("val_fraction"):
         # Held-out slices would be masked in the base networks but learnt back through the
         # pseudo-labels of the final one: the validation IoU would no longer be held out.

@@ -14,6 +14,6 @@ def train_distilled(vols, targets, options: dict, num_classes: int, iterations: 
     dense = [TrainingVolume(v.image, t, v.name, v.voxel_size) for v, t in zip(vols, targets)]
     # The number of classes is the base networks' (a class the pseudo-labels never predict
     # still has its output channel, so the model's contract matches the annotation).
-    o = {**options, "num_classes": num_classes, "iterations": iterations or options["iterations"]}
+    o = {**options, "num_classes": num_classes, "iterations": iterations or options["iterations"], "ndim": 3}
     mcfg, tcfg, names = build_configs(dense, o)
     return train(dense, mcfg, tcfg, names, out_path=out_path, progress=progress)

@@ -78,7 +78,7 @@ def train_meta(vols, means, candidates, options: dict, num_classes: int, image_m
     inputs = [np.concatenate([v.image, m.astype(np.float32)]) for v, m in zip(vols, means)]
     dense = [dense_targets(m, v.labels, ignore) for v, m in zip(vols, means)]
     stacks = [np.stack([v.labels] + list(cands)) for v, cands in zip(vols, candidates)]
-    o = {**options, "num_classes": k, "iterations": iterations or options["iterations"]}
+    o = {**options, "num_classes": k, "iterations": iterations or options["iterations"], "ndim": 3}
     mcfg, tcfg, names = build_configs([TrainingVolume(x, d, v.name, v.voxel_size)
                                        for x, d, v in zip(inputs, dense, vols)], o)
     device = resolve_device(tcfg.device)

@@ -13,13 +13,12 @@ import logging
 import numpy as np
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model.network import PLANES  # noqa: F401  (plane -> axis order, normal first)
 from sparseseg.trainer.config import patch_output_size
 from sparseseg.trainer.data import TrainingVolume
 
 log = logging.getLogger("sparseseg.selftrain")
 
-# plane -> order of the (Z, Y, X) axes in its view: the axis normal to the plane comes first.
-PLANES = {"xy": (0, 1, 2), "xz": (1, 0, 2), "yz": (2, 0, 1)}
 
 
 def inverse(plane: str) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparseseg.engine.tiling import reflect_index
 from sparseseg.trainer.config import AugmentConfig
 
 
@@ -74,6 +75,8 @@ class Augmenter:
         if planar:                             # a 2D network sees single slices: no z motion
             self.sigma[0] = 0.0
         self.planar = planar
+        # Flips and right-angle turns move every voxel to an integer position: gathered, not interpolated.
+        self.integral = not cfg.elastic and not cfg.scale and (not cfg.rotate or cfg.right_angles)
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.rng = np.random.default_rng(seed)
@@ -102,6 +105,10 @@ class Augmenter:
             a = a @ np.diag(np.where(flips, -1.0, 1.0))
         return a
 
+    def _draw(self):
+        """This patch's affine matrix, or None when it is left as stored (1 - probability)."""
+        return None if self.rng.random() >= self.cfg.probability else self._affine()
+
     def coordinates(self, start, in_shape) -> torch.Tensor:
         """Volume coordinates (Z, Y, X, 3) to read each input-patch voxel from."""
         dev = self.device
@@ -110,9 +117,10 @@ class Augmenter:
         # Right-angle turns about an integer centre keep integer coordinates (no resampling).
         half = [(n - 1) // 2 if self.cfg.right_angles else (n - 1) / 2 for n in in_shape]
         centre = torch.tensor(half, dtype=torch.float32, device=dev)
-        if self.rng.random() >= self.cfg.probability:
+        a = self._draw()
+        if a is None:
             return grid + torch.tensor(start, dtype=torch.float32, device=dev)
-        a = torch.tensor(self._affine(), dtype=torch.float32, device=dev)
+        a = torch.tensor(a, dtype=torch.float32, device=dev)
         coords = (grid - centre) @ a.T + centre
         if self.cfg.elastic:
             coords = coords + elastic_field(in_shape, self.sigma, self.grid, self.gen, dev).movedim(0, -1)
@@ -123,6 +131,9 @@ class Augmenter:
                ignore_label: int):
         """image (C, Z, Y, X) raw, labels (Z, Y, X); returns torch (C, *in_shape) float32 and
         (out_shape) int64 labels of the output window at `out_offset` inside the patch."""
+        if self.integral:
+            x, y = self._gather(image, labels, self._draw(), start, in_shape, out_offset, out_shape, ignore_label)
+            return (self._gray(x) if self.cfg.gray else x), y
         coords = self.coordinates(start, in_shape)
         size = torch.tensor(labels.shape, dtype=torch.float32, device=self.device)
         lo = torch.clamp(coords.reshape(-1, 3).amin(0).floor() - 1, min=0).long().tolist()
@@ -147,6 +158,28 @@ class Augmenter:
             x = self._gray(x)
         return x, y.long()
 
+    def _gather(self, image, labels, a, start, in_shape, out_offset, out_shape, ignore_label: int):
+        """The integer case (flips and right-angle turns: `a` a signed permutation, or None for
+        an untouched patch) as one index per axis and a transpose: the voxels interpolation gives,
+        without its cost (trilinear grid_sample of a 60x74x74 patch: 140 ms on one core). The image
+        is reflected at the volume border by the engine's rule; labels outside it are ignored."""
+        a = np.eye(3, dtype=np.int64) if a is None else np.rint(a).astype(np.int64)
+        half = [(n - 1) // 2 for n in in_shape]
+        src_of = [int(np.flatnonzero(a[:, j])[0]) for j in range(3)]      # output axis j walks source axis i
+        index = [None] * 3                    # source axis i: its index at each position of output axis j
+        for j, i in enumerate(src_of):
+            index[i] = a[i, j] * (np.arange(in_shape[j]) - half[j]) + half[i] + int(start[i])
+        order = (0,) + tuple(1 + i for i in src_of)
+        src = _read_indexed(image, [reflect_index(ix, n) for ix, n in zip(index, labels.shape)], channels=True)
+        x = torch.as_tensor(np.ascontiguousarray(src.transpose(order)), dtype=torch.float32, device=self.device)
+        window = [None] * 3
+        for j, i in enumerate(src_of):
+            window[i] = index[i][out_offset[j]:out_offset[j] + out_shape[j]]
+        inside = [(ix >= 0) & (ix < n) for ix, n in zip(window, labels.shape)]
+        lab = _read_indexed(labels, [np.clip(ix, 0, n - 1) for ix, n in zip(window, labels.shape)]).astype(np.int64)
+        lab[~(inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :])] = ignore_label
+        return x, torch.as_tensor(np.ascontiguousarray(lab.transpose(src_of)), device=self.device)
+
     def _gray(self, x: torch.Tensor) -> torch.Tensor:
         """Brightness, contrast and gamma in normalized units, mapped back to raw intensities."""
         if self.rng.random() >= self.cfg.probability:
@@ -160,3 +193,11 @@ class Augmenter:
             gamma = float(np.exp(self.rng.uniform(-0.3, 0.3)))
             z = ((z - lo) / (hi - lo)) ** gamma * (hi - lo) + lo
         return z * s + m
+
+
+def _read_indexed(array, index, channels: bool = False) -> np.ndarray:
+    """array[(:,) ix_(*index)] through one box read (arrays and the trainer's lazy views take slices only)."""
+    box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in index)
+    block = np.asarray(array[((slice(None),) if channels else ()) + box])
+    local = [ix - b.start for ix, b in zip(index, box)]
+    return block[np.ix_(*([np.arange(block.shape[0])] if channels else []), *local)]

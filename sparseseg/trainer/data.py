@@ -167,6 +167,56 @@ def on_separate_sections(vols, ignore_label: int) -> bool:
     return True
 
 
+def annotated_planes(vol: TrainingVolume, ignore_label: int) -> dict:
+    """{axis: [indices]} of the planes normal to each axis that hold painted slices: a plane holds
+    at least half the labelled voxels of the fullest plane of its axis and more than twice
+    either neighbour's (so a dense block or a plane's crossings with others do not count)."""
+    planes = {}
+    for axis, counts in enumerate(vol.scan(ignore_label).per_plane):
+        if vol.shape[axis] < 2 or not counts.any():
+            continue
+        side = np.maximum(np.r_[0, counts[:-1]], np.r_[counts[1:], 0])
+        hit = np.flatnonzero((counts >= 0.5 * counts.max()) & (counts > 2 * side))
+        if len(hit):
+            planes[axis] = hit.tolist()
+    return planes
+
+
+def on_orthogonal_planes(vols, ignore_label: int) -> bool:
+    """True when every volume's labels lie on painted planes of at least two orientations (the
+    xy, xz and yz slices of Çiçek et al.): at least 90% of its labelled voxels lie on them (the
+    planes' crossings counted once per plane, a small overcount)."""
+    for v in vols:
+        planes = annotated_planes(v, ignore_label)
+        per_plane = v.scan(ignore_label).per_plane
+        total = per_plane[0].sum()
+        on = sum(per_plane[a][ix].sum() for a, ix in planes.items())
+        if len(planes) < 2 or total == 0 or on < 0.9 * total:
+            return False
+    return True
+
+
+def plane_views(vols, ignore_label: int) -> list:
+    """Per volume and annotated orientation, a view with that orientation's normal as z
+    (a transpose of the in-memory image) and only its planes' labels: training patches then
+    lie in the painted plane, one section deep, whatever its orientation."""
+    from sparseseg.model.network import PLANES
+
+    views = []
+    for v in vols:
+        if not (isinstance(v.image, np.ndarray) and isinstance(v.labels, np.ndarray)):
+            raise SparsesegError(f"{v.name}: a 2D network on all three planes trains from volumes in memory; "
+                                 "this one is read from the store (use --planes xy or --ndim 3)")
+        for axis, indices in annotated_planes(v, ignore_label).items():
+            plane, order = next((p, o) for p, o in PLANES.items() if o[0] == axis)
+            labels = np.full((v.shape[axis],) + tuple(v.shape[a] for a in order[1:]), ignore_label, np.uint8)
+            labels[indices] = v.labels.transpose(order)[indices]
+            voxel = tuple(v.voxel_size[a] for a in order) if v.voxel_size else None
+            views.append(TrainingVolume(v.image.transpose((0,) + tuple(1 + a for a in order)), labels,
+                                        f"{v.name} ({plane})", voxel))
+    return views
+
+
 def check_pair(vol: TrainingVolume, num_classes: int | None, ignore_label: int):
     name, scan = vol.name, vol.scan(ignore_label)
     if tuple(vol.image.shape[-3:]) != vol.shape:

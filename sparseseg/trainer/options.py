@@ -6,11 +6,13 @@ API, `sparseseg-densify` and `sparseseg-train` build them the same way.
 
 from __future__ import annotations
 
+import numpy as np
+
 from sparseseg.errors import SparsesegError
 from sparseseg.model.config import plan_model
 from sparseseg.model.defaults import DEFAULTS
 from sparseseg.trainer.config import AugmentConfig, TrainConfig
-from sparseseg.trainer.data import check_pair, infer_num_classes, on_separate_sections
+from sparseseg.trainer.data import check_pair, infer_num_classes, on_orthogonal_planes, on_separate_sections
 
 
 def parse_triple(value, name, cast=int):
@@ -63,6 +65,24 @@ def parse_class_weights(value, num_classes: int) -> tuple:
         raise SparsesegError(f"--class-weights must be balanced, uniform or numbers, got {value!r}") from None
 
 
+def network_kind(vols, o: dict, ignore: int) -> tuple[int, int]:
+    """(ndim, planes) from --ndim/--planes: "auto" picks a 2D network on all three planes when
+    the labels lie on painted slices of two or three orientations of volumes in memory (each
+    step then computes one labelled section; docs/time_budget.md), else the 3D network."""
+    ndim, planes = str(o.get("ndim") or "auto"), str(o.get("planes") or "auto")
+    if ndim not in ("auto", "2", "3") or planes not in ("auto", "xy", "all"):
+        raise SparsesegError(f"--ndim must be auto, 2 or 3 and --planes auto, xy or all (got {ndim}, {planes})")
+    if ndim == "3" and planes == "all":
+        raise SparsesegError("--planes all applies to 2D networks: give --ndim 2 (or auto)")
+    lazy = any(not isinstance(v.image, np.ndarray) for v in vols)
+    orthogonal = "auto" in (ndim, planes) and not lazy and on_orthogonal_planes(vols, ignore)
+    if ndim == "auto":
+        ndim = "2" if orthogonal or planes == "all" else "3"
+    if planes == "auto":
+        planes = "all" if ndim == "2" and orthogonal else "xy"
+    return int(ndim), 3 if planes == "all" else 1
+
+
 def build_configs(vols, o: dict):
     """ModelConfig and TrainConfig from the parsed options and the data."""
     o = {**DEFAULTS, **o}
@@ -82,7 +102,10 @@ def build_configs(vols, o: dict):
     # "auto" means: where it applies (the U-Net); asking for a bank elsewhere is an error.
     filters = () if arch != "unet" and str(o["filters"]).lower() == "auto" else \
         parse_filters(o["filters"], min(smallest[1:]))
-    mcfg = plan_model(o["preset"], vols[0].channels, k, ndim=int(o["ndim"]), padding=o["padding"],
+    ndim, planes = network_kind(vols, o, ignore)
+    if planes == 3:                      # every axis is in-plane for two of the planes
+        smallest = (min(smallest),) * 3
+    mcfg = plan_model(o["preset"], vols[0].channels, k, ndim=ndim, planes=planes, padding=o["padding"],
                       batchnorm=o["batchnorm"], base_width=o["base_width"], depth=o["depth"],
                       voxel_size=voxel, shape=smallest, arch=arch,
                       factorized=bool(o.get("factorized")), feature_augment=bool(o.get("feature_augment")),

@@ -109,7 +109,7 @@ def pretrain(run, iterations: int) -> dict:
             target = model.normalize(x)[:, :, out[0], out[1], out[2]]
             # bf16 needs no loss scaling; fp16 (older GPUs) and the CPU run in float32 here.
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                pred = model(torch.where(hidden, fill, x))
+                pred = model.sections(torch.where(hidden, fill, x))
             mask = hidden[out]
             loss = ((pred.float() - target) ** 2)[:, :, mask].mean() if bool(mask.any()) else pred.sum() * 0.0
             optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
 from sparseseg.trainer.budget import Budget
 from sparseseg.trainer.config import TrainConfig, patch_output_size
-from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections
+from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
 from sparseseg.trainer.metrics import confusion, iou_from_confusion
 from sparseseg.trainer.pretrain import pretrain
@@ -248,7 +248,10 @@ def _prediction_reserve(run: Run, shapes) -> float:
     read, PERF.md) at the speed of a timed forward pass over a training patch's input."""
     if not shapes:
         return 0.0
-    x = torch.zeros((1, run.model_cfg.in_channels, *run.in_shape), device=run.device)
+    geometry = run.model.cfg.geometry       # what predicts: for all three planes, not the training patch's
+    out = (run.out_shape[1],) * 3 if run.model.cfg.planes == 3 else run.out_shape
+    in_shape = geometry.input_for_output(out)
+    x = torch.zeros((1, run.model_cfg.in_channels, *in_shape), device=run.device)
     run.model.eval()
     times = []
     with torch.inference_mode():
@@ -259,9 +262,9 @@ def _prediction_reserve(run: Run, shapes) -> float:
                 torch.cuda.synchronize()
             times.append(time.monotonic() - t)
     run.model.train()
-    context = run.model_cfg.geometry.context
+    context = geometry.context
     inputs = sum(max(np.prod([n + 2 * c for n, c in zip(shape, context)]), 1.6 * np.prod(shape)) for shape in shapes)
-    return ENGINE_START_SECONDS + min(times[1:]) * float(inputs) / float(np.prod(run.in_shape))
+    return ENGINE_START_SECONDS + min(times[1:]) * float(inputs) / float(np.prod(in_shape))
 
 
 def _optimizer(model, cfg: TrainConfig):
@@ -276,6 +279,12 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     device = resolve_device(cfg.device)
     rng = np.random.default_rng(cfg.seed)
     k = model_cfg.num_classes
+    net_cfg = model_cfg
+    if model_cfg.planes == 3:
+        # A 2D network for all three planes trains on sections of each painted plane, rotated
+        # into xy: the run's shapes are the one-plane network's (model_cfg is what it predicts with).
+        vols = plane_views(vols, cfg.ignore_label)
+        model_cfg = replace(model_cfg, planes=1)
     in_shape, out_shape = _patch_shapes(vols, model_cfg, cfg)
 
     # Held-out slices are masked out of everything training sees: sampler, augmentation reads,
@@ -303,7 +312,7 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     gray_mean, gray_std = (mean, std) if mean is not None else ([0.0] * model_cfg.in_channels,
                                                                 [1.0] * model_cfg.in_channels)
     augmenter = Augmenter(cfg.augment, spacing, model_cfg.ndim == 2, gray_mean, gray_std, cfg.seed, device)
-    model = SegmentationModel(model_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
+    model = SegmentationModel(net_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
     if model.filters is not None:
         model.calibrate_filters(_calibration_sample(images, model.filters.context, device))
     use_amp = cfg.amp and device.type == "cuda"
@@ -338,7 +347,7 @@ def _step(run: Run, it: int, total: int) -> dict:
     x, y = _batch(run)
     run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32):
-        logits = run.model(x)
+        logits = run.model.sections(x)
     loss = segmentation_loss(logits, y, run.weights, cfg.ignore_label, cfg.dice_weight, cfg.loss,
                              run.jaccard_classes)
     run.scaler.scale(loss).backward()
@@ -370,7 +379,7 @@ def recalibrate_batchnorm(run: Run, patches: int) -> None:
         for _ in range(patches):
             vi, out_start = run.sampler.sample()
             x = read_reflected(run.images[vi], [s - c for s, c in zip(out_start, context)], run.in_shape)
-            run.model(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))
+            run.model.sections(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))
     run.rng.bit_generator.state = state
     for m, mom in zip(bns, saved):
         m.momentum = mom
@@ -402,7 +411,7 @@ def _validate(run: Run) -> dict:
     with torch.inference_mode():
         for vi, start in run.val_tiles:
             x = read_reflected(run.images[vi], [s - c for s, c in zip(start, context)], run.in_shape)
-            pred = run.model(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))[0].argmax(0)
+            pred = run.model.sections(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))[0].argmax(0)
             lab = run.val_labels[vi][_window(start, run.out_shape)]
             cm += confusion(pred.cpu().numpy(), lab, k, run.cfg.ignore_label)[:k, :k]
     run.model.train()
@@ -486,7 +495,7 @@ def _save(run: Run, path, iteration: int, history=None):
 def _resume(run: Run, path) -> int:
     """Restore weights, optimizer, loss scale, RNG states and history; the next iteration."""
     ck = load_checkpoint(path, device=run.device)
-    if ck.model_config != run.model_cfg:
+    if ck.model_config != run.model.cfg:
         raise SparsesegError(f"--resume {path}: its network configuration differs from this run's")
     if ck.normalization["mode"] != run.model.normalization_mode:
         raise SparsesegError(f"--resume {path}: it was trained with --normalization {ck.normalization['mode']}")
