@@ -13,7 +13,9 @@ label, augmentation, optimizer, learning rate, data-augmentation workers):
 - `nnUNetTrainerBudget`: training stops when `budget_minutes` of wall clock are spent (checked after
   every iteration), where nnU-Net runs 1000 epochs of 250 iterations (days on 2 CPU cores). An epoch is
   `iterations_per_epoch` (default 25) training and a fifth of that validation iterations, nnU-Net's
-  ratio (250 / 50), so epochs end, checkpoints exist and the pseudo-Dice log fills within minutes.
+  ratio (250 / 50), so epochs end, checkpoints exist and the pseudo-Dice log fills within minutes;
+  the epoch the budget ends validates on one batch only. Training can overrun the budget by the
+  iteration in flight and that validation (recorded: `training.train_loop_seconds`).
   After every epoch the epoch count is re-planned from the mean epoch time so that the poly schedule
   (lr 0.01 * (1 - epoch / epochs)^0.9) reaches its end at the budget, as it reaches it at epoch 1000
   in a full run; otherwise the rate would stay near 0.01 for the whole budget.
@@ -152,9 +154,10 @@ def budget_trainer_class():
                         break
                 self.on_train_epoch_end(outputs)
                 with torch.no_grad():
+                    # Past the budget, one validation batch keeps nnU-Net's log complete at the least cost.
+                    n_val = 1 if stopped else self.num_val_iterations_per_epoch
                     self.on_validation_epoch_start()
-                    val = [self.validation_step(next(self.dataloader_val))
-                           for _ in range(self.num_val_iterations_per_epoch)]
+                    val = [self.validation_step(next(self.dataloader_val)) for _ in range(n_val)]
                     self.on_validation_epoch_end(val)
                 self.on_epoch_end()               # increments current_epoch
                 elapsed = time.time() - t0
