@@ -323,7 +323,8 @@ def main():
     rec = {"dataset": a.dataset, "task": {"vnc": a.task, "isbi": "membrane", "nuclei": "boundary"}[a.dataset],
            "labels": a.labels if a.dataset == "vnc" else "sparse", "method": a.method, "tag": a.tag,
            **({"slices": [a.slices] * 3} if a.dataset == "nuclei" else {}),
-           "protocol_scored": headline, "classes": names, "protocol": proto, **r, **scores[headline],
+           "protocol_scored": headline, "classes": names, "protocol": proto,
+           **{k: v for k, v in r.items() if k != "method"}, **scores[headline],
            "scores": scores, "wall_seconds": wall,
            "shared_machine": "2 cores shared with other sessions' work; see load_before / load_after",
            **provenance(load_before, commit)}

@@ -197,7 +197,7 @@ def fit_predict(image: np.ndarray, labels: np.ndarray, class_names, *, spacing=(
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     work = Path(workdir or tempfile.mkdtemp(prefix="nnunet_"))
-    info = {"method": "nnU-Net v2 (ignore label), 3d_fullres, fold all, CPU", "workdir": str(work)}
+    info = {"baseline": "nnU-Net v2 (ignore label), 3d_fullres, fold all, CPU", "workdir": str(work)}
     try:
         _set_env(work)
         import nnunetv2
