@@ -9,25 +9,20 @@ THREADS 0: torch's default (every core).
 import json, os, sys, time
 from pathlib import Path
 
-import numpy as np, torch, tifffile
-from scipy import ndimage
+import numpy as np, torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:          # `python benchmarks/nuclei_levers.py` imports benchmarks.nuclei
+    sys.path.insert(0, str(ROOT))
+from benchmarks.nuclei import load_crop
+from benchmarks.record import commit, data_dir, record
 from sparseseg.trainer.sparse import orthogonal_slices, sparsify, annotated_mask
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.options import build_configs
 from sparseseg.trainer.train import train
 from sparseseg.trainer.metrics import confusion, iou_per_class
 import sparseseg
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks.record import commit, record
-D = str(Path(os.environ.get("SPARSESEG_DATA", ROOT.parent / "shared" / "data")) / "plantseg_nuclei") + "/"
 def load(n):
-    img = tifffile.imread(D + f"nuclei_{n}_image_zyx.tif").astype(np.float32)
-    ins = tifffile.imread(D + f"nuclei_{n}_instances_zyx.tif")
-    fp = ndimage.generate_binary_structure(3, 1)
-    mx, mn = ndimage.maximum_filter(ins, footprint=fp), ndimage.minimum_filter(ins, footprint=fp)
-    lab = np.where(ins > 0, np.where((mx != ins) | (mn != ins), 2, 1), 0).astype(np.uint8)
-    return img, lab
+    return load_crop(n, data_dir())   # classes background / interior / boundary (benchmarks/nuclei.py)
 threads = int(sys.argv[1])
 if threads:
     torch.set_num_threads(threads)

@@ -34,3 +34,16 @@ def test_forest_learns_blobs_from_few_slices(two_d):
     pred2, _ = fit_predict(image, sparsify(dense, slices, 255), 255, n_trees=10, sigmas=(1.0, 2.0),
                            two_d=two_d, predict_image=other)
     assert iou_per_class(pred2, other_dense, 2)["iou"][1] > 0.8
+
+
+def test_one_fit_predicts_the_training_volume_and_others():
+    image, dense = blobs((12, 40, 40), seed=3)
+    other, _ = blobs((12, 40, 40), seed=4)
+    sparse = sparsify(dense, [(0, 3), (0, 8)], 255)
+    kw = dict(n_trees=10, sigmas=(1.0, 2.0), two_d=False, max_samples=1000)
+    preds, info = fit_predict(image, sparse, 255, predict_images=[other], **kw)
+    assert len(preds) == 2 and len(info["predict_seconds"]) == 2
+    assert np.array_equal(preds[0], fit_predict(image, sparse, 255, **kw)[0])       # the same seeded forest
+    assert np.array_equal(preds[1], fit_predict(image, sparse, 255, predict_image=other, **kw)[0])
+    with pytest.raises(ValueError):
+        fit_predict(image, sparse, 255, predict_image=other, predict_images=[other], **kw)

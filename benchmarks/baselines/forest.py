@@ -70,17 +70,54 @@ def is_thin(shape, voxel_size=None) -> bool:
 
 def fit_predict(image: np.ndarray, labels: np.ndarray, ignore_label: int = 255, *, n_trees: int = 100,
                 max_samples: int = 200_000, voxel_size=None, two_d: bool | None = None, n_jobs: int = 2,
-                seed: int = 0, sigmas=SIGMAS, predict_image: np.ndarray | None = None):
+                seed: int = 0, sigmas=SIGMAS, predict_image: np.ndarray | None = None,
+                predict_images=None):
     """Train on labels != ignore_label of a (Z, Y, X) image, predict all of it (or all of
     `predict_image`, another volume of the same kind, e.g. the held-out half of a stack).
 
-    Returns (prediction (Z, Y, X) uint8, info dict with sample counts and seconds)."""
-    from sklearn.ensemble import RandomForestClassifier
-
+    Returns (prediction (Z, Y, X) uint8, info dict with sample counts and seconds). With
+    `predict_images` (a list) the one fitted forest predicts the training image and then each of
+    them: ([training image's prediction, *theirs], info)."""
+    if predict_images is not None:
+        if predict_image is not None:
+            raise ValueError("give predict_image or predict_images, not both")
+        return _fit_predict_many(image, labels, ignore_label, list(predict_images), n_trees=n_trees,
+                                 max_samples=max_samples, voxel_size=voxel_size, two_d=two_d, n_jobs=n_jobs,
+                                 seed=seed, sigmas=sigmas)
     if image.ndim == 4:               # (C, Z, Y, X) with one channel, as the trainer stores it
         image = image[0]
     same = predict_image is None
     target = image if same else (predict_image[0] if predict_image.ndim == 4 else predict_image)
+    clf, x, y, two_d, cache, info = _fit(image, labels, ignore_label, n_trees, max_samples, voxel_size, two_d,
+                                         n_jobs, seed, sigmas, keep_features=same)
+    t0 = time.time()
+    pred = _predict(clf, target, two_d, sigmas, cache)
+    info["predict_seconds"] = round(time.time() - t0, 1)
+    info["total_seconds"] = round(info["total_seconds"] + info["predict_seconds"], 1)
+    return pred, info
+
+
+def _fit_predict_many(image, labels, ignore_label, others, **kw):
+    if image.ndim == 4:
+        image = image[0]
+    clf, x, y, two_d, cache, info = _fit(image, labels, ignore_label, kw["n_trees"], kw["max_samples"],
+                                         kw["voxel_size"], kw["two_d"], kw["n_jobs"], kw["seed"], kw["sigmas"],
+                                         keep_features=True)
+    preds, seconds = [], []
+    for target in [image] + [o[0] if o.ndim == 4 else o for o in others]:
+        t0 = time.time()
+        preds.append(_predict(clf, target, two_d, kw["sigmas"], cache if target is image else {}))
+        seconds.append(round(time.time() - t0, 1))
+    info["predict_seconds"] = seconds
+    info["total_seconds"] = round(info["total_seconds"] + sum(seconds), 1)
+    return preds, info
+
+
+def _fit(image, labels, ignore_label, n_trees, max_samples, voxel_size, two_d, n_jobs, seed, sigmas,
+         keep_features):
+    """The fitted forest, its samples, the mode, the training image's features (when kept) and info."""
+    from sklearn.ensemble import RandomForestClassifier
+
     if image.shape != labels.shape:
         raise ValueError(f"image {image.shape} and labels {labels.shape} differ")
     two_d = is_thin(image.shape, voxel_size) if two_d is None else two_d
@@ -107,7 +144,7 @@ def fit_predict(image: np.ndarray, labels: np.ndarray, ignore_label: int = 255, 
         if not n:
             continue
         f = feat_of(image, p)
-        if same:
+        if keep_features:
             cache[p] = f
         k = keep[offset:offset + n]
         offset += n
@@ -119,19 +156,24 @@ def fit_predict(image: np.ndarray, labels: np.ndarray, ignore_label: int = 255, 
     clf = RandomForestClassifier(n_estimators=n_trees, n_jobs=n_jobs, random_state=seed)
     clf.fit(x, y)
     t_fit = time.time() - t0 - t_feat
+    info = {"classifier": "random forest (ilastik filter bank)", "trees": n_trees,
+            "mode": "2D per section" if two_d else "3D",
+            "sigmas": list(sigmas), "features": int(x.shape[1]), "annotated_voxels": n_annotated,
+            "training_samples": len(y), "feature_seconds_train": round(t_feat, 1),
+            "fit_seconds": round(t_fit, 1), "total_seconds": round(time.time() - t0, 1)}
+    return clf, x, y, two_d, cache, info
+
+
+def _predict(clf, target, two_d, sigmas, cache) -> np.ndarray:
+    """Every voxel of `target` (features from `cache` where the training image's were kept)."""
     pred = np.zeros(target.shape, np.uint8)
     parts = [(z,) for z in range(target.shape[0])] if two_d else [()]
     for p in parts:
-        f = cache.pop(p) if p in cache else feat_of(target, p)
+        f = cache.pop(p) if p in cache else _features(target[p[0]] if p else target, sigmas)
         flat = f.reshape(f.shape[0], -1).T
         out = clf.predict(flat).astype(np.uint8)
         if p:
             pred[p] = out.reshape(target.shape[1:])
         else:
             pred[...] = out.reshape(target.shape)
-    info = {"classifier": "random forest (ilastik filter bank)", "trees": n_trees,
-            "mode": "2D per section" if two_d else "3D",
-            "sigmas": list(sigmas), "features": int(x.shape[1]), "annotated_voxels": n_annotated,
-            "training_samples": len(y), "feature_seconds_train": round(t_feat, 1),
-            "fit_seconds": round(t_fit, 1), "total_seconds": round(time.time() - t0, 1)}
-    return pred, info
+    return pred
