@@ -13,9 +13,9 @@ import logging
 import numpy as np
 
 from sparseseg.errors import SparsesegError
-from sparseseg.model.network import PLANES  # noqa: F401  (plane -> axis order, normal first)
+from sparseseg.model.network import PLANES
 from sparseseg.trainer.config import patch_output_size
-from sparseseg.trainer.data import TrainingVolume
+from sparseseg.trainer.data import plane_volume
 
 log = logging.getLogger("sparseseg.selftrain")
 
@@ -44,11 +44,6 @@ def in_memory(vols) -> bool:
     if any(held) and not all(held):
         raise SparsesegError("--self-train needs all training volumes in memory or all read lazily, not a mix")
     return all(held)
-
-
-def plane_volume(vol: TrainingVolume, plane: str) -> TrainingVolume:
-    voxel = tuple(vol.voxel_size[a] for a in PLANES[plane]) if vol.voxel_size else None
-    return TrainingVolume(to_view(vol.image, plane), to_view(vol.labels, plane), f"{vol.name} ({plane})", voxel)
 
 
 def usable_planes(vols, model_cfg, preset: str) -> list[str]:

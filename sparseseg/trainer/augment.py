@@ -161,7 +161,7 @@ class Augmenter:
     def _gather(self, image, labels, a, start, in_shape, out_offset, out_shape, ignore_label: int):
         """The integer case (flips and right-angle turns: `a` a signed permutation, or None for
         an untouched patch) as one index per axis and a transpose: the voxels interpolation gives,
-        without its cost (trilinear grid_sample of a 60x74x74 patch: 140 ms on one core). The image
+        without its cost (a 60x74x74 patch: 17 against 131 ms on one core, results/augment_timing.json). The image
         is reflected at the volume border by the engine's rule; labels outside it are ignored."""
         a = np.eye(3, dtype=np.int64) if a is None else np.rint(a).astype(np.int64)
         half = [(n - 1) // 2 for n in in_shape]

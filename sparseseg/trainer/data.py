@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model.network import PLANES
 from sparseseg.volume import Volume, check_finite, open_volume
 
 log = logging.getLogger("sparseseg.train")
@@ -196,24 +197,31 @@ def on_orthogonal_planes(vols, ignore_label: int) -> bool:
     return True
 
 
-def plane_views(vols, ignore_label: int) -> list:
-    """Per volume and annotated orientation, a view with that orientation's normal as z
-    (a transpose of the in-memory image) and only its planes' labels: training patches then
-    lie in the painted plane, one section deep, whatever its orientation."""
-    from sparseseg.model.network import PLANES
+def plane_volume(vol: TrainingVolume, plane: str, keep=None, ignore_label: int = 255) -> TrainingVolume:
+    """`vol` with `plane`'s normal as z: a transpose of its in-memory arrays, not a copy. `keep`:
+    only these sections' labels (indices along the new z), the rest ignored (then a copy)."""
+    order = PLANES[plane]
+    labels = vol.labels.transpose(order)
+    if keep is not None:
+        kept = np.full(labels.shape, ignore_label, np.uint8)
+        kept[keep] = labels[keep]
+        labels = kept
+    voxel = tuple(vol.voxel_size[a] for a in order) if vol.voxel_size else None
+    return TrainingVolume(vol.image.transpose((0,) + tuple(1 + a for a in order)), labels, f"{vol.name} ({plane})",
+                          voxel)
 
+
+def plane_views(vols, ignore_label: int) -> list:
+    """Per volume and annotated orientation, the plane's view (`plane_volume`) holding only that
+    orientation's painted planes: training patches then lie in a painted plane, one section deep."""
     views = []
     for v in vols:
         if not (isinstance(v.image, np.ndarray) and isinstance(v.labels, np.ndarray)):
             raise SparsesegError(f"{v.name}: a 2D network on all three planes trains from volumes in memory; "
                                  "this one is read from the store (use --planes xy or --ndim 3)")
         for axis, indices in annotated_planes(v, ignore_label).items():
-            plane, order = next((p, o) for p, o in PLANES.items() if o[0] == axis)
-            labels = np.full((v.shape[axis],) + tuple(v.shape[a] for a in order[1:]), ignore_label, np.uint8)
-            labels[indices] = v.labels.transpose(order)[indices]
-            voxel = tuple(v.voxel_size[a] for a in order) if v.voxel_size else None
-            views.append(TrainingVolume(v.image.transpose((0,) + tuple(1 + a for a in order)), labels,
-                                        f"{v.name} ({plane})", voxel))
+            plane = next(p for p, order in PLANES.items() if order[0] == axis)
+            views.append(plane_volume(v, plane, indices, ignore_label))
     return views
 
 
