@@ -46,12 +46,13 @@ tt = time.time() - t
 model = res.model.eval()
 t = time.time()
 pa, _ = sparseseg.predict(model, ia, device="cpu", backend="torch")
+tpa = time.time() - t          # what densify's reserve is for: crop a alone
 pb, _ = sparseseg.predict(model, ib, device="cpu", backend="torch")
 tp = time.time() - t
 semi_t = la.copy(); semi_t[annotated_mask(la, sl)] = 255
 r_semi = iou_per_class(pa, semi_t, 3, 255); r_auto = iou_per_class(pb, lb, 3, 255)
 row = {"options": over, "slices": counts, "threads": threads, "iterations": res.iterations, "train_s": round(tt, 1),
-       "predict_s": round(tp, 1), "semi": [round(v, 4) for v in r_semi["iou"]], "semi_mf": round(r_semi["mean_foreground_iou"], 4),
+       "predict_s": round(tp, 1), "predict_a_s": round(tpa, 1), "semi": [round(v, 4) for v in r_semi["iou"]], "semi_mf": round(r_semi["mean_foreground_iou"], 4),
        "auto": [round(v, 4) for v in r_auto["iou"]], "auto_mf": round(r_auto["mean_foreground_iou"], 4), "plan": res.plan,
        "network": {"ndim": mcfg.ndim, "planes": mcfg.planes},
        "semi_confusion": confusion(pa, semi_t, 3, 255)[:3, :3].tolist(), "auto_confusion": confusion(pb, lb, 3, 255)[:3, :3].tolist(),
