@@ -17,12 +17,15 @@ trainer as it changes) plus overrides (--set key=value, option names as in the C
 underscores). They run on the trainer's time budget: --budget-minutes M sets `time_budget`
 (default: DEFAULTS, 10 minutes) and the trainer plans the iterations; --iterations N pins a count.
 nnU-Net (benchmarks/baselines/nnunet.py) trains for --budget-minutes of wall clock after its own
-planning and preprocessing. The machine may be shared: every row records the load average at its
+planning and preprocessing. --method interpolation is the image-blind reference (each voxel the
+nearest annotated voxel's label, benchmarks/baselines/interpolation.py), semi-automated tests only:
+it shows how much of a semi-automated score copying the annotation already gives. The machine may be shared: every row records the load average at its
 start and end (`load_before`, `load_after`), with benchmarks/record.py's provenance.
 
     python benchmarks/real_data.py --dataset isbi --method forest
     python benchmarks/real_data.py --dataset nuclei --slices 5 --method nnunet --budget-minutes 10
     python benchmarks/real_data.py --dataset isbi --method net --set ndim=2 --tag 2d
+    python benchmarks/real_data.py --dataset nuclei --slices 5 --method interpolation
 """
 
 from __future__ import annotations
@@ -264,6 +267,19 @@ def forest_scores(tr_img, tr_lab, tests, names):
     return {**info, "scores": score(out, tests, names)}
 
 
+def interpolation_scores(tr_img, tr_lab, tests, names):
+    """The image-blind reference (benchmarks/baselines/interpolation.py) on the semi-automated tests."""
+    from benchmarks.baselines.interpolation import nearest_label
+
+    t = time.time()
+    semi = {k: v for k, v in tests.items() if v[0] is tr_img}
+    if not semi:
+        raise SystemExit("error: --method interpolation needs a semi-automated test (isbi, or nuclei)")
+    pred = nearest_label(tr_lab, 255)
+    return {"method": "nearest annotated voxel, image ignored", "seconds": round(time.time() - t, 1),
+            "scores": score({k: pred for k in semi}, semi, names)}
+
+
 def run_nnunet(tr_img, tr_lab, tests, names, budget, spacing, mirroring=False, iterations_per_epoch=25):
     from benchmarks.baselines.nnunet import fit_predict
 
@@ -283,7 +299,7 @@ def main():
     ap.add_argument("--slices", type=int, default=5, help="nuclei: N xy, N xz, N yz planes of crop a")
     ap.add_argument("--protocol", choices=["auto", "semi"], default=None,
                     help="nuclei: the headline score (both are recorded); default auto")
-    ap.add_argument("--method", choices=["forest", "net", "nnunet"], required=True)
+    ap.add_argument("--method", choices=["forest", "net", "nnunet", "interpolation"], required=True)
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="net: the trainer's time_budget (default DEFAULTS'); nnunet: training wall clock (default the same)")
     ap.add_argument("--iterations", type=int, default=None, help="net: pin the iteration count (else planned)")
@@ -307,10 +323,12 @@ def main():
     overrides = parse_overrides(a.set)
     load_before, commit = os.getloadavg(), code_version()
     tr_img, tr_lab, tests, names, proto = load_tests(a.dataset, a.task, a.labels, a.slices)
-    headline = a.protocol or ("auto" if a.dataset == "nuclei" else next(iter(tests)))
+    headline = a.protocol or ("auto" if a.dataset == "nuclei" and a.method != "interpolation" else next(iter(tests)))
     t0 = time.time()
     if a.method == "forest":
         r = forest_scores(tr_img, tr_lab, tests, names)
+    elif a.method == "interpolation":
+        r = interpolation_scores(tr_img, tr_lab, tests, names)
     elif a.method == "nnunet":
         from sparseseg.model.defaults import DEFAULTS
 

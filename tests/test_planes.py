@@ -119,6 +119,18 @@ def test_plane_views_hold_each_orientations_planes_as_sections():
         assert np.array_equal(lab[planes], dense.transpose(order)[planes])
 
 
+def test_plane_views_of_dense_labels_take_every_labelled_plane():
+    """`--planes all` on labels without painted planes (a dense block): every plane that holds a
+    label, in each orientation, rather than no training data at all."""
+    image, dense = blobs((12, 16, 16))
+    labels = np.full_like(dense, 255)
+    labels[3:9, 4:12, 2:14] = dense[3:9, 4:12, 2:14]
+    views = plane_views([TrainingVolume(image, labels, "block")], 255)
+    assert len(views) == 3
+    for view, (_, order), (lo, hi) in zip(views, PLANES.items(), [(3, 9), (4, 12), (2, 14)]):
+        assert np.flatnonzero((view.labels != 255).any((1, 2))).tolist() == list(range(lo, hi))
+
+
 def test_training_on_all_planes_learns_and_keeps_its_config(tmp_path):
     """A short run: patches from each orientation's planes, a checkpoint that predicts with all
     three planes, better than chance on the voxels nobody painted."""

@@ -213,13 +213,18 @@ def plane_volume(vol: TrainingVolume, plane: str, keep=None, ignore_label: int =
 
 def plane_views(vols, ignore_label: int) -> list:
     """Per volume and annotated orientation, the plane's view (`plane_volume`) holding only that
-    orientation's painted planes: training patches then lie in a painted plane, one section deep."""
+    orientation's painted planes: training patches then lie in a painted plane, one section deep.
+    A volume without painted planes (dense labels, a labelled block) trains on every plane of each
+    orientation that holds a label, so `--planes all` works on any labels."""
     views = []
     for v in vols:
         if not (isinstance(v.image, np.ndarray) and isinstance(v.labels, np.ndarray)):
             raise SparsesegError(f"{v.name}: a 2D network on all three planes trains from volumes in memory; "
                                  "this one is read from the store (use --planes xy or --ndim 3)")
-        for axis, indices in annotated_planes(v, ignore_label).items():
+        painted = annotated_planes(v, ignore_label) or {
+            axis: np.flatnonzero(counts).tolist()
+            for axis, counts in enumerate(v.scan(ignore_label).per_plane) if v.shape[axis] > 1 and counts.any()}
+        for axis, indices in painted.items():
             plane = next(p for p, order in PLANES.items() if order[0] == axis)
             views.append(plane_volume(v, plane, indices, ignore_label))
     return views
