@@ -2,9 +2,10 @@
 slices (classes background / interior / boundary), score semi (a's unannotated voxels) and auto
 (all of crop b); one JSON line to results/nuclei_levers.jsonl. Without iterations=N the run has
 the default time budget (time_budget=M to change it), keeping time to predict crop a as densify does.
-THREADS 0: torch's default (every core).
+THREADS 0: torch's default (every core). dense=1 trains on every voxel of crop a (a fit check: how
+well the network can learn these labels at all; semi then scores voxels it was trained on).
 
-    python benchmarks/nuclei_levers.py THREADS [iterations=300] [option=value ...] [slices=5]
+    python benchmarks/nuclei_levers.py THREADS [iterations=300] [option=value ...] [slices=5] [dense=1]
 """
 import json, os, sys, time
 from pathlib import Path
@@ -34,9 +35,10 @@ for a in sys.argv[2:]:
     except ValueError: pass
     over[k] = v
 counts = over.pop("slices", 5)
+dense = bool(over.pop("dense", 0))
 ia, la = load("a"); ib, lb = load("b")
 sl = orthogonal_slices(la.shape, (counts,) * 3)
-vol = TrainingVolume(ia[None], sparsify(la, sl), "a")
+vol = TrainingVolume(ia[None], la if dense else sparsify(la, sl), "a")
 o = {"checkpoint_every": 0, "device": "cpu", **over}
 mcfg, tcfg, names = build_configs([vol], o)
 t = time.time()
@@ -51,13 +53,15 @@ pb, _ = sparseseg.predict(model, ib, device="cpu", backend="torch")
 tp = time.time() - t
 semi_t = la.copy(); semi_t[annotated_mask(la, sl)] = 255
 r_semi = iou_per_class(pa, semi_t, 3, 255); r_auto = iou_per_class(pb, lb, 3, 255)
-row = {"options": over, "slices": counts, "threads": threads, "iterations": res.iterations, "train_s": round(tt, 1),
+row = {"options": over, "slices": counts, **({"dense": True} if dense else {}), "threads": threads, "iterations": res.iterations, "train_s": round(tt, 1),
        "predict_s": round(tp, 1), "predict_a_s": round(tpa, 1), "semi": [round(v, 4) for v in r_semi["iou"]], "semi_mf": round(r_semi["mean_foreground_iou"], 4),
        "auto": [round(v, 4) for v in r_auto["iou"]], "auto_mf": round(r_auto["mean_foreground_iou"], 4), "plan": res.plan,
        "network": {"ndim": mcfg.ndim, "planes": mcfg.planes},
        "semi_confusion": confusion(pa, semi_t, 3, 255)[:3, :3].tolist(), "auto_confusion": confusion(pb, lb, 3, 255)[:3, :3].tolist(),
        "dataset": "nuclei (plantseg_nuclei crops a/b, 75^3, classes background/interior/boundary)",
-       "protocol": f"train on crop a's {counts},{counts},{counts} orthogonal slices; semi: IoU on a's unannotated voxels; "
+       "protocol": ("train on every voxel of crop a; semi" if dense else
+                    f"train on crop a's {counts},{counts},{counts} orthogonal slices; semi")
+                   + ": IoU on a's unannotated voxels; "
                    "auto: IoU on all of crop b",
        **record(commit_at_start=started, load_before=load0)}
 print(json.dumps(row))

@@ -241,6 +241,9 @@ def _class_weights(cfg: TrainConfig, counts, k: int) -> np.ndarray:
     return np.asarray(cfg.class_weights, np.float32)
 
 
+RESERVE_CUBE = 20   # output side of the block timed for the prediction reserve (all-planes networks)
+
+
 def _prediction_reserve(run: Run, shapes) -> float:
     """Seconds to keep for predicting volumes of `shapes` after training (densify): the
     engine's start (export and backend compilation, ENGINE_START_SECONDS) plus the input voxels it
@@ -249,7 +252,9 @@ def _prediction_reserve(run: Run, shapes) -> float:
     if not shapes:
         return 0.0
     geometry = run.model.cfg.geometry       # what predicts: for all three planes, not the training patch's
-    out = (run.out_shape[1],) * 3 if run.model.cfg.planes == 3 else run.out_shape
+    # For all three planes a cube of (at most) 20-voxel output: the cube of a 72-voxel training
+    # output (126^3 input, three passes) took a minute of a 5-minute budget to time.
+    out = (min(run.out_shape[1], RESERVE_CUBE),) * 3 if run.model.cfg.planes == 3 else run.out_shape
     in_shape = geometry.input_for_output(out)
     x = torch.zeros((1, run.model_cfg.in_channels, *in_shape), device=run.device)
     run.model.eval()
