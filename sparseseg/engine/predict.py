@@ -10,7 +10,8 @@ import threading
 
 import numpy as np
 
-from sparseseg.engine.backends import BackendSpec
+from sparseseg.engine.backends.base import BackendSpec, model_contract
+from sparseseg.engine.backends.select import model_backend_kind
 from sparseseg.errors import SparsesegError
 
 
@@ -41,32 +42,16 @@ def model_digest(model) -> str:
     return h.hexdigest()
 
 
-def model_backend_kind(device: str, precision: str, backend: str) -> str:
-    """The backend a model object runs with: the engine's rule for a .pt engine file
-    (backends.resolve_backend): on CPU the fastest installed one (backends.fastest_cpu_backend),
-    on CUDA torch; `backend` pins one ("torch", "onnxruntime", "openvino")."""
-    from sparseseg.engine.backends import BACKENDS, resolve_backend, want_cuda
-
-    if backend not in BACKENDS:
-        raise SparsesegError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-    if backend == "tensorrt":
-        raise SparsesegError("--backend tensorrt runs .plan files only; export the model with "
-                             "sparseseg-export --plan")
-    if backend == "auto" and precision != "fp32" and want_cuda(device):
-        return "torch"              # fp16/bf16 of a model object on CUDA: torch autocast
-    return resolve_backend(BackendSpec("model.pt", device, precision, backend=backend))
-
-
 _MODEL_CACHE: dict = {}       # (digest, kind, device, precision) -> backend: repeated calls on one model export once
 _MODEL_LOCK = threading.Lock()    # e.g. the napari widget's worker thread beside the caller's
 
 
 def model_backend(model, device: str = "auto", precision: str = "fp32", backend: str = "auto"):
     """The backend for an in-memory SegmentationModel. ONNX Runtime / OpenVINO run the model's
-    fp32 ONNX export (the same export as `backends.cached_onnx` makes of a .pt file), written to
+    fp32 ONNX export (the same export as `backends.load.cached_onnx` makes of a .pt file), written to
     a temporary directory and loaded once; the last model's backend is kept for the next call
     while its weights are unchanged."""
-    from sparseseg.engine.backends import TorchBackend, model_contract
+    from sparseseg.engine.backends.torch import TorchBackend
 
     contract = model_contract(model)
     kind = model_backend_kind(device, precision, backend)
@@ -88,7 +73,8 @@ def _exported_backend(model, contract, digest, kind, device, precision):
     from pathlib import Path
 
     from sparseseg import __version__
-    from sparseseg.engine.backends import OnnxBackend, OpenVinoBackend
+    from sparseseg.engine.backends.onnxruntime import OnnxBackend
+    from sparseseg.engine.backends.openvino import OpenVinoBackend
     from sparseseg.export.onnx_export import export_onnx
     from sparseseg.model.checkpoint import Checkpoint
 

@@ -244,12 +244,12 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
         raise SparsesegError(f"{input_path} has {vol.channels} channel(s), the engine expects {contract['in_channels']}")
     geometry = geometry_of_contract(contract)
     shape = vol.shape
-    from sparseseg.engine.backends import resolve_backend
-    from sparseseg.engine.plan import choose, gather_normalization, plan_figures, resolve_device
+    from sparseseg.engine.backends.select import resolve_backend, resolve_device
+    from sparseseg.engine.plan import choose, gather_normalization, plan_figures
 
     spec = BackendSpec(str(Path(engine).resolve()), device, precision, backend=backend)
     backend_name = resolve_backend(spec)
-    run_device = resolve_device(engine, device)
+    run_device = resolve_device(device, engine)
     from sparseseg.kernels.select import check_kernels, kernels_option
 
     kernels = kernels_option(kernels)
@@ -573,10 +573,9 @@ def _with_dask(job, todo, advance, workers, scheduler, device, group_size, retri
 
         failed, info = _schedule(submit, groups, advance, retries, window)
         if info is None:                    # no block succeeded: name what was asked for
-            from sparseseg.engine.backends import resolve_backend
-            from sparseseg.engine.plan import resolve_device
+            from sparseseg.engine.backends.select import resolve_backend, resolve_device
 
-            info = (resolve_backend(job.backend), resolve_device(job.backend.engine, device))
+            info = (resolve_backend(job.backend), resolve_device(device, job.backend.engine))
         return info[0], info[1], failed
     finally:
         cluster = None if scheduler else client.cluster
