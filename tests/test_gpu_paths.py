@@ -372,7 +372,8 @@ def test_nvml_query_is_none_without_a_driver(monkeypatch):
 # ---------------------------------------------------------------- TensorRT: pure parts
 
 def test_plan_gpu_check_is_by_compute_capability_not_name():
-    from sparseseg.export.tensorrt import check_plan_compatible, plan_contract
+    from sparseseg.engine.backends.tensorrt import check_plan_compatible
+    from sparseseg.export.tensorrt import plan_contract
 
     side = plan_contract({"format": "sparseseg-engine"}, precision="fp16", profile={}, trt_version="10.13.0",
                          gpu_name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), version_compatible=False,

@@ -75,7 +75,7 @@ def _exported_backend(model, contract, digest, kind, device, precision):
     from sparseseg import __version__
     from sparseseg.engine.backends.onnxruntime import OnnxBackend
     from sparseseg.engine.backends.openvino import OpenVinoBackend
-    from sparseseg.export.onnx_export import export_onnx
+    from sparseseg.model.onnx_graph import export_onnx
     from sparseseg.model.checkpoint import Checkpoint
 
     cpu_model = copy.deepcopy(model).cpu().eval()         # the caller's model stays where it is

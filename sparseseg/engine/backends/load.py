@@ -15,6 +15,7 @@ from sparseseg.engine.backends.tensorrt import TensorRTBackend
 from sparseseg.engine.backends.torch import TorchBackend
 from sparseseg.errors import SparsesegError
 from sparseseg.fsutil import atomic_path
+from sparseseg.model.onnx_graph import export_onnx
 
 
 def cached_onnx(checkpoint) -> Path:
@@ -26,8 +27,6 @@ def cached_onnx(checkpoint) -> Path:
     path = cache_dir() / "onnx" / f"{sha}.onnx"
     if path.is_file():
         return path
-    from sparseseg.export.onnx_export import export_onnx
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         export_onnx(load_checkpoint(checkpoint), sha, tmp, "fp32", simplify=False)
