@@ -81,7 +81,7 @@ def test_blocks_tile_the_volume():
 def test_read_plan_gathers_like_whole_volume_padding():
     """A border block's tiles, gathered from its read region on the device, equal the same
     windows of a reflect-padded whole volume."""
-    from sparseseg.engine.tensor_ops import gather
+    from sparseseg.kernels.torch_ops import gather
     from sparseseg.engine.tiling import tile_input
 
     geom = tiny_config(depth=3).geometry
