@@ -159,7 +159,7 @@ def test_compute_runs_on_its_own_stream():
 def test_dask_tasks_of_one_run_reuse_the_worker_runner(monkeypatch, tmp_path):
     """Defect 8: every task (run_group) of a run in one worker process gets the same BlockRunner
     instead of building streams, weights and buffers again."""
-    from sparseseg.engine import run as run_mod
+    from sparseseg.engine import schedule
     from sparseseg.engine.backends import BackendSpec
     from sparseseg.engine.blocks import make_blocks
     from sparseseg.model.checkpoint import save_checkpoint
@@ -180,7 +180,7 @@ def test_dask_tasks_of_one_run_reuse_the_worker_runner(monkeypatch, tmp_path):
                           geometry.to_dict(), (8, 16, 32), (12, 12, 12), 0.5, 1, None, run_id="r")
     blocks = make_blocks((8, 16, 32), (8, 16, 16))
     for group in ([blocks[0]], [blocks[1]]):
-        finished, error, _ = run_mod.run_group(job, group)
+        finished, error, _ = schedule.run_group(job, group)
         assert error is None and len(finished) == 1
     assert len(built) == 1 and written == [b.key for b in blocks]
 
