@@ -51,10 +51,10 @@ def stub_process_blocks(job, blocks, on_block=None, **_):
 
 def patch():
     """No compute in this process or in a worker: run_group calls the stub."""
-    import sparseseg.engine.run as run
+    import sparseseg.engine.schedule as schedule
 
-    run.process_blocks = stub_process_blocks
-    run._backend_info = lambda job: ("none", "cpu")
+    schedule.process_blocks = stub_process_blocks
+    schedule.backend_info = lambda job: ("none", "cpu")
     return os.getpid()
 
 
@@ -66,7 +66,7 @@ def rss_mb() -> float:
 def one(n: int, client, address: str, root: Path) -> dict:
     from sparseseg.engine.backends import BackendSpec
     from sparseseg.engine.blocks import make_blocks
-    from sparseseg.engine.run import _with_dask
+    from sparseseg.engine.schedule import with_dask
     from sparseseg.engine.store import done_keys
     from sparseseg.engine.worker import BlockJob
 
@@ -98,7 +98,7 @@ def one(n: int, client, address: str, root: Path) -> dict:
         if not first:
             first.append(time.perf_counter())
 
-    _with_dask(job, todo, advance, None, address, "cpu", None, 2)
+    with_dask(job, todo, advance, None, address, "cpu", None, 2)
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()

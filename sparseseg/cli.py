@@ -250,7 +250,7 @@ def train_cmd(images, labels, out, resume, force, **kwargs):
 def densify_cmd(image, labels, out, as_label, model_out, tile, pyramid, overwrite, **kwargs):
     """Train on one volume's own sparse labels and write its dense segmentation (semi-automated)."""
     _setup_logging()
-    from sparseseg.engine.run import check_output_target, resolve_output
+    from sparseseg.engine.output import check_output_target, resolve_output
     from sparseseg.pipeline import densify
     from sparseseg.volume import check_output
 

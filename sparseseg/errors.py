@@ -12,3 +12,11 @@ class SparsesegError(Exception):
 
 class CheckpointError(SparsesegError):
     """A file that is not a valid sparseseg checkpoint."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: a SparsesegError's own message, else its type and first line."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, SparsesegError):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

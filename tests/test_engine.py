@@ -81,7 +81,7 @@ def test_blocks_tile_the_volume():
 def test_read_plan_gathers_like_whole_volume_padding():
     """A border block's tiles, gathered from its read region on the device, equal the same
     windows of a reflect-padded whole volume."""
-    from sparseseg.engine.tensor_ops import gather
+    from sparseseg.kernels.torch_ops import gather
     from sparseseg.engine.tiling import tile_input
 
     geom = tiny_config(depth=3).geometry
@@ -439,7 +439,8 @@ def test_predict_model_object_runs_the_engines_cpu_backend():
     import importlib.util
 
     import sparseseg
-    from sparseseg.engine.predict import model_backend, model_backend_kind
+    from sparseseg.engine.backends.select import model_backend_kind
+    from sparseseg.engine.predict import model_backend
 
     fastest = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
     assert model_backend_kind("cpu", "fp32", "auto") == fastest
@@ -552,8 +553,7 @@ def test_cpu_bf16_runs_openvino_and_says_so_otherwise(monkeypatch):
     backend, or bf16 without the openvino package, is a one-line SparsesegError."""
     import importlib.util
 
-    from sparseseg.engine.backends import BackendSpec, resolve_backend
-    from sparseseg.engine.predict import model_backend_kind
+    from sparseseg.engine.backends import BackendSpec, model_backend_kind, resolve_backend
 
     for precision, backend, says in [("fp16", "auto", "needs a CUDA device"),
                                      ("bf16", "onnxruntime", "not --backend onnxruntime"),

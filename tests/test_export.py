@@ -8,16 +8,14 @@ import pytest
 import torch
 
 from sparseseg.errors import SparsesegError
-from sparseseg.export.onnx_export import fold_batchnorm, ort_session
-from sparseseg.export.tensorrt import (
-    check_plan_compatible,
-    plan_contract,
-    profile_shapes,
-)
+from sparseseg.export.onnx_export import ort_session
+from sparseseg.engine.backends.tensorrt import check_plan_compatible
+from sparseseg.export.tensorrt import plan_contract, profile_shapes
 from sparseseg.model.checkpoint import file_sha256, load_checkpoint
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.contract import read_contract, sidecar_path
 from sparseseg.model.network import SegmentationModel
+from sparseseg.model.onnx_graph import fold_batchnorm
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.train import train
 from tests.helpers import run_cli as run, blobs, fast_train_config, tiny_config
@@ -153,7 +151,8 @@ def _initializer_types(proto):
 @pytest.mark.parametrize("precision,ndim,filters", [("fp16", 3, ()), ("bf16", 3, ()), ("fp16", 2, ()),
                                                      ("fp16", 3, (1.0,))])
 def test_reduced_precision_graph_keeps_io_normalization_and_first_layer_in_fp32(tmp_path, precision, ndim, filters):
-    from sparseseg.export.onnx_export import export_onnx, verify_onnx
+    from sparseseg.export.onnx_export import verify_onnx
+    from sparseseg.model.onnx_graph import export_onnx
 
     # Width 8, 30 iterations: a 3-iteration width-4 net's near-tie logits flip under bf16 by chance
     # (98.4% argmax on its random tile once the training arithmetic changed in the last bits).

@@ -159,7 +159,7 @@ def test_compute_runs_on_its_own_stream():
 def test_dask_tasks_of_one_run_reuse_the_worker_runner(monkeypatch, tmp_path):
     """Defect 8: every task (run_group) of a run in one worker process gets the same BlockRunner
     instead of building streams, weights and buffers again."""
-    from sparseseg.engine import run as run_mod
+    from sparseseg.engine import schedule
     from sparseseg.engine.backends import BackendSpec
     from sparseseg.engine.blocks import make_blocks
     from sparseseg.model.checkpoint import save_checkpoint
@@ -180,7 +180,7 @@ def test_dask_tasks_of_one_run_reuse_the_worker_runner(monkeypatch, tmp_path):
                           geometry.to_dict(), (8, 16, 32), (12, 12, 12), 0.5, 1, None, run_id="r")
     blocks = make_blocks((8, 16, 32), (8, 16, 16))
     for group in ([blocks[0]], [blocks[1]]):
-        finished, error, _ = run_mod.run_group(job, group)
+        finished, error, _ = schedule.run_group(job, group)
         assert error is None and len(finished) == 1
     assert len(built) == 1 and written == [b.key for b in blocks]
 
@@ -372,7 +372,8 @@ def test_nvml_query_is_none_without_a_driver(monkeypatch):
 # ---------------------------------------------------------------- TensorRT: pure parts
 
 def test_plan_gpu_check_is_by_compute_capability_not_name():
-    from sparseseg.export.tensorrt import check_plan_compatible, plan_contract
+    from sparseseg.engine.backends.tensorrt import check_plan_compatible
+    from sparseseg.export.tensorrt import plan_contract
 
     side = plan_contract({"format": "sparseseg-engine"}, precision="fp16", profile={}, trt_version="10.13.0",
                          gpu_name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), version_compatible=False,

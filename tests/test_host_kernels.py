@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from sparseseg.engine.blocks import make_blocks, read_plan
-from sparseseg.engine.tensor_ops import normalization_tensors
 from sparseseg.engine.tiling import gaussian_weights, tile_input
 from sparseseg.kernels import host
-from sparseseg.kernels import reference as ref
+from sparseseg.kernels import torch_ops as ref
+from sparseseg.kernels.torch_ops import normalization_tensors
 from tests.helpers import tiny_config
 
 pytestmark = [pytest.mark.host_kernels,

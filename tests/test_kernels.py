@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from sparseseg.engine.tensor_ops import normalization_tensors
 from sparseseg.engine.tiling import gaussian_weights
-from sparseseg.kernels import reference as ref
+from sparseseg.kernels import torch_ops as ref
+from sparseseg.kernels.torch_ops import normalization_tensors
 
 KERNELS = Path(__file__).parents[1] / "sparseseg" / "kernels"
 

@@ -10,14 +10,8 @@ from click.testing import CliRunner
 
 from sparseseg.cli import main
 from sparseseg.errors import SparsesegError
-from sparseseg.export.tensorrt import (
-    PlanRunner,
-    check_engine_profile,
-    check_in_profile,
-    default_plan_tile,
-    profile_shapes,
-    torch_dtype,
-)
+from sparseseg.engine.backends.tensorrt import PlanRunner, check_engine_profile, check_in_profile, torch_dtype
+from sparseseg.export.tensorrt import default_plan_tile, profile_shapes
 from sparseseg.engine.tiling import profile_tiles
 from sparseseg.model.config import ModelConfig
 from tests.helpers import tiny_config

@@ -8,7 +8,7 @@ same result as one pass over the whole volume.
 A block's read region is the block plus the context the tile layout needs. Coordinates beyond
 the volume are mapped with numpy's 'reflect' rule on the *whole* volume (period 2(n-1)), so a
 block at the border sees exactly what a reflect-padded whole volume would show it;
-`tiling.reflect_index` is the one definition of that rule (gather, kernels and `pad_region` use it).
+`model.shapes.reflect_index` is the one definition of that rule (gather, kernels and `pad_region` use it).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparseseg.engine.tiling import DEFAULT_BLOCK, axis_layout, reflect_index, tile_stride
+from sparseseg.engine.tiling import DEFAULT_BLOCK, axis_layout, tile_stride
 from sparseseg.errors import SparsesegError
+from sparseseg.model.shapes import reflect_index
 
 
 @dataclass(frozen=True)

@@ -103,17 +103,6 @@ def plan_figures(contract: dict, volume_shape, block, tile, batch: int, overlap:
     return out
 
 
-def resolve_device(engine, device: str) -> str:
-    """cpu or cuda, touching CUDA only when the user did not say cpu."""
-    from pathlib import Path
-
-    from sparseseg.engine.backends import want_cuda
-
-    if Path(str(engine)).suffix.lower() in (".plan", ".engine", ".trt"):
-        return "cuda"
-    return "cuda" if want_cuda(device) else "cpu"
-
-
 def choose(contract: dict, volume_shape, *, device: str, block=None, tile=None, batch=None, overlap: float = 0.5,
            precision: str = "fp32"):
     """(block, tile, batch) for a run: what the user asked for, checked, else the defaults of

@@ -6,11 +6,25 @@ replaced by the array and, for a model object, the engine file replaced by the m
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import tempfile
 import threading
+from pathlib import Path
 
 import numpy as np
 
-from sparseseg.engine.backends import BackendSpec
+from sparseseg import __version__
+from sparseseg.engine.backends import cached_backend
+from sparseseg.engine.backends.base import BackendSpec, model_contract
+from sparseseg.engine.backends.onnxruntime import OnnxBackend
+from sparseseg.engine.backends.openvino import OpenVinoBackend
+from sparseseg.engine.backends.select import model_backend_kind
+from sparseseg.engine.backends.torch import TorchBackend
+from sparseseg.engine.blocks import make_blocks
+from sparseseg.engine.job import plan_job
+from sparseseg.engine.worker import process_blocks
 from sparseseg.errors import SparsesegError
 
 
@@ -31,30 +45,11 @@ class ArrayVolume:
 def model_digest(model) -> str:
     """sha256 of what decides a model's outputs: configuration, normalization and every tensor
     of its state (weights change between two calls during training)."""
-    import hashlib
-    import json
-
     h = hashlib.sha256(json.dumps([model.cfg.to_dict(), model.normalization], sort_keys=True).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def model_backend_kind(device: str, precision: str, backend: str) -> str:
-    """The backend a model object runs with: the engine's rule for a .pt engine file
-    (backends.resolve_backend): on CPU the fastest installed one (backends.fastest_cpu_backend),
-    on CUDA torch; `backend` pins one ("torch", "onnxruntime", "openvino")."""
-    from sparseseg.engine.backends import BACKENDS, resolve_backend, want_cuda
-
-    if backend not in BACKENDS:
-        raise SparsesegError(f"unknown backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-    if backend == "tensorrt":
-        raise SparsesegError("--backend tensorrt runs .plan files only; export the model with "
-                             "sparseseg-export --plan")
-    if backend == "auto" and precision != "fp32" and want_cuda(device):
-        return "torch"              # fp16/bf16 of a model object on CUDA: torch autocast
-    return resolve_backend(BackendSpec("model.pt", device, precision, backend=backend))
 
 
 _MODEL_CACHE: dict = {}       # (digest, kind, device, precision) -> backend: repeated calls on one model export once
@@ -63,11 +58,9 @@ _MODEL_LOCK = threading.Lock()    # e.g. the napari widget's worker thread besid
 
 def model_backend(model, device: str = "auto", precision: str = "fp32", backend: str = "auto"):
     """The backend for an in-memory SegmentationModel. ONNX Runtime / OpenVINO run the model's
-    fp32 ONNX export (the same export as `backends.cached_onnx` makes of a .pt file), written to
+    fp32 ONNX export (the same export as `backends.load.cached_onnx` makes of a .pt file), written to
     a temporary directory and loaded once; the last model's backend is kept for the next call
     while its weights are unchanged."""
-    from sparseseg.engine.backends import TorchBackend, model_contract
-
     contract = model_contract(model)
     kind = model_backend_kind(device, precision, backend)
     if kind == "torch":
@@ -83,14 +76,8 @@ def model_backend(model, device: str = "auto", precision: str = "fp32", backend:
 
 
 def _exported_backend(model, contract, digest, kind, device, precision):
-    import copy
-    import tempfile
-    from pathlib import Path
-
-    from sparseseg import __version__
-    from sparseseg.engine.backends import OnnxBackend, OpenVinoBackend
-    from sparseseg.export.onnx_export import export_onnx
     from sparseseg.model.checkpoint import Checkpoint
+    from sparseseg.model.onnx_graph import export_onnx
 
     cpu_model = copy.deepcopy(model).cpu().eval()         # the caller's model stays where it is
     cfg = cpu_model.cfg
@@ -119,41 +106,18 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
     on CUDA; on CPU bf16
     through OpenVINO, where the CPU has bf16 units). `kernels`:
     "torch" (default, or $SPARSESEG_KERNELS) or "cuda" for the CUDA gather/stitch kernels."""
-    from pathlib import Path
-
-    from sparseseg.engine.backends import cached_backend
-    from sparseseg.engine.blocks import make_blocks
-    from sparseseg.engine.plan import choose, gather_normalization
-    from sparseseg.engine.worker import BlockJob, process_blocks
-
     array = np.asarray(array)
     if array.ndim not in (3, 4):
         raise SparsesegError(f"predict needs a (Z, Y, X) or (C, Z, Y, X) array, got shape {array.shape}")
-    if probabilities is True:
-        probabilities = "float32"
-    if probabilities not in (None, False, "uint8", "float16", "float32"):
-        raise SparsesegError(f"probabilities must be uint8, float16 or float32, not {probabilities!r}")
-    probabilities = probabilities or None
+    probabilities = _probabilities_option(probabilities)
     vol = ArrayVolume(array)
-    if isinstance(model_or_engine_file, (str, Path)):
-        spec = BackendSpec(str(Path(model_or_engine_file).resolve()), device, precision, backend=backend)
-        engine = cached_backend(spec)
-    else:
-        engine = model_backend(model_or_engine_file, device, precision, backend)
-        spec = BackendSpec("<in-memory model>", device, precision, backend=engine.name)
+    engine, spec = _backend_and_spec(model_or_engine_file, device, precision, backend)
     contract = engine.contract
     if vol.channels != contract["in_channels"]:
         raise SparsesegError(f"the array has {vol.channels} channel(s), the model expects {contract['in_channels']}")
-    from sparseseg.kernels.select import check_kernels, kernels_option
-
-    kernels = kernels_option(kernels)
-    check_kernels(kernels, engine.device.type)
-    blk, tile, batch = choose(contract, vol.shape, device=engine.device.type, block=block, tile=tile, batch=batch,
-                              overlap=overlap, precision=precision)
-    from sparseseg.model.contract import geometry_of_contract
-
-    job = BlockJob("<memory>", "<memory>", spec, geometry_of_contract(contract).to_dict(), vol.shape, tile, overlap,
-                   batch, probabilities, normalization=gather_normalization(contract, vol), kernels=kernels)
+    plan = plan_job(contract, vol.shape, spec, engine.device.type, kernels=kernels, block=block, tile=tile,
+                    batch=batch, overlap=overlap)
+    job = plan.block_job(vol, "<memory>", "<memory>", probabilities)
     labels = np.zeros(vol.shape, np.uint8)
     probs = (np.zeros((contract["num_classes"],) + vol.shape, np.dtype(probabilities)) if probabilities else None)
 
@@ -162,5 +126,22 @@ def predict(model_or_engine_file, array, *, tile=None, batch=None, block=None, o
         if probs is not None:
             probs[(slice(None),) + block.slices] = prob
 
-    process_blocks(job, make_blocks(vol.shape, blk), io=(vol, write), backend=engine)
+    process_blocks(job, make_blocks(vol.shape, plan.block), io=(vol, write), backend=engine)
     return labels, probs
+
+
+def _probabilities_option(probabilities):
+    if probabilities is True:
+        probabilities = "float32"
+    if probabilities not in (None, False, "uint8", "float16", "float32"):
+        raise SparsesegError(f"probabilities must be uint8, float16 or float32, not {probabilities!r}")
+    return probabilities or None
+
+
+def _backend_and_spec(model_or_engine_file, device, precision, backend):
+    """(the loaded backend, its spec): an engine file's cached backend, or a model object's."""
+    if isinstance(model_or_engine_file, (str, Path)):
+        spec = BackendSpec(str(Path(model_or_engine_file).resolve()), device, precision, backend=backend)
+        return cached_backend(spec), spec
+    engine = model_backend(model_or_engine_file, device, precision, backend)
+    return engine, BackendSpec("<in-memory model>", device, precision, backend=engine.name)

@@ -26,7 +26,7 @@ def recorded_run(out: str, storage_options=None) -> dict | None:
             return None
         zkw = {"storage_options": options} if options and local_path(out) is None else {}
         record = dict(zarr.open_group(str(out), mode="r", **zkw).attrs).get(RUN_KEY)
-    except Exception:       # not a zarr group, unreachable: _prepare_output says so in one line
+    except Exception:       # not a zarr group, unreachable: output.prepare_output says so in one line
         return None
     return record if isinstance(record, dict) else None
 

@@ -9,7 +9,7 @@ result equals that single pass (a step of T itself would not: 44 is not a multip
 Same-padding networks: tiles overlap by a fraction and are blended with a Gaussian importance
 map (sigma = T/8, as nnU-Net), accumulated only over the region at hand.
 
-Pure geometry (no torch, no I/O): the engine's gather and stitch (engine/tensor_ops.py) follow
+Pure geometry (no torch, no I/O): the engine's gather and stitch (kernels/torch_ops.py) follow
 these layouts on the device, and `default_tile` below picks the tile from
 the engine file and the device (sizes measured by engine/measure.py).
 """
@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model.shapes import reflect_index
 
 
 def check_tile(geometry, tile_out) -> tuple[int, int, int]:
@@ -82,15 +83,6 @@ def gaussian_weights(tile, sigma_scale: float = 1 / 8) -> np.ndarray:
         w = w * g.reshape(shape).astype(np.float32)
     w /= w.max()
     return np.maximum(w, 1e-3)  # no voxel may have zero weight at the tile rim
-
-
-def reflect_index(coords: np.ndarray, n: int) -> np.ndarray:
-    """numpy 'reflect' padding as an index map: ... 2 1 | 0 1 2 ... n-1 | n-2 ..."""
-    if n == 1:
-        return np.zeros_like(coords)
-    period = 2 * (n - 1)
-    m = np.mod(coords, period)
-    return np.where(m >= n, period - m, m)
 
 
 def pad_region(image: np.ndarray, before, after) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The block worker: read -> device -> gather tiles -> batched forward -> stitch -> argmax ->
 host -> write -> mark done, with everything between the upload and the download on the
-backend's device (torch functions of engine/tensor_ops.py, or with --kernels cuda the CUDA
+backend's device (torch functions of kernels/torch_ops.py, or with --kernels cuda the CUDA
 kernels of sparseseg/kernels on a CUDA device; a GPU keeps the block resident).
 
 Per block: the region is read in its stored dtype (uint8/uint16/float32: no host float32 copy),
@@ -71,7 +71,7 @@ class BlockRunner:
         import torch
 
         from sparseseg.engine.tiling import gaussian_weights, tile_input
-        from sparseseg.engine.tensor_ops import normalization_tensors
+        from sparseseg.kernels.torch_ops import normalization_tensors
         from sparseseg.model.shapes import NetGeometry
 
         self.job, self.backend, self.torch = job, backend, torch
@@ -89,7 +89,7 @@ class BlockRunner:
                            "float32": torch.float32}[job.probabilities]
         from sparseseg.kernels.select import block_ops
 
-        self.ops = block_ops(job.kernels, self.device)      # engine/tensor_ops.py unless --kernels cuda
+        self.ops = block_ops(job.kernels, self.device)      # kernels/torch_ops.py unless --kernels cuda
         if self.cuda:
             self.upload_stream = torch.cuda.Stream(self.device)
             # The compute has its own stream: on the legacy default stream TensorRT's execute_async_v3

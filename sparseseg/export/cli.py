@@ -16,7 +16,8 @@ def run_export(model, onnx_path, plan_path, precision, tile, batch, workspace, c
                verify: bool, simplify: bool, force: bool, tile_min=None, tile_max=None,
                hardware_compatible: bool = False) -> list[str]:
     from sparseseg.engine.tiling import check_tile
-    from sparseseg.export.onnx_export import ExportReport, export_onnx, verify_onnx
+    from sparseseg.export.onnx_export import ExportReport, verify_onnx
+    from sparseseg.model.onnx_graph import export_onnx
     from sparseseg.fsutil import atomic_path, temporary_sibling
     from sparseseg.model.checkpoint import file_sha256, load_checkpoint
     from sparseseg.model.contract import contract_from_checkpoint
@@ -36,7 +37,7 @@ def run_export(model, onnx_path, plan_path, precision, tile, batch, workspace, c
                                  "any valid size")
     else:
         precision = precision or "fp16"
-        from sparseseg.export.tensorrt import import_tensorrt
+        from sparseseg.engine.backends.tensorrt import import_tensorrt
 
         import_tensorrt()                  # fail before writing anything when it is missing
     if precision == "int8" and calibration is None:
@@ -74,7 +75,8 @@ def run_export(model, onnx_path, plan_path, precision, tile, batch, workspace, c
             qtmp.unlink(missing_ok=True)
     lines = [report.line()]
     if plan_out is not None:
-        from sparseseg.export.tensorrt import build_plan, describe_profile, verify_plan
+        from sparseseg.engine.backends.tensorrt import describe_profile
+        from sparseseg.export.tensorrt import build_plan, verify_plan
 
         side = build_plan(onnx_out, plan_out, contract, profile, workspace_gb=workspace,
                           version_compatible=version_compatible, hardware_compatible=hardware_compatible)
@@ -91,7 +93,7 @@ def _quantize(fp32_tmp: Path, q_tmp: Path, contract: dict, ckpt, calibration) ->
     """Replace the fp32 graph at `fp32_tmp` by its Q/DQ int8 version; returns the new contract."""
     import onnx
 
-    from sparseseg.export.onnx_export import write_contract
+    from sparseseg.model.onnx_graph import write_contract
     from sparseseg.export.quantize import calibration_shape, calibration_tiles, quantize_int8
 
     tiles = calibration_tiles(calibration, ckpt.model_config.in_channels, calibration_shape(ckpt.model_config.geometry))

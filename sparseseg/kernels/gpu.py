@@ -1,5 +1,5 @@
 """GPU launchers with the same signatures as the engine's torch functions
-(`sparseseg.engine.tensor_ops`, re-exported by `sparseseg.kernels.reference`), on torch CUDA
+(`sparseseg.kernels.torch_ops`, their references), on torch CUDA
 tensors (shared with CuPy without copies), launched on torch's current stream so they order
 with the network's work. Outputs are written into the tensors the caller passes, as in the
 references."""

@@ -1,5 +1,5 @@
 """Which gather/stitch functions the block worker calls: the engine's torch functions
-(engine/tensor_ops.py, any device, the default) or the CUDA kernels (kernels/gpu.py) on a
+(kernels/torch_ops.py, any device, the default) or the CUDA kernels (kernels/gpu.py) on a
 CUDA device, chosen with `--kernels torch|cuda` or SPARSESEG_KERNELS.
 
 The kernels stay opt-in until their parity tests (tests/test_kernels.py, marked `gpu`) and a
@@ -40,17 +40,17 @@ def check_kernels(kernels: str, device: str) -> None:
 
 
 class TorchOps:
-    """engine/tensor_ops.py as the worker calls it."""
+    """kernels/torch_ops.py as the worker calls it."""
 
     name = "torch"
 
     def __init__(self):
-        from sparseseg.engine import tensor_ops
+        from sparseseg.kernels import torch_ops
 
-        self.gather = tensor_ops.gather
-        self.stitch_valid = tensor_ops.stitch_valid
-        self.accumulate_same = tensor_ops.accumulate_same
-        self.finalize_same = tensor_ops.finalize_same
+        self.gather = torch_ops.gather
+        self.stitch_valid = torch_ops.stitch_valid
+        self.accumulate_same = torch_ops.accumulate_same
+        self.finalize_same = torch_ops.finalize_same
 
 
 class CudaOps:

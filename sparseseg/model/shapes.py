@@ -1,4 +1,5 @@
-"""Exact shape arithmetic of the U-Net, in one place (pure: no torch, no I/O).
+"""Exact shape arithmetic of the U-Net, in one place (pure: no torch, no I/O), and the one reflect
+rule at the volume border (`reflect_index`: the gather, the kernels, padding and training use it).
 
 Along one spatial axis, let `b` be the size of the bottom feature map after its convolutions.
 Walking the analysis path back up, every level adds its convolutions' shrinkage and
@@ -19,6 +20,8 @@ separately, i.e. its z axis has step 1 and no context; applied along all three p
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 # The fixed filter bank in front of the network (sparseseg.model.filters): responses per
 # channel and scale, and its kernels' truncation (scipy.ndimage's radius rule at 3 sigma).
@@ -165,3 +168,12 @@ def geometry_of(cfg) -> NetGeometry:
     if getattr(cfg, "planes", 1) == 3:
         rules[0] = rules[1]
     return NetGeometry(*rules, padding=cfg.padding)
+
+
+def reflect_index(coords: np.ndarray, n: int) -> np.ndarray:
+    """numpy 'reflect' padding as an index map: ... 2 1 | 0 1 2 ... n-1 | n-2 ..."""
+    if n == 1:
+        return np.zeros_like(coords)
+    period = 2 * (n - 1)
+    m = np.mod(coords, period)
+    return np.where(m >= n, period - m, m)

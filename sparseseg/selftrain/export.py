@@ -13,7 +13,8 @@ def export_composed(composed, class_names, ignore_label: int, voxel_size, meta_c
     import onnx
 
     from sparseseg import __version__
-    from sparseseg.export.onnx_export import export_onnx, verify_onnx, write_contract
+    from sparseseg.export.onnx_export import verify_onnx
+    from sparseseg.model.onnx_graph import export_onnx, write_contract
     from sparseseg.fsutil import atomic_path
     from sparseseg.model.checkpoint import Checkpoint, file_sha256
 

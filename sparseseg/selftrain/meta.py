@@ -71,7 +71,7 @@ def train_meta(vols, means, candidates, options: dict, num_classes: int, image_m
     per volume the hard pseudo-labels (uint8, one per base prediction)."""
     from sparseseg.model.network import SegmentationModel
     from sparseseg.selftrain.pseudo import dense_targets
-    from sparseseg.trainer.train import resolve_device
+    from sparseseg.engine.backends.select import resolve_device
 
     ignore, k = options["ignore_label"], num_classes
     c = vols[0].channels
@@ -81,7 +81,7 @@ def train_meta(vols, means, candidates, options: dict, num_classes: int, image_m
     o = {**options, "num_classes": k, "iterations": iterations or options["iterations"], "ndim": 3}
     mcfg, tcfg, names = build_configs([TrainingVolume(x, d, v.name, v.voxel_size)
                                        for x, d, v in zip(inputs, dense, vols)], o)
-    device = resolve_device(tcfg.device)
+    device = torch.device(resolve_device(tcfg.device))
     torch.manual_seed(tcfg.seed)
     rng = np.random.default_rng(tcfg.seed)
     geom = mcfg.geometry

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from sparseseg.engine.backends.select import resolve_device
 from sparseseg.errors import SparsesegError
 from sparseseg.model import normalization as norm
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
@@ -82,16 +83,6 @@ class Run:
     history: list = field(default_factory=list)
     pretrained: dict | None = None    # the self-supervised phase's summary, kept in checkpoints
     budget: Budget | None = None      # the time budget's planner; None with a pinned --iterations
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SparsesegError("--device cuda asked for, but no CUDA GPU is available to torch")
-    if name not in ("cpu", "cuda"):
-        raise SparsesegError(f"unknown device {name!r} (auto, cpu or cuda)")
-    return torch.device(name)
 
 
 def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=None, resume: str | None = None,
@@ -281,7 +272,7 @@ def _optimizer(model, cfg: TrainConfig):
 
 
 def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run:
-    device = resolve_device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     rng = np.random.default_rng(cfg.seed)
     k = model_cfg.num_classes
     net_cfg = model_cfg

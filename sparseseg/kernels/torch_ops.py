@@ -1,5 +1,6 @@
-"""Gather and stitch as torch functions on any device: the engine's per-block compute, and the
-references the CUDA kernels in `sparseseg.kernels` must match (labels bit for bit).
+"""Gather and stitch as torch functions on any device: the engine's per-block compute (the
+default), and the references the CUDA kernels (kernels/gpu.py) must match (labels bit for bit;
+uint8 probabilities to one quantization step).
 
 Data of one block (see `blocks.ReadPlan`): the resident input `region` (C, rz, ry, rx) starting
 at volume voxel `region_start`; tile offsets (N, 3) in block-grid coordinates; the grid's
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparseseg.engine.tiling import reflect_index
+from sparseseg.model.shapes import reflect_index
 
 
 def normalization_tensors(norm: dict | None, device) -> dict | None:
