@@ -229,7 +229,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
                   overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
                   group_size=None, progress=None, backend="auto", dry_run=False,
                   assume_voxels_per_second=None, storage_options=None, input_inner=None, retries=2, pyramid=0,
-                  as_label=None, kernels=None) -> dict:
+                  as_label=None, kernels=None, cluster=None) -> dict:
     from sparseseg.model.checkpoint import file_sha256
     from sparseseg.model.contract import geometry_of_contract, read_contract
     from sparseseg.volume import open_volume
@@ -307,7 +307,7 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
                 backend_name, backend_device, failed = _in_process(job, todo, advance, retries)
             else:
                 backend_name, backend_device, failed = _with_dask(job, todo, advance, workers, scheduler, device,
-                                                                  group_size, retries)
+                                                                  group_size, retries, cluster)
         if not failed:
             _write_levels(out, record, storage_options, recompute=bool(todo))
         elif record["levels"] > 1:
@@ -537,7 +537,7 @@ def _cluster_threads(client) -> int:
     return min(fits) if fits else 0
 
 
-def _with_dask(job, todo, advance, workers, scheduler, device, group_size, retries=2):
+def _with_dask(job, todo, advance, workers, scheduler, device, group_size, retries=2, cluster=None):
     import time as _time
     from dataclasses import replace
 
@@ -549,6 +549,8 @@ def _with_dask(job, todo, advance, workers, scheduler, device, group_size, retri
         except (OSError, TimeoutError) as e:
             raise SparsesegError(f"cannot reach the Dask scheduler at {scheduler}: {e}".splitlines()[0]) from None
         threads = _cluster_threads(client)
+    elif cluster is not None:               # engine/cluster.py: SLURM jobs or dask-cuda, started here
+        client, threads = cluster.start(device)
     else:
         client, threads = _local_cluster(workers, device)
     try:
