@@ -203,7 +203,8 @@ def test_every_job_cancelled_fails_the_rest_then_resume_finishes(slurm, work, tm
     r = run(slurm, work, "--output", out, "--resume", "--cluster", "slurm", "--jobs", 2)
     assert r.returncode == 0, r.stderr
     s2 = summary(r)
-    assert s2["blocks_computed"] == s["blocks_failed"] and s2["blocks_skipped"] == s["blocks_computed"]
+    # a block written by a task lost with its job counts as failed (its report never came back), and is skipped here
+    assert s2["blocks_computed"] <= s["blocks_failed"] and s2["blocks_computed"] + s2["blocks_skipped"] == N_BLOCKS
     assert np.array_equal(labels(out), work["ref"])
     _no_jobs_left(slurm)
 

@@ -1,6 +1,8 @@
-"""Clusters that sparseseg-infer starts itself: `--cluster slurm` submits SLURM jobs through
-dask-jobqueue (one Dask worker per job), `--cluster local-cuda` starts dask-cuda's
-LocalCUDACluster; `--cluster local` (the default) is run.py's LocalCluster.
+"""Clusters sparseseg-infer starts itself: SLURM jobs (dask-jobqueue) and dask-cuda's LocalCUDACluster.
+
+`--cluster slurm` submits SLURM jobs through dask-jobqueue (one Dask worker per job),
+`--cluster local-cuda` starts dask-cuda's LocalCUDACluster; `--cluster local` (the default) is
+run.py's LocalCluster.
 
 Every check that can fail on the user's input runs in `check()`, before the output is touched;
 `start()` returns (client, torch threads per worker) and leaves no job behind when the run ends,
@@ -67,6 +69,22 @@ def cluster_from_options(kind="local", jobs=None, partition=None, account=None, 
     return None
 
 
+def _import_jobqueue():
+    """dask_jobqueue, imported without the SIGINT handler it sets at import (sys.exit(): a Ctrl-C
+    would end the run with status 0); Ctrl-C stays a KeyboardInterrupt, which cancels the jobs."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise SparsesegError("--cluster slurm needs dask-jobqueue: pip install 'sparseseg[slurm]'") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
+    return dask_jobqueue
+
+
 def _run(cmd, timeout=30) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -115,10 +133,7 @@ class SlurmJobs:
             except (ValueError, TypeError):
                 raise SparsesegError(f"--memory {self.memory!r}: give a size such as 8GB or 16GiB") from None
         self.config()
-        try:
-            import dask_jobqueue  # noqa: F401
-        except ImportError:
-            raise SparsesegError("--cluster slurm needs dask-jobqueue: pip install 'sparseseg[slurm]'") from None
+        _import_jobqueue()
         missing = [c for c in ("sbatch", "squeue", "scancel", "sinfo") if shutil.which(c) is None]
         if missing:
             raise SparsesegError(f"--cluster slurm: {missing[0]} not found on PATH (is SLURM installed here?)")
@@ -189,8 +204,8 @@ class SlurmJobs:
 
     def job_script(self) -> str:
         import dask
-        from dask_jobqueue.slurm import SLURMJob
 
+        SLURMJob = _import_jobqueue().slurm.SLURMJob
         kw = self._job_kwargs()
         kw.pop("scheduler_options")
         with dask.config.set(self.config()):
@@ -212,7 +227,8 @@ class SlurmJobs:
         watch the jobs while the run goes on. Returns (client, torch threads per worker)."""
         import dask
         from dask.distributed import Client
-        from dask_jobqueue import SLURMCluster
+
+        SLURMCluster = _import_jobqueue().SLURMCluster
 
         atexit.register(self.cancel_all)
         try:
