@@ -12,19 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from sparseseg.engine.cluster import cluster_from_options, walltime_seconds
 from sparseseg.errors import SparsesegError
-from sparseseg.model.checkpoint import save_checkpoint
-from sparseseg.model.network import SegmentationModel
-from sparseseg.volume import create_ome_zarr
-from tests.helpers import tiny_config
 from tests.slurm_local import LocalSlurm
-from tests.test_scale import killed_at_exit, labels, summary, wait_for
+# the same engine, input and reference labels (a local in-process run) as the loopback cluster tests
+from tests.test_scale import killed_at_exit, labels, summary, wait_for, work  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (16, 48, 48)
 BLOCK = "8,16,16"           # 18 blocks
 N_BLOCKS = 18
 
@@ -83,20 +78,6 @@ def slurm():
         cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, slurm):
-    d = tmp_path_factory.mktemp("slurm")
-    torch.manual_seed(0)
-    model = SegmentationModel(tiny_config(depth=1, width=4, classes=3), mean=[100.0], std=[30.0])
-    engine = save_checkpoint(d / "m.pt", model, None, ["a", "b", "c"], 255)
-    data = (np.random.default_rng(0).random(SHAPE) * 200).astype(np.uint8)
-    create_ome_zarr(d / "in.zarr", SHAPE, "uint8", (8, 16, 16), voxel_size=(2.0, 1.0, 1.0))[...] = data
-    r = subprocess.run(_cmd(engine, d / "in.zarr", "--output", d / "ref.zarr", "--workers", "0"), cwd=d,
-                       capture_output=True, text=True, env=_env(slurm), timeout=120)
-    assert r.returncode == 0, r.stderr
-    return {"dir": d, "engine": engine, "input": d / "in.zarr", "ref": labels(d / "ref.zarr")}
-
-
 def _env(slurm, extra=None):
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, **slurm.env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path,
@@ -136,6 +117,18 @@ def _done(out: Path) -> int:
     return len(list(d.iterdir())) if d.exists() else 0
 
 
+def cancel_mid_run(slurm, work, out, which, *args):
+    """Start a 2-job run, scancel `which(jobs in the queue)` once 2 blocks are done, wait for the
+    end: (exit status, stdout, stderr)."""
+    p = start(slurm, work, "--output", out, "--cluster", "slurm", "--jobs", 2, *args,
+              extra={"SPARSESEG_BLOCK_DELAY": "0.5"})
+    with killed_at_exit(p):
+        wait_for(lambda: _done(out) >= 2, 120, "2 blocks done")
+        assert slurm.run("scancel", *which(slurm.jobs())).returncode == 0
+        stdout, stderr = p.communicate(timeout=180)
+    return p.returncode, stdout, stderr
+
+
 def _no_jobs_left(slurm):
     wait_for(lambda: not slurm.jobs(), 30, "every job to leave the queue")
 
@@ -166,14 +159,15 @@ def test_two_jobs_give_the_local_labels_and_leave_the_queue(slurm, work, tmp_pat
 @pytest.mark.timeout(300)
 def test_a_cancelled_job_is_replaced_and_the_labels_hold(slurm, work, tmp_path):
     out = tmp_path / "o.zarr"
-    p = start(slurm, work, "--output", out, "--cluster", "slurm", "--jobs", 2, extra={"SPARSESEG_BLOCK_DELAY": "0.5"})
-    with killed_at_exit(p):
-        wait_for(lambda: _done(out) >= 2, 120, "2 blocks done")
-        first = slurm.jobs()
-        victim = first[0]["id"]
-        assert slurm.run("scancel", victim).returncode == 0
-        stdout, stderr = p.communicate(timeout=180)
-    assert p.returncode == 0, stderr
+    victims = []
+
+    def first_job(jobs):
+        victims.append(jobs[0]["id"])
+        return victims
+
+    rc, stdout, stderr = cancel_mid_run(slurm, work, out, first_job)
+    assert rc == 0, stderr
+    victim = victims[0]
     assert f"SLURM job {victim} ended before the run: submitting a replacement" in stderr
     s = json.loads(stdout.strip().splitlines()[-1])
     assert s["blocks_computed"] == N_BLOCKS and s["blocks_failed"] == 0
@@ -186,13 +180,8 @@ def test_a_cancelled_job_is_replaced_and_the_labels_hold(slurm, work, tmp_path):
 def test_every_job_cancelled_fails_the_rest_then_resume_finishes(slurm, work, tmp_path):
     out = tmp_path / "o.zarr"
     # --retries 0: no replacement job and no second attempt, so cancelling both jobs ends the run
-    p = start(slurm, work, "--output", out, "--cluster", "slurm", "--jobs", 2, "--retries", 0,
-              extra={"SPARSESEG_BLOCK_DELAY": "0.5"})
-    with killed_at_exit(p):
-        wait_for(lambda: _done(out) >= 2, 120, "2 blocks done")
-        assert slurm.run("scancel", "-n", slurm.jobs()[0]["name"]).returncode == 0
-        stdout, stderr = p.communicate(timeout=180)
-    assert p.returncode == 1, stderr
+    rc, stdout, stderr = cancel_mid_run(slurm, work, out, lambda jobs: ["-n", jobs[0]["name"]], "--retries", 0)
+    assert rc == 1, stderr
     s = json.loads(stdout.strip().splitlines()[-1])
     assert s["blocks_failed"] > 0 and s["blocks_computed"] + s["blocks_failed"] == N_BLOCKS
     assert all(f"block {f['key']}" in stderr for f in s["failed"][:20])
