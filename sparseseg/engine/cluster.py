@@ -316,12 +316,19 @@ class SlurmJobs:
                 self._cluster.close()
             finally:
                 self.cancel_all()
+            atexit.unregister(self.cancel_all)
 
     def cancel_all(self) -> None:
-        """scancel whatever job of this run is still queued or running (a last guard: the
-        cluster's own close cancels them)."""
-        if shutil.which("scancel") and self.queue():
-            _run(["scancel", "-n", self.name])
+        """scancel whatever job of this run is still queued or running: the last guard (at exit)
+        where the cluster did not close; its own close cancels them."""
+        from distributed.core import Status
+
+        if self._cluster is None or self._cluster.status == Status.closed or not shutil.which("scancel"):
+            return
+        try:
+            _run(["scancel", "-n", self.name], timeout=10)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("could not cancel the SLURM jobs named %s (%s): check squeue", self.name, e)
 
 
 @dataclass
