@@ -66,6 +66,7 @@ def main():
               **record(load_before=load), "exit_status": p.returncode, "seconds": round(seconds, 1),
               "job_states_seen": states, "jobs_timed_out": sum("TIMEOUT" in s for s in states.values()),
               "slurm_log_lines": [ln.split(": ", 1)[-1] for ln in stderr.splitlines() if "SLURM" in ln],
+              "other_log_lines": [ln for ln in stderr.splitlines() if "SLURM" not in ln and " blocks " not in ln][:40],
               "blocks_computed": summary["blocks_computed"], "blocks_failed": summary["blocks_failed"],
               "labels_identical_to_local_run": same, "jobs_left_in_queue": len(left)}
     if args.out:
