@@ -113,6 +113,7 @@ class SlurmJobs:
     _config: dict | None = field(default=None, repr=False)
     _cluster: object = field(default=None, repr=False)
     _resubmitted: int = field(default=0, repr=False)
+    _target: int = field(default=0, repr=False)     # jobs wanted now: --jobs less the losses not replaced
 
     # ------------------------------------------------------------------ before anything is written
     def check(self) -> None:
@@ -235,6 +236,7 @@ class SlurmJobs:
             with dask.config.set(self.config()):
                 cluster = SLURMCluster(**self._job_kwargs())
             self._cluster = cluster
+            self._target = self.jobs
             cluster.scale(jobs=self.jobs)
             client = Client(cluster)
             self._wait_for_a_worker(client)
@@ -289,26 +291,32 @@ class SlurmJobs:
             if cluster.status in (Status.closing, Status.closed):
                 return
             jobs = {name: getattr(job, "job_id", None) for name, job in list(cluster.workers.items())}
-            gone = [name for name, jid in jobs.items() if jid and jid not in alive and jid not in seen_gone]
-            for name in gone:
-                seen_gone.add(jobs[name])
-                replace = self._resubmitted < self.resubmits
-                self._resubmitted += replace
-                log.warning("SLURM job %s ended before the run%s", jobs[name],
-                            f": submitting a replacement ({self._resubmitted} of {self.resubmits})" if replace
-                            else "; no replacement left")
-                cluster.loop.add_callback(self._replace, name, replace)
-            # _replace has dropped every ended job and added none: nothing will compute the rest
-            if seen_gone and not alive and not cluster.worker_spec and self._resubmitted >= self.resubmits:
+            for name, jid in jobs.items():
+                if jid and jid not in alive and jid not in seen_gone:
+                    seen_gone.add(jid)
+                    replace = self._resubmitted < self.resubmits
+                    self._resubmitted += replace
+                    self._target -= not replace
+                    log.warning("SLURM job %s ended before the run%s", jid,
+                                f": submitting a replacement ({self._resubmitted} of {self.resubmits})" if replace
+                                else "; no replacement left")
+            # every tick, not once per loss: the correction is idempotent, so a race with the
+            # cluster's own bookkeeping is made good a second later
+            dead = [name for name, jid in jobs.items() if jid in seen_gone]
+            cluster.loop.add_callback(self._reconcile, dead)
+            if seen_gone and not alive and self._target == 0:
                 log.error("every SLURM job of this run has ended and no replacement is left: the blocks not "
                           "yet computed fail (rerun with --resume)")
                 cluster.scheduler.no_workers_timeout = 0.5      # fail the waiting tasks now, not never
                 return
 
-    def _replace(self, name, replace: bool) -> None:
+    def _reconcile(self, dead) -> None:
+        """Drop the ended jobs from the cluster's spec and scale back to the target count."""
         cluster = self._cluster
-        cluster.worker_spec.pop(name, None)
-        cluster.scale(jobs=len(cluster.worker_spec) + (1 if replace else 0))
+        for name in dead:
+            cluster.worker_spec.pop(name, None)
+        if len(cluster.worker_spec) != self._target:
+            cluster.scale(jobs=self._target)
 
     def close(self) -> None:
         if self._cluster is not None:
