@@ -19,6 +19,8 @@ from tests.slurm_local import LocalSlurm
 # the same engine, input and reference labels (a local in-process run) as the loopback cluster tests
 from tests.test_scale import killed_at_exit, labels, summary, wait_for, work  # noqa: F401
 
+pytestmark = pytest.mark.timeout(300)
+
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = "8,16,16"           # 18 blocks
 N_BLOCKS = 18
@@ -78,6 +80,11 @@ def slurm():
         cluster.stop()
 
 
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "o.zarr"
+
+
 def _env(slurm, extra=None):
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, **slurm.env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path,
@@ -119,14 +126,14 @@ def _done(out: Path) -> int:
 
 def cancel_mid_run(slurm, work, out, which, *args):
     """Start a 2-job run, scancel `which(jobs in the queue)` once 2 blocks are done, wait for the
-    end: (exit status, stdout, stderr)."""
+    end: (exit status, the --json summary, stderr)."""
     p = start(slurm, work, "--output", out, "--cluster", "slurm", "--jobs", 2, *args,
               extra={"SPARSESEG_BLOCK_DELAY": "0.5"})
     with killed_at_exit(p):
         wait_for(lambda: _done(out) >= 2, 120, "2 blocks done")
         assert slurm.run("scancel", *which(slurm.jobs())).returncode == 0
         stdout, stderr = p.communicate(timeout=180)
-    return p.returncode, stdout, stderr
+    return p.returncode, json.loads(stdout.strip().splitlines()[-1]), stderr
 
 
 def _no_jobs_left(slurm):
@@ -135,9 +142,7 @@ def _no_jobs_left(slurm):
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(300)
-def test_two_jobs_give_the_local_labels_and_leave_the_queue(slurm, work, tmp_path):
-    out = tmp_path / "o.zarr"
+def test_two_jobs_give_the_local_labels_and_leave_the_queue(slurm, work, out):
     seen = {}
     p = start(slurm, work, "--output", out, "--cluster", "slurm", "--jobs", 2, extra={"SPARSESEG_BLOCK_DELAY": "0.2"})
     with killed_at_exit(p):
@@ -156,33 +161,26 @@ def test_two_jobs_give_the_local_labels_and_leave_the_queue(slurm, work, tmp_pat
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(300)
-def test_a_cancelled_job_is_replaced_and_the_labels_hold(slurm, work, tmp_path):
-    out = tmp_path / "o.zarr"
+def test_a_cancelled_job_is_replaced_and_the_labels_hold(slurm, work, out):
     victims = []
 
     def first_job(jobs):
         victims.append(jobs[0]["id"])
         return victims
 
-    rc, stdout, stderr = cancel_mid_run(slurm, work, out, first_job)
+    rc, s, stderr = cancel_mid_run(slurm, work, out, first_job)
     assert rc == 0, stderr
-    victim = victims[0]
-    assert f"SLURM job {victim} ended before the run: submitting a replacement" in stderr
-    s = json.loads(stdout.strip().splitlines()[-1])
+    assert f"SLURM job {victims[0]} ended before the run: submitting a replacement" in stderr
     assert s["blocks_computed"] == N_BLOCKS and s["blocks_failed"] == 0
     assert np.array_equal(labels(out), work["ref"])
     _no_jobs_left(slurm)
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(300)
-def test_every_job_cancelled_fails_the_rest_then_resume_finishes(slurm, work, tmp_path):
-    out = tmp_path / "o.zarr"
+def test_every_job_cancelled_fails_the_rest_then_resume_finishes(slurm, work, out):
     # --retries 0: no replacement job and no second attempt, so cancelling both jobs ends the run
-    rc, stdout, stderr = cancel_mid_run(slurm, work, out, lambda jobs: ["-n", jobs[0]["name"]], "--retries", 0)
+    rc, s, stderr = cancel_mid_run(slurm, work, out, lambda jobs: ["-n", jobs[0]["name"]], "--retries", 0)
     assert rc == 1, stderr
-    s = json.loads(stdout.strip().splitlines()[-1])
     assert s["blocks_failed"] > 0 and s["blocks_computed"] + s["blocks_failed"] == N_BLOCKS
     assert all(f"block {f['key']}" in stderr for f in s["failed"][:20])
     recorded = json.loads((out / ".sparseseg" / "failed.json").read_text())["failed"]
@@ -199,9 +197,7 @@ def test_every_job_cancelled_fails_the_rest_then_resume_finishes(slurm, work, tm
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(120)
-def test_interrupt_cancels_the_jobs(slurm, work, tmp_path):
-    out = tmp_path / "o.zarr"
+def test_interrupt_cancels_the_jobs(slurm, work, out):
     p = start(slurm, work, "--output", out, "--cluster", "slurm", "--jobs", 2, extra={"SPARSESEG_BLOCK_DELAY": "1"})
     with killed_at_exit(p):
         wait_for(lambda: _done(out) >= 1, 120, "a block done")
@@ -213,9 +209,7 @@ def test_interrupt_cancels_the_jobs(slurm, work, tmp_path):
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(120)
-def test_a_job_that_never_starts_gives_up_with_the_reason(slurm, work, tmp_path):
-    out = tmp_path / "o.zarr"
+def test_a_job_that_never_starts_gives_up_with_the_reason(slurm, work, out):
     r = run(slurm, work, "--output", out, "--cluster", "slurm", "--job-extra=--begin=now+1hour", "--job-wait", 3)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith(
@@ -224,8 +218,7 @@ def test_a_job_that_never_starts_gives_up_with_the_reason(slurm, work, tmp_path)
 
 
 @pytest.mark.slurm
-def test_dry_run_prints_the_job_script_and_submits_nothing(slurm, work, tmp_path):
-    out = tmp_path / "o.zarr"
+def test_dry_run_prints_the_job_script_and_submits_nothing(slurm, work, out):
     r = run(slurm, work, "--output", out, "--cluster", "slurm", "--jobs", 4, "--walltime", "0:20:00", "--dry-run")
     assert r.returncode == 0, r.stderr
     text = summary(r)["cluster"]
@@ -243,8 +236,7 @@ def test_dry_run_prints_the_job_script_and_submits_nothing(slurm, work, tmp_path
     (("--jobqueue-config", "missing.yaml"), "error: --jobqueue-config missing.yaml:"),
     ((), "error: --cluster slurm: sbatch not found on PATH"),
 ])
-def test_bad_input_is_one_line_and_writes_nothing(slurm, work, tmp_path, args, message):
-    out = tmp_path / "o.zarr"
+def test_bad_input_is_one_line_and_writes_nothing(slurm, work, out, tmp_path, args, message):
     extra = {"PATH": str(tmp_path)} if not args else None      # SLURM's commands out of reach
     r = run_here(slurm, work, "--output", out, "--cluster", "slurm", *args, env=extra)
     assert r.returncode == 1
