@@ -390,6 +390,47 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
         click.echo(line)
 
 
+def cluster_options(fn):
+    """Where the blocks run: a local cluster (default), SLURM jobs or dask-cuda (engine/cluster.py)."""
+    opts = [
+        click.option("--cluster", "kind", type=click.Choice(["local", "slurm", "local-cuda"]), default="local",
+                     show_default=True, help="local: Dask worker processes here (--workers); slurm: SLURM jobs "
+                                             "through dask-jobqueue, one worker each; local-cuda: dask-cuda, one "
+                                             "worker per visible GPU (unverified: never run on a GPU)"),
+        click.option("--jobs", type=int, help="slurm: jobs to submit  [default: 1]"),
+        click.option("--partition", help="slurm: partition (sbatch -p)"),
+        click.option("--account", help="slurm: account (sbatch -A)"),
+        click.option("--walltime", help="slurm: time limit per job, SLURM's format (e.g. 2:00:00)  "
+                                        "[default: the jobqueue config's, 00:30:00]"),
+        click.option("--cores", type=int, help="slurm: CPU cores per job, all of them torch's  [default: 1]"),
+        click.option("--memory", help="slurm: memory per job (e.g. 16GB)  [default: 4GB]"),
+        click.option("--gpus-per-job", type=int, help="slurm: 1 asks each job for a GPU (--gres=gpu:1)"),
+        click.option("--job-extra", multiple=True, help="slurm: any other #SBATCH directive, e.g. "
+                                                        "'--qos=short' (repeatable)"),
+        click.option("--jobqueue-config", type=click.Path(dir_okay=False),
+                     help="slurm: dask-jobqueue's YAML (its jobqueue: slurm: section) with site defaults; "
+                          "the options above override it"),
+        click.option("--job-wait", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                     help="slurm: seconds to wait for the first job's worker before giving up"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _cluster_of(cluster_kw: dict, workers, scheduler, retries):
+    """The checked cluster the options ask for (None: the local one); nothing is submitted."""
+    from sparseseg.engine.cluster import cluster_from_options
+
+    cluster = cluster_from_options(retries=retries, **cluster_kw)
+    if cluster is not None:
+        given = "--workers" if workers is not None else "--scheduler" if scheduler else None
+        if given:
+            raise SparsesegError(f"{given} and --cluster {cluster_kw['kind']} exclude each other")
+        cluster.check()
+    return cluster
+
+
 @click.command("infer")
 @click.option("--engine", required=True, help="unet.plan (TensorRT), unet.onnx (onnxruntime) or model.pt (PyTorch)")
 @click.argument("input_path", metavar="INPUT")
@@ -434,10 +475,11 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
               help="gather/stitch on the device: torch functions (default, or $SPARSESEG_KERNELS) or the CUDA "
                    "kernels (experimental: never run on a GPU yet; needs CuPy and a CUDA device)")
 @click.option("--verbose", is_flag=True, help="debug logging, and the Dask cluster's own logs")
+@cluster_options
 @user_errors
 def infer_cmd(engine, input_path, output, as_label, pyramid, workers, scheduler, block, tile, batch, overlap,
               probabilities, resume, overwrite, device, precision, as_json, backend, dry_run, assume_voxels_per_second,
-              input_inner, storage_options, retries, kernels, verbose):
+              input_inner, storage_options, retries, kernels, verbose, **cluster_kw):
     """Seamless overlap-tile prediction over a volume of any size, Dask-parallel and resumable.
 
     INPUT and --output may be local paths or zarr URLs (s3://, gs://, http(s):// read-only,
@@ -448,19 +490,22 @@ def infer_cmd(engine, input_path, output, as_label, pyramid, workers, scheduler,
 
     if workers is not None and scheduler:
         raise SparsesegError("--workers and --scheduler exclude each other")
+    cluster = _cluster_of(cluster_kw, workers, scheduler, retries)
     s = run_inference(engine, input_path, output, workers=workers, scheduler=scheduler,
                       block=parse_triple(block, "--block"), tile=parse_triple(tile, "--tile"), batch=batch,
                       overlap=overlap, probabilities=probabilities, resume=resume, overwrite=overwrite,
                       device=device, precision=precision, storage_options=storage_options_from(storage_options),
                       input_inner=input_inner, retries=retries, backend=backend, dry_run=dry_run,
                       assume_voxels_per_second=assume_voxels_per_second, kernels=kernels, pyramid=pyramid,
-                      as_label=as_label)
+                      as_label=as_label, cluster=cluster)
+    if dry_run and cluster is not None:
+        s["cluster"] = cluster.describe()
     _echo_failed(s)                                  # on stderr
     if as_json:
         click.echo(json.dumps(s))
         sys.exit(1 if s.get("blocks_failed") else 0)
     if dry_run:
-        click.echo(_plan_text(s))
+        click.echo(_plan_text(s) + (f"\n{s['cluster']}" if cluster is not None else ""))
         return
     click.echo(f"{s['voxels_computed']} voxels in {s['seconds']:.1f} s ({s['voxels_per_second']:.4g} voxels/s), "
                f"{s['blocks_computed']} blocks computed, {s.get('blocks_failed', 0)} failed, "

@@ -41,3 +41,20 @@ def run_cli(*args):
 
     r = CliRunner().invoke(main, [str(a) for a in args])
     return r.exit_code, r.output
+
+
+def tiny_engine_and_volume(d, shape=(16, 48, 48), chunks=(8, 16, 16)):
+    """A depth-1 valid-padding engine (a 2-voxel halo, 3 classes) and a random uint8 OME-Zarr input:
+    (engine path, input path, the input's data)."""
+    import torch
+
+    from sparseseg.model.checkpoint import save_checkpoint
+    from sparseseg.model.network import SegmentationModel
+    from sparseseg.volume import create_ome_zarr
+
+    torch.manual_seed(0)
+    model = SegmentationModel(tiny_config(depth=1, width=4, classes=3), mean=[100.0], std=[30.0])
+    engine = save_checkpoint(d / "m.pt", model, None, ["a", "b", "c"], 255)
+    data = (np.random.default_rng(0).random(shape) * 200).astype(np.uint8)
+    create_ome_zarr(d / "in.zarr", shape, "uint8", chunks, voxel_size=(2.0, 1.0, 1.0))[...] = data
+    return engine, d / "in.zarr", data

@@ -14,15 +14,12 @@ import time
 
 import numpy as np
 import pytest
-import torch
 import zarr
 
 from sparseseg.engine.blocks import make_blocks, read_plan
-from sparseseg.model.checkpoint import save_checkpoint
 from sparseseg.model.contract import geometry_of_contract, read_contract
-from sparseseg.model.network import SegmentationModel
 from sparseseg.volume import create_ome_zarr, open_volume
-from tests.helpers import tiny_config
+from tests.helpers import tiny_engine_and_volume
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,12 +39,8 @@ def work(tmp_path_factory):
     """A tiny valid-padding engine, an OME-Zarr input with 8x16x16 chunks, and the output of a
     clean local run (the reference every other run must reproduce exactly)."""
     d = tmp_path_factory.mktemp("scale")
-    torch.manual_seed(0)
     # depth 1: a 2-voxel halo, so one input chunk can belong to one block's read alone
-    model = SegmentationModel(tiny_config(depth=1, width=4, classes=3), mean=[100.0], std=[30.0])
-    engine = save_checkpoint(d / "m.pt", model, None, ["a", "b", "c"], 255)
-    data = (np.random.default_rng(0).random(SHAPE) * 200).astype(np.uint8)
-    create_ome_zarr(d / "in.zarr", SHAPE, "uint8", (8, 16, 16), voxel_size=(2.0, 1.0, 1.0))[...] = data
+    engine, _, data = tiny_engine_and_volume(d, SHAPE)
     r = infer(engine, d / "in.zarr", "--output", d / "ref.zarr")
     assert r.returncode == 0, r.stderr
     return {"dir": d, "engine": engine, "input": d / "in.zarr", "data": data, "ref": labels(d / "ref.zarr")}

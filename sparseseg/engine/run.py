@@ -135,7 +135,7 @@ class Progress:
 
 
 def execute(plan: RunPlan, out: Output, *, resume=False, probabilities=None, workers=None, scheduler=None,
-            group_size=None, retries=2, progress=None) -> Execution:
+            group_size=None, retries=2, progress=None, cluster=None) -> Execution:
     """The blocks not yet done, in this process (workers 0, no scheduler) or on Dask; then the
     coarser levels (once no block has failed) and the note of failed blocks."""
     j = plan.job
@@ -151,11 +151,11 @@ def execute(plan: RunPlan, out: Output, *, resume=False, probabilities=None, wor
     backend_name, backend_device, failed = plan.backend, j.device, []
     try:
         if todo:
-            if workers == 0 and scheduler is None:
+            if workers == 0 and scheduler is None and cluster is None:
                 backend_name, backend_device, failed = in_process(job, todo, bar.advance, retries)
             else:
                 backend_name, backend_device, failed = with_dask(job, todo, bar.advance, workers, scheduler,
-                                                                 j.spec.device, group_size, retries)
+                                                                 j.spec.device, group_size, retries, cluster)
         if not failed:
             write_levels(out.location, out.record, out.storage_options, recompute=bool(todo))
         elif out.record["levels"] > 1:
@@ -195,9 +195,10 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
                   overlap=0.5, probabilities=None, resume=False, overwrite=False, device="auto", precision="fp32",
                   group_size=None, progress=None, backend="auto", dry_run=False,
                   assume_voxels_per_second=None, storage_options=None, input_inner=None, retries=2, pyramid=0,
-                  as_label=None, kernels=None) -> dict:
+                  as_label=None, kernels=None, cluster=None) -> dict:
     """Segment `input_path` with `engine` into an OME-Zarr output: plan -> output -> execute ->
-    summary (or, with `dry_run`, the plan's figures and nothing written)."""
+    summary (or, with `dry_run`, the plan's figures and nothing written). `cluster`: SLURM jobs or
+    dask-cuda workers (engine/cluster.py), started for this run and shut down after it."""
     if resume and overwrite:
         raise SparsesegError("--resume and --overwrite exclude each other")
     t_start = time.time()
@@ -209,5 +210,5 @@ def run_inference(engine, input_path, output=None, *, workers=None, scheduler=No
     out = open_output(plan, output, as_label=as_label, input_inner=input_inner, pyramid=pyramid,
                       probabilities=probabilities, resume=resume, overwrite=overwrite, storage_options=storage_options)
     ran = execute(plan, out, resume=resume, probabilities=probabilities, workers=workers, scheduler=scheduler,
-                  group_size=group_size, retries=retries, progress=progress)
+                  group_size=group_size, retries=retries, progress=progress, cluster=cluster)
     return summary(plan, out, ran, t_start)

@@ -180,9 +180,13 @@ def cluster_threads(client) -> int:
     return min(fits) if fits else 0
 
 
-def dask_client(workers, scheduler, device):
+def dask_client(workers, scheduler, device, cluster=None):
     """The one place a Dask client is made: (client, torch threads per worker, whether this run
-    owns the cluster and closes it)."""
+    owns the cluster and closes it). `cluster`: engine/cluster.py's SLURM jobs or dask-cuda,
+    started here."""
+    if cluster is not None:
+        client, threads = cluster.start(device)
+        return client, threads, True
     if scheduler:
         from dask.distributed import Client
 
@@ -209,8 +213,8 @@ def _window(client):
     return window
 
 
-def with_dask(job, todo, advance, workers, scheduler, device, group_size, retries=2):
-    client, threads, owned = dask_client(workers, scheduler, device)
+def with_dask(job, todo, advance, workers, scheduler, device, group_size, retries=2, cluster=None):
+    client, threads, owned = dask_client(workers, scheduler, device, cluster)
     try:
         if threads:
             job = replace(job, backend=replace(job.backend, threads=threads))
