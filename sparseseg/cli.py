@@ -18,7 +18,6 @@ from sparseseg import __version__
 from sparseseg.errors import SparsesegError
 from sparseseg.model.defaults import DEFAULTS
 from sparseseg.suggest.command import run_suggest, suggest_options
-from sparseseg.trainer.options import parse_triple
 
 log = logging.getLogger("sparseseg")
 
@@ -38,6 +37,19 @@ def _setup_logging(verbose: bool = False):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     for name in ("botocore", "s3fs", "fsspec", "aiobotocore", "urllib3", "asyncio"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def parse_triple(value, name, cast=int):
+    """"Z,Y,X" -> a tuple of three positive numbers (None stays None)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(cast(v) for v in str(value).split(","))
+    except ValueError:
+        raise SparsesegError(f"{name} must be three comma-separated numbers Z,Y,X, got {value!r}") from None
+    if len(parts) != 3 or any(p <= 0 for p in parts):
+        raise SparsesegError(f"{name} must be three positive numbers Z,Y,X, got {value!r}")
+    return parts
 
 
 def user_errors(fn):
@@ -181,10 +193,13 @@ def _self_train_config(kwargs):
 
 
 def _train_options_only(kwargs):
-    """The training options out of a command's keyword arguments (None: the default)."""
+    """The training options out of a command's keyword arguments (None: the default), the Z,Y,X
+    ones as tuples."""
     if kwargs["iterations"] is not None and kwargs["time_budget"] is not None:
         raise SparsesegError("give --iterations or --time-budget, not both (--iterations pins the count)")
-    return {k: (DEFAULTS[k] if kwargs[k] is None and k in UNSET_DEFAULTS[:2] else kwargs[k]) for k in DEFAULTS}
+    o = {k: (DEFAULTS[k] if kwargs[k] is None and k in UNSET_DEFAULTS[:2] else kwargs[k]) for k in DEFAULTS}
+    return dict(o, patch=parse_triple(o["patch"], "--patch"),
+                voxel_size=parse_triple(o["voxel_size"], "--voxel-size", float))
 
 
 # ------------------------------------------------------------------ commands
