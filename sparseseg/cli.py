@@ -389,7 +389,7 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
                bioimageio_zip, authors, license_id, cover):
     """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
     _setup_logging()
-    from sparseseg.export.cli import run_export
+    from sparseseg.export.run import run_export
 
     if bioimageio_zip:
         from sparseseg.export.bioimageio import export_bioimageio
