@@ -306,7 +306,7 @@ def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image, re
     """IoU per class on annotated voxels: TP / (TP + FP + FN), and the foreground mean."""
     import numpy as np
 
-    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.eval.metrics import iou_per_class
     from sparseseg.volume import open_volume
 
     p = open_volume(pred).read_labels()
@@ -318,7 +318,8 @@ def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image, re
     k = num_classes or int(max(lab[lab != ignore_label].max(), p.max())) + 1
     res = iou_per_class(p, lab, k, ignore_label)
     if figure or report:
-        from sparseseg.trainer.figure import class_names_of, draw_figure, write_report
+        from sparseseg.eval.figure import draw_figure
+        from sparseseg.eval.report import class_names_of, write_report
 
         img = open_volume(image).read(dtype=np.float32) if image else None
         names, history = class_names_of(pred, model_path)

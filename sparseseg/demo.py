@@ -26,11 +26,11 @@ def run_demo(workdir, iterations=None, seed: int = 0, shape=SHAPE) -> dict:
 
     from sparseseg.model.config import plan_model
     from sparseseg import predict
+    from sparseseg.eval.figure import draw_figure
+    from sparseseg.eval.metrics import iou_per_class
     from sparseseg.synthetic import CLASS_NAMES, tubules
     from sparseseg.trainer.config import TrainConfig
     from sparseseg.trainer.data import TrainingVolume
-    from sparseseg.trainer.figure import draw_figure
-    from sparseseg.trainer.metrics import iou_per_class
     from sparseseg.trainer.sparse import annotated_mask, orthogonal_slices, sparsify
     from sparseseg.trainer.train import train
     from sparseseg.volume import write_ome_zarr

@@ -7,7 +7,8 @@ import numpy as np
 from click.testing import CliRunner
 
 from sparseseg.cli import main
-from sparseseg.trainer.figure import _classes, class_colours, write_report
+from sparseseg.eval.figure import _classes, class_colours
+from sparseseg.eval.report import write_report
 from sparseseg.volume import write_ome_zarr
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sparseseg.errors import SparsesegError
+from sparseseg.eval.metrics import confusion, iou_from_confusion
 from sparseseg.model import normalization as norm
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.config import ModelConfig
@@ -27,7 +28,6 @@ from sparseseg.trainer.budget import Budget
 from sparseseg.trainer.config import TrainConfig, patch_output_size
 from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
-from sparseseg.trainer.metrics import confusion, iou_from_confusion
 from sparseseg.trainer.pretrain import pretrain
 from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
 from sparseseg.trainer.sampler import PatchSampler, index_labels
