@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparseseg.engine.tiling import reflect_index
 from sparseseg.errors import SparsesegError
 from sparseseg.model.network import PLANES
 from sparseseg.volume import Volume, check_finite, open_volume
@@ -68,6 +69,15 @@ def read_labels(labels, region) -> np.ndarray:
     else:
         out = labels[tuple(region)]
     return np.array(out, dtype=np.uint8)
+
+
+def read_reflected(image, start, shape) -> np.ndarray:
+    """(C, *shape) input window at `start` (may reach past the border: numpy 'reflect',
+    as the engine pads at inference)."""
+    idx = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
+    region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    crop = image[(slice(None),) + region]
+    return crop[np.ix_(range(crop.shape[0]), *[i - r.start for i, r in zip(idx, region)])]
 
 
 class ImageView:

@@ -26,7 +26,7 @@ from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
 from sparseseg.trainer.budget import Budget
 from sparseseg.trainer.config import TrainConfig, patch_output_size
-from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views
+from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views, read_reflected
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
 from sparseseg.trainer.pretrain import pretrain
 from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
@@ -389,17 +389,6 @@ def recalibrate_batchnorm(run: Run, patches: int) -> None:
 
 def _validation_due(run: Run, done: int, total: int) -> bool:
     return bool(run.val_tiles) and (done % run.cfg.val_every == 0 or done == total)
-
-
-def read_reflected(image, start, shape) -> np.ndarray:
-    """(C, *shape) input window at `start` (may reach past the border: numpy 'reflect',
-    as the engine pads at inference)."""
-    from sparseseg.engine.tiling import reflect_index
-
-    idx = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
-    region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
-    crop = image[(slice(None),) + region]
-    return crop[np.ix_(range(crop.shape[0]), *[i - r.start for i, r in zip(idx, region)])]
 
 
 def _validate(run: Run) -> dict:
