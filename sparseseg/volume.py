@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparseseg.errors import SparsesegError
+from sparseseg.errors import SparsesegError, first_line
 
 SUPPORTED_DTYPES = {
     np.dtype(t) for t in ("bool", "uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
@@ -116,7 +116,7 @@ def storage_options_from(text: str | None) -> dict:
 def store_error(e: BaseException) -> str:
     """One line for an exception raised by zarr/fsspec/botocore/aiohttp while opening a store."""
     name = type(e).__name__
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = first_line(e)
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return "no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --storage-options)"
     if name in ("GroupNotFoundError", "ArrayNotFoundError", "NodeNotFoundError", "FileNotFoundError"):

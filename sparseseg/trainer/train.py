@@ -9,7 +9,6 @@ function below; new features attach there, not inside the loop.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +21,7 @@ from sparseseg.model import normalization as norm
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.network import SegmentationModel
+from sparseseg.progress import progress_bar
 from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
 from sparseseg.trainer.budget import Budget
@@ -116,7 +116,8 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
         run.pretrained = pretrain(run, cfg.pretrain)
     runlog = RunLog(out_path, run.history)
     total = cfg.iterations or run.budget.total
-    bar = _progress_bar(cfg.iterations or None, start, progress)
+    # The bar's total is unknown (None) until a time budget's first plan.
+    bar = progress_bar(cfg.iterations or None, progress, initial=start, desc="train", unit="it")
     # The clock includes the self-supervised phase: it is part of what training costs.
     t0, offset = time.time(), (run.history[-1].get("seconds", 0.0) if run.history else
                                (run.pretrained or {}).get("seconds", 0.0))
@@ -506,14 +507,6 @@ def _resume(run: Run, path) -> int:
 
 
 # ------------------------------------------------------------------ progress
-
-def _progress_bar(total: int | None, start: int, progress):
-    """The bar's total is unknown (None) until a time budget's first plan."""
-    from tqdm import tqdm
-
-    show = sys.stderr.isatty() if progress is None else progress
-    return tqdm(total=total, initial=start, disable=not show, desc="train", unit="it")
-
 
 def _report(bar, entry: dict, total: int, seconds: float, planned: bool = True) -> None:
     if bar.total != total and planned:
