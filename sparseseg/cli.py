@@ -14,9 +14,9 @@ from pathlib import Path
 
 import click
 
-from sparseseg import __version__
 from sparseseg.errors import SparsesegError
 from sparseseg.model.defaults import DEFAULTS
+from sparseseg.version import __version__
 
 log = logging.getLogger("sparseseg")
 

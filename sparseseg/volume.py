@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.errors import SparsesegError, first_line
+from sparseseg.fsutil import atomic_path
 
 SUPPORTED_DTYPES = {
     np.dtype(t) for t in ("bool", "uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
@@ -413,8 +414,6 @@ def check_output(path, replace: bool, flag: str = "--overwrite") -> Path:
 def write_ome_zarr(path, data: np.ndarray, voxel_size=None, chunks=None, name="labels", overwrite=False):
     """Write a whole array as an OME-Zarr image, atomically: a temporary sibling is renamed into
     place, so an interrupted write never leaves a half-written store under the final name."""
-    from sparseseg.fsutil import atomic_path
-
     path = check_output(path, overwrite)
     with atomic_path(path) as tmp:
         chunks = chunks or tuple(min(s, 128) for s in data.shape)

@@ -87,7 +87,7 @@ def _exported_backend(model, contract, digest, kind, device, precision):
     import tempfile
     from pathlib import Path
 
-    from sparseseg import __version__
+    from sparseseg.version import __version__
     from sparseseg.engine.backends import OnnxBackend, OpenVinoBackend
     from sparseseg.export.onnx_export import export_onnx
     from sparseseg.model.checkpoint import Checkpoint

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from sparseseg import __version__
 from sparseseg.errors import CheckpointError, SparsesegError, first_line
+from sparseseg.fsutil import atomic_path
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.network import SegmentationModel
+from sparseseg.version import __version__
 
 FORMAT = "sparseseg-checkpoint"
 FORMAT_VERSION = 1
@@ -66,7 +67,6 @@ def save_checkpoint(path, model: SegmentationModel, train_config, class_names,
         "state_dict": state,
         "extra": extra or {},
     }
-    from sparseseg.fsutil import atomic_path
 
     try:
         with atomic_path(path) as tmp:

@@ -17,6 +17,7 @@ import numpy as np
 
 from sparseseg.engine.tiling import reflect_index
 from sparseseg.errors import SparsesegError
+from sparseseg.model import normalization as norm
 from sparseseg.model.network import PLANES
 from sparseseg.volume import Volume, check_finite, open_volume
 
@@ -93,9 +94,7 @@ class ImageView:
         if not np.isfinite(x).all():
             raise SparsesegError("a training image holds NaN or infinite values; clean it before training")
         if self.stats is not None:
-            from sparseseg.model.normalization import apply
-
-            x = apply(x, self.stats)
+            x = norm.apply(x, self.stats)
         return x
 
 

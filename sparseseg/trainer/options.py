@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from sparseseg.errors import SparsesegError
-from sparseseg.model.config import plan_model
+from sparseseg.model.config import ILASTIK_SIGMAS, plan_model
 from sparseseg.model.defaults import DEFAULTS
+from sparseseg.model.shapes import bank_context
 from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes, on_orthogonal_planes, on_separate_sections
 
@@ -19,9 +20,6 @@ def parse_filters(value, plane_size: int | None = None) -> tuple:
     """--filters: "none" (or empty), "ilastik" (the forest's scales), "auto" (those of them whose
     margin is at most 1/8 of the smallest in-plane extent `plane_size`, so that a small volume
     keeps room for patches: all five from 184 voxels on) or comma-separated sigmas."""
-    from sparseseg.model.config import ILASTIK_SIGMAS
-    from sparseseg.model.shapes import bank_context
-
     text = str(value or "none").strip().lower()
     if text in ("none", "", "0"):
         return ()
