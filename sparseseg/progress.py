@@ -1,5 +1,7 @@
-"""The one progress rule of long runs (training, inference): a tqdm bar on stderr, shown when
-asked, or by default when stderr is a terminal; a hidden bar leaves progress to log lines."""
+"""The one progress rule of long runs (training, inference).
+
+A tqdm bar on stderr, shown when asked, or by default when stderr is a terminal; a hidden bar
+leaves progress to log lines."""
 
 from __future__ import annotations
 

@@ -1,2 +1,4 @@
-"""Evaluation, apart from training: IoU on annotated voxels (the paper's measure), the figures
-and the HTML report of `sparseseg-eval`."""
+"""Evaluation, apart from training: IoU on annotated voxels, figures, the HTML report.
+
+IoU = TP / (TP + FP + FN) over annotated voxels only is the paper's measure; the trainer's
+validation and `sparseseg-eval` both use `metrics`."""

@@ -1,6 +1,7 @@
-"""`write_report`: one self-contained HTML page for a run's evaluation: IoU per class, the
-orthogonal-view figure, the annotated slices beside the prediction, and the training curve when
-a checkpoint's history is given."""
+"""The HTML report of `sparseseg-eval --report`, one self-contained page.
+
+It holds IoU per class, the orthogonal-view figure, the annotated slices beside the prediction,
+and the training curve when a checkpoint's history is given."""
 
 from __future__ import annotations
 
