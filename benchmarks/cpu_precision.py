@@ -29,7 +29,7 @@ def main():
 
     import sparseseg
     from benchmarks.real_data import load, provenance
-    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.eval.metrics import iou_per_class
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     load_before = os.getloadavg()

@@ -22,9 +22,9 @@ import torch
 
 from sparseseg.model.config import plan_model
 from sparseseg import predict
+from sparseseg.eval.metrics import iou_per_class
 from sparseseg.trainer.config import TrainConfig
 from sparseseg.trainer.data import TrainingVolume
-from sparseseg.trainer.metrics import iou_per_class
 from sparseseg.trainer.sparse import annotated_mask, sparsify
 from sparseseg.trainer.train import train
 from sparseseg.volume import open_volume

@@ -20,7 +20,7 @@ from sparseseg.trainer.sparse import orthogonal_slices, sparsify, annotated_mask
 from sparseseg.trainer.data import TrainingVolume
 from sparseseg.trainer.options import build_configs
 from sparseseg.trainer.train import train
-from sparseseg.trainer.metrics import confusion, iou_per_class
+from sparseseg.eval.metrics import confusion, iou_per_class
 import sparseseg
 def load(n):
     return load_crop(n, data_dir())   # classes background / interior / boundary (benchmarks/nuclei.py)

@@ -154,7 +154,7 @@ def provenance(load_before, commit: str | None = None) -> dict:
 
 def score(preds: dict, tests: dict, names) -> dict:
     """{protocol: iou_per_class} for each protocol's prediction (sparseseg's IoU, 255 ignored)."""
-    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.eval.metrics import iou_per_class
 
     return {k: {**iou_per_class(preds[k], tests[k][1], len(names), 255),
                 "predicted_fraction": np.bincount(preds[k].ravel(), minlength=len(names)).astype(float).tolist()}
@@ -167,7 +167,7 @@ def run_net(tr_img, tr_lab, tests, names, iterations, budget, overrides, eval_ev
     from sparseseg import predict
     from sparseseg.model.network import count_parameters
     from sparseseg.trainer.data import TrainingVolume
-    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.eval.metrics import iou_per_class
     from sparseseg.trainer.options import build_configs
     from sparseseg.trainer.train import train
 

@@ -82,7 +82,7 @@ def run_method(method, tr_img, tr_lab, te_img, te_lab, names, o, st_cfg):
 
     from sparseseg import predict
     from sparseseg.trainer.data import TrainingVolume
-    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.eval.metrics import iou_per_class
 
     if method == "forest":
         return run_forest(tr_img, tr_lab, te_img, te_lab, names)

@@ -35,7 +35,7 @@ from sparseseg.suggest.features import (
     filterbank_features,
 )
 from sparseseg.suggest.planes import PLANES, reduce_volume
-from sparseseg.trainer.metrics import iou_per_class
+from sparseseg.eval.metrics import iou_per_class
 from sparseseg.volume import open_volume
 
 import sys

@@ -3,7 +3,7 @@
 Imports stay light: torch is only imported when a model is loaded.
 """
 
-__version__ = "0.1.0"
+from sparseseg.version import __version__
 
 __all__ = ["__version__", "load_model", "predict"]
 

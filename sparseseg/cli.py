@@ -14,11 +14,9 @@ from pathlib import Path
 
 import click
 
-from sparseseg import __version__
 from sparseseg.errors import SparsesegError
 from sparseseg.model.defaults import DEFAULTS
-from sparseseg.suggest.command import run_suggest, suggest_options
-from sparseseg.trainer.options import parse_triple
+from sparseseg.version import __version__
 
 log = logging.getLogger("sparseseg")
 
@@ -38,6 +36,19 @@ def _setup_logging(verbose: bool = False):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
     for name in ("botocore", "s3fs", "fsspec", "aiobotocore", "urllib3", "asyncio"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def parse_triple(value, name, cast=int):
+    """"Z,Y,X" -> a tuple of three positive numbers (None stays None)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(cast(v) for v in str(value).split(","))
+    except ValueError:
+        raise SparsesegError(f"{name} must be three comma-separated numbers Z,Y,X, got {value!r}") from None
+    if len(parts) != 3 or any(p <= 0 for p in parts):
+        raise SparsesegError(f"{name} must be three positive numbers Z,Y,X, got {value!r}")
+    return parts
 
 
 def user_errors(fn):
@@ -181,10 +192,13 @@ def _self_train_config(kwargs):
 
 
 def _train_options_only(kwargs):
-    """The training options out of a command's keyword arguments (None: the default)."""
+    """The training options out of a command's keyword arguments (None: the default), the Z,Y,X
+    ones as tuples."""
     if kwargs["iterations"] is not None and kwargs["time_budget"] is not None:
         raise SparsesegError("give --iterations or --time-budget, not both (--iterations pins the count)")
-    return {k: (DEFAULTS[k] if kwargs[k] is None and k in UNSET_DEFAULTS[:2] else kwargs[k]) for k in DEFAULTS}
+    o = {k: (DEFAULTS[k] if kwargs[k] is None and k in UNSET_DEFAULTS[:2] else kwargs[k]) for k in DEFAULTS}
+    return dict(o, patch=parse_triple(o["patch"], "--patch"),
+                voxel_size=parse_triple(o["voxel_size"], "--voxel-size", float))
 
 
 # ------------------------------------------------------------------ commands
@@ -292,7 +306,7 @@ def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image, re
     """IoU per class on annotated voxels: TP / (TP + FP + FN), and the foreground mean."""
     import numpy as np
 
-    from sparseseg.trainer.metrics import iou_per_class
+    from sparseseg.eval.metrics import iou_per_class
     from sparseseg.volume import open_volume
 
     p = open_volume(pred).read_labels()
@@ -304,7 +318,8 @@ def eval_cmd(pred, labels, ignore_label, num_classes, as_json, figure, image, re
     k = num_classes or int(max(lab[lab != ignore_label].max(), p.max())) + 1
     res = iou_per_class(p, lab, k, ignore_label)
     if figure or report:
-        from sparseseg.trainer.figure import class_names_of, draw_figure, write_report
+        from sparseseg.eval.figure import draw_figure
+        from sparseseg.eval.report import class_names_of, write_report
 
         img = open_volume(image).read(dtype=np.float32) if image else None
         names, history = class_names_of(pred, model_path)
@@ -374,7 +389,7 @@ def export_cmd(model, onnx_path, plan_path, precision, tile, tile_min, tile_max,
                bioimageio_zip, authors, license_id, cover):
     """Freeze a checkpoint to a self-contained ONNX model (and a TensorRT engine)."""
     _setup_logging()
-    from sparseseg.export.cli import run_export
+    from sparseseg.export.run import run_export
 
     if bioimageio_zip:
         from sparseseg.export.bioimageio import export_bioimageio
@@ -549,12 +564,50 @@ def _echo_failed(s: dict, shown: int = 20) -> None:
 
 
 @click.command("suggest")
-@suggest_options
+@click.argument("image")
+@click.option("--budget", required=True, help="slices to suggest per plane: N, or P% of the plane's slices")
+@click.option("--planes", help="comma-separated: xy (z fixed), xz (y fixed), yz (x fixed); "
+                               "default: every plane the image has")
+@click.option("--features", type=click.Choice(["filterbank", "autoencoder"]), default="filterbank",
+              show_default=True, help="slice embedding: training-free filter-bank histograms, or a small "
+                                      "autoencoder trained on the volume's own slices")
+@click.option("--annotated", help="labels already painted: their slices count as chosen")
+@click.option("--template", help="write a labels volume (OME-Zarr, all ignore value) to paint")
+@click.option("--overwrite", is_flag=True, help="replace an existing --template")
+@click.option("--ignore-label", type=click.IntRange(0, 255), default=255, show_default=True)
+@click.option("--size", type=click.IntRange(16), default=256, show_default=True,
+              help="slices are shrunk to at most this many pixels per side before embedding")
+@click.option("--max-block-voxels", type=click.IntRange(1024), default=1 << 24, show_default=True,
+              help="the most voxels read at once")
+@click.option("--ae-steps", type=click.IntRange(1), default=300, show_default=True,
+              help="autoencoder training steps")
+@click.option("--ae-seconds", type=click.FloatRange(1), default=120.0, show_default=True,
+              help="autoencoder training time bound")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object on stdout")
 @user_errors
-def suggest_cmd(**kwargs):
+def suggest_cmd(image, budget, planes, features, annotated, template, overwrite, ignore_label, size,
+                max_block_voxels, ae_steps, ae_seconds, seed, as_json):
     """Which slices to paint: order each plane's slices by greedy max-cover of their similarity."""
     _setup_logging()
-    run_suggest(**kwargs)
+    from sparseseg.suggest.features import AutoencoderConfig
+    from sparseseg.suggest.run import SuggestConfig, suggest
+
+    cfg = SuggestConfig(budget=budget, planes=tuple(planes.split(",")) if planes is not None else None,
+                        features=features, size=size, ignore_label=ignore_label, max_block_voxels=max_block_voxels,
+                        autoencoder=AutoencoderConfig(steps=ae_steps, seconds=ae_seconds, seed=seed))
+    res = suggest(image, cfg, annotated=annotated, template=template, overwrite=overwrite)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    for p, r in res["planes"].items():
+        done = f", {len(r['annotated'])} already annotated (coverage {r['coverage_before']:.3f})" \
+            if r["annotated"] else ""
+        click.echo(f"plane {p} ({r['slices']} slices, {r['axis']} fixed{done}):")
+        for rank, s in enumerate(r["suggested"], 1):
+            click.echo(f"  {rank:3d}. {r['axis']}={s['index']:<6d} gain {s['gain']:10.3f}   coverage {s['coverage']:.3f}")
+    if "template" in res:
+        click.echo(f"template to paint: {res['template']}")
 
 
 @click.group()
@@ -563,9 +616,8 @@ def main():
     """sparseseg: dense 3D segmentation from a few annotated slices."""
 
 
-for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd, export_cmd, infer_cmd):
+for _cmd in (train_cmd, densify_cmd, eval_cmd, demo_cmd, export_cmd, infer_cmd, suggest_cmd):
     main.add_command(_cmd)
-main.add_command(suggest_cmd)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,17 @@ import logging
 import time
 from pathlib import Path
 
+from sparseseg import predict
 from sparseseg.errors import SparsesegError
+from sparseseg.eval.figure import draw_figure
+from sparseseg.eval.metrics import iou_per_class
+from sparseseg.model.config import plan_model
+from sparseseg.synthetic import CLASS_NAMES, tubules
+from sparseseg.trainer.config import TrainConfig
+from sparseseg.trainer.data import TrainingVolume
+from sparseseg.trainer.sparse import annotated_mask, orthogonal_slices, sparsify
+from sparseseg.trainer.train import train
+from sparseseg.volume import write_ome_zarr
 
 log = logging.getLogger("sparseseg.demo")
 
@@ -23,17 +33,6 @@ ITERATIONS = 300
 
 def run_demo(workdir, iterations=None, seed: int = 0, shape=SHAPE) -> dict:
     import torch
-
-    from sparseseg.model.config import plan_model
-    from sparseseg import predict
-    from sparseseg.synthetic import CLASS_NAMES, tubules
-    from sparseseg.trainer.config import TrainConfig
-    from sparseseg.trainer.data import TrainingVolume
-    from sparseseg.trainer.figure import draw_figure
-    from sparseseg.trainer.metrics import iou_per_class
-    from sparseseg.trainer.sparse import annotated_mask, orthogonal_slices, sparsify
-    from sparseseg.trainer.train import train
-    from sparseseg.volume import write_ome_zarr
 
     work = Path(workdir)
     try:

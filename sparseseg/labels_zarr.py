@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.errors import SparsesegError
+from sparseseg.volume import check_output, open_volume
 
 log = logging.getLogger("sparseseg.labels_zarr")
 
@@ -144,8 +145,6 @@ def is_ome_image(path) -> bool:
 
 def image_voxel_size(path):
     """Level-0 (z, y, x) scale of an OME-Zarr image group, or None."""
-    from sparseseg.volume import open_volume
-
     return open_volume(str(path)).voxel_size
 
 
@@ -364,8 +363,6 @@ def write_labels(path, data: np.ndarray, class_names, voxel_size=None, name: str
     (its levels are mirrored), else as a standalone image at `path` with `levels` levels.
     Returns the group written."""
     import shutil
-
-    from sparseseg.volume import check_output
 
     data = np.asarray(data)
     chunks = chunks or tuple(min(s, 128) for s in data.shape)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
+from sparseseg.engine.run import run_inference
+from sparseseg.selftrain.run import self_train as run_self_train
+from sparseseg.trainer.data import load_pairs
+from sparseseg.trainer.options import build_configs
+from sparseseg.trainer.train import train
+
 
 log = logging.getLogger("sparseseg.densify")
 
@@ -18,19 +24,12 @@ def densify(image_path, labels_path, out, options: dict, model_out=None, tile=No
     import tempfile
     from pathlib import Path
 
-    from sparseseg.engine.run import run_inference
-    from sparseseg.trainer.data import load_pairs
-    from sparseseg.trainer.options import build_configs
-    from sparseseg.trainer.train import train
-
     vols = load_pairs([image_path], [labels_path], options["ignore_label"])
     mcfg, tcfg, names = build_configs(vols, options)
     with tempfile.TemporaryDirectory(prefix="sparseseg-densify-") as tmp:
         meta = self_train is not None and self_train.mode == "meta"        # one ONNX engine file
         ckpt = Path(model_out) if model_out else Path(tmp) / ("model.onnx" if meta else "model.pt")
         if self_train is not None:
-            from sparseseg.selftrain.run import self_train as run_self_train
-
             res = run_self_train(vols, options, self_train, out_path=ckpt)
             train_seconds = res.seconds["total"]
         else:

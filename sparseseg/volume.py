@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sparseseg.errors import SparsesegError
+from sparseseg.errors import SparsesegError, first_line
+from sparseseg.fsutil import atomic_path
 
 SUPPORTED_DTYPES = {
     np.dtype(t) for t in ("bool", "uint8", "uint16", "uint32", "int8", "int16", "int32", "float16", "float32",
@@ -116,7 +117,7 @@ def storage_options_from(text: str | None) -> dict:
 def store_error(e: BaseException) -> str:
     """One line for an exception raised by zarr/fsspec/botocore/aiohttp while opening a store."""
     name = type(e).__name__
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = first_line(e)
     if name in ("NoCredentialsError", "PartialCredentialsError"):
         return "no credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --storage-options)"
     if name in ("GroupNotFoundError", "ArrayNotFoundError", "NodeNotFoundError", "FileNotFoundError"):
@@ -413,8 +414,6 @@ def check_output(path, replace: bool, flag: str = "--overwrite") -> Path:
 def write_ome_zarr(path, data: np.ndarray, voxel_size=None, chunks=None, name="labels", overwrite=False):
     """Write a whole array as an OME-Zarr image, atomically: a temporary sibling is renamed into
     place, so an interrupted write never leaves a half-written store under the final name."""
-    from sparseseg.fsutil import atomic_path
-
     path = check_output(path, overwrite)
     with atomic_path(path) as tmp:
         chunks = chunks or tuple(min(s, 128) for s in data.shape)

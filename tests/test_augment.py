@@ -141,7 +141,7 @@ def test_gathered_patches_equal_interpolated_ones():
 def test_gathered_patch_reflects_like_the_engine():
     """Past the border the image is reflected by the engine's rule (read_reflected), however far
     the patch reaches, and labels there are ignored."""
-    from sparseseg.trainer.train import read_reflected
+    from sparseseg.trainer.data import read_reflected
 
     rng = np.random.default_rng(2)
     image = rng.random((1, 6, 9, 8)).astype(np.float32)

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -25,11 +26,15 @@ FAST = ["--depth", "2", "--base-width", "4", "--iterations", "2", "--device", "c
 def test_train_eval_densify(data):
     code, out = run("train", "--image", data / "img.npy", "--labels", data / "lab.npy", "--out", data / "m.pt", *FAST)
     assert code == 0, out
-    assert (data / "m.pt").exists()
+    # --iterations pins the count: no budget plan in the summary line, which names the checkpoint
+    assert re.search(r"^trained 2 iterations in [0-9.]+ s, final loss [0-9]+\.[0-9]{4}; checkpoint: .*m\.pt$", out,
+                     re.M), out
     code, out = run("train", "--image", data / "img.npy", "--labels", data / "lab.npy", "--out", data / "m.pt", *FAST)
     assert code == 1 and "exists" in out and out.count("\n") == 1
     code, out = run("densify", data / "img.npy", data / "lab.npy", "--out", data / "d.zarr", "--pyramid", "1", *FAST)
     assert code == 0, out
+    assert re.search(r"^dense segmentation written to .*d\.zarr \([0-9.]+ s training, [0-9.]+ s prediction\)$", out,
+                     re.M), out
     pred = open_volume(data / "d.zarr").read_labels()
     assert pred.shape == (20, 36, 36) and pred.dtype == np.uint8
     import zarr
@@ -39,13 +44,21 @@ def test_train_eval_densify(data):
     code, out = run("eval", data / "d.zarr", data / "lab.npy", "--json", "--figure", data / "f.png")
     assert code == 0, out
     res = json.loads(out)
-    assert len(res["iou"]) == 2 and (data / "f.png").stat().st_size > 1000
+    assert len(res["iou"]) == 2 and res["figure"] == str(data / "f.png")
+    assert (data / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # eval scores the densified labels against the annotated voxels only: TP / (TP + FP + FN)
     sparse = np.load(data / "lab.npy")
     seen = sparse != 255
     expected = [((pred == c) & (sparse == c) & seen).sum() / max(1, (((pred == c) | (sparse == c)) & seen).sum())
                 for c in range(2)]
     assert np.allclose(res["iou"], expected), (res["iou"], expected)
+    assert res["voxels"] == seen.sum() and np.isclose(res["accuracy"], ((pred == sparse) & seen).sum() / seen.sum())
+    # the plain output says the same, one line per class and the foreground mean
+    code, out = run("eval", data / "d.zarr", data / "lab.npy")
+    assert code == 0, out
+    lines = [line for line in out.splitlines() if line.startswith(("class ", "mean "))]
+    assert lines == [f"class {c}: IoU {v:.4f}" for c, v in enumerate(expected)] + [
+        f"mean foreground IoU: {expected[1]:.4f} over {seen.sum()} voxels"], out
     # the checkpoint records what it was trained with
     from sparseseg.model.checkpoint import load_checkpoint
 
@@ -80,7 +93,12 @@ def test_bad_inputs(data):
     (data / "corrupt.pt").write_bytes(b"garbage")
     _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab.npy", "--resume", data / "corrupt.pt"),
          "not a readable sparseseg checkpoint")
-    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab.npy", "--patch", "1,2"), "--patch")
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab.npy", "--patch", "1,2"),
+         "--patch must be three positive numbers Z,Y,X, got '1,2'")
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab.npy", "--voxel-size", "4,1,x"),
+         "--voxel-size must be three comma-separated numbers Z,Y,X, got '4,1,x'")
+    _err(*run(*t, "--image", data / "img.npy", "--labels", data / "lab.npy", "--iterations", "2", "--time-budget", "1"),
+         "give --iterations or --time-budget, not both")
     write_ome_zarr(data / "exists.zarr", np.zeros((2, 2, 2), np.uint8))
     _err(*run("densify", data / "img.npy", data / "lab.npy", "--out", data / "exists.zarr", *FAST), "exists")
     assert open_volume(data / "exists.zarr").shape == (2, 2, 2)      # untouched

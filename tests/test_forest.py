@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sparseseg.trainer.metrics import iou_per_class
+from sparseseg.eval.metrics import iou_per_class
 from sparseseg.trainer.sparse import annotated_mask, sparsify
 from tests.helpers import blobs
 

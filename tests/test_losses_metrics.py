@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sparseseg.errors import SparsesegError
+from sparseseg.eval.metrics import iou_per_class
 from sparseseg.trainer.losses import (
     balanced_class_weights,
     jaccard_classes,
@@ -10,7 +11,6 @@ from sparseseg.trainer.losses import (
     soft_jaccard,
     weighted_cross_entropy,
 )
-from sparseseg.trainer.metrics import iou_per_class
 
 
 def test_ignored_voxels_get_zero_gradient():

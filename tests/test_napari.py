@@ -28,7 +28,7 @@ from sparseseg.model.checkpoint import load_checkpoint  # noqa: E402
 from tests.helpers import blobs  # noqa: E402
 
 MANIFEST = Path(__file__).resolve().parents[1] / "sparseseg" / "napari" / "napari.yaml"
-TINY = dict(base_width=4, depth=2, no_augment=True, patch="4,8,8")
+TINY = dict(base_width=4, depth=2, no_augment=True, patch=(4, 8, 8))
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from benchmarks import nuclei
-from sparseseg.trainer.metrics import iou_per_class
+from sparseseg.eval.metrics import iou_per_class
 
 
 def two_touching_boxes():

@@ -7,7 +7,8 @@ import numpy as np
 from click.testing import CliRunner
 
 from sparseseg.cli import main
-from sparseseg.trainer.figure import _classes, class_colours, write_report
+from sparseseg.eval.figure import _classes, class_colours
+from sparseseg.eval.report import class_names_of, write_report
 from sparseseg.volume import write_ome_zarr
 
 
@@ -67,4 +68,28 @@ def test_report_with_names_and_history(tmp_path):
         {"iteration": 6, "loss": 0.1, "val_mean_foreground_iou": 0.8}]
     write_report(tmp_path / "r.html", lab, lab, res, class_names=["bg", "mito<chondria>"], history=history)
     page = (tmp_path / "r.html").read_text()
-    assert "mito&lt;chondria&gt;" in page and "Training" in page
+    # the names escaped in the table beside their IoU; the curve drawn from the history
+    assert "mito&lt;chondria&gt;</td><td>1.0000</td>" in page and "bg</td><td>1.0000</td>" in page
+    curve = re.search(r"<h2>Training</h2><img src='data:image/png;base64,([A-Za-z0-9+/=]+)'>", page)
+    assert curve and base64.b64decode(curve.group(1))[:4] == b"\x89PNG"
+    assert len(re.findall(r"data:image/png;base64,", page)) == 3      # views, annotated slices, curve
+
+
+def test_report_without_history_has_no_curve(tmp_path):
+    lab = np.zeros((6, 8, 8), np.uint8)
+    lab[2:4] = 1
+    res = {"iou": [0.5, None], "mean_foreground_iou": None, "voxels": 7}
+    write_report(tmp_path / "r.html", lab, lab, res, sources={"labels": "a<b>.npy"})
+    page = (tmp_path / "r.html").read_text()
+    assert "Training" not in page and "class 1</td><td>n/a</td>" in page and "<th>n/a</th>" in page
+    assert "7 voxels" in page and "labels: <code>a&lt;b&gt;.npy</code>" in page
+
+
+def test_class_names_come_from_the_output_attributes(tmp_path):
+    import zarr
+
+    write_ome_zarr(tmp_path / "seg.zarr", np.zeros((2, 4, 4), np.uint8))
+    zarr.open_group(str(tmp_path / "seg.zarr"), mode="r+").attrs["sparseseg"] = {"class_names": ["bg", "cell"]}
+    assert class_names_of(tmp_path / "seg.zarr") == (["bg", "cell"], None)
+    np.save(tmp_path / "seg.npy", np.zeros((2, 4, 4), np.uint8))
+    assert class_names_of(tmp_path / "seg.npy") == (None, None)          # a bare array records none

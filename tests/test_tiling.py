@@ -105,6 +105,11 @@ def test_default_tile_paper_network_gpu_budget_and_batch():
     per_tile = tile_bytes(c, tile)
     assert default_batch(c, "cuda", tile, 64, budget=3 * per_tile + per_tile // 2) == min(3, MAX_BATCH)
     assert default_batch(c, "cuda", tile, 64, budget=100 * per_tile) == MAX_BATCH
+    # the tile chosen for the H100 share above (23.5 GiB at its measured peak) leaves room for one
+    # tile per pass in 40 GiB, three in 80 GiB
+    assert 20 << 30 < per_tile < 27 << 30
+    assert default_batch(c, "cuda", tile, 64, budget=40 << 30) == 1
+    assert default_batch(c, "cuda", tile, 64, budget=80 << 30) == 3
     assert default_batch(c, "cuda", tile, 2, budget=100 * per_tile) == 2
     assert default_batch(c, "cuda", tile, 64, budget=per_tile // 2) == 1      # one tile even over budget
     assert default_batch(c, "cpu", tile, 64, budget=100 * per_tile) == 1     # CPU: never batched

@@ -3,9 +3,9 @@ import torch
 
 from sparseseg.model.checkpoint import load_checkpoint
 from sparseseg import predict
+from sparseseg.eval.metrics import iou_per_class
 from sparseseg.trainer.config import AugmentConfig
 from sparseseg.trainer.data import TrainingVolume
-from sparseseg.trainer.metrics import iou_per_class
 from sparseseg.trainer.sparse import orthogonal_slices, sparsify
 from sparseseg.trainer.train import train
 from tests.helpers import blobs, fast_train_config, tiny_config

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparseseg import __version__
+from sparseseg.version import __version__
 from sparseseg.engine.backends import cached_backend
 from sparseseg.engine.backends.base import BackendSpec, model_contract
 from sparseseg.engine.backends.onnxruntime import OnnxBackend

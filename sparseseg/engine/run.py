@@ -11,7 +11,6 @@ summary  the figures of the run, as a dict
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from sparseseg.engine.schedule import in_process, with_dask
 from sparseseg.engine.store import done_keys, read_cost
 from sparseseg.errors import SparsesegError
 from sparseseg.model.contract import read_contract
+from sparseseg.progress import progress_bar
 from sparseseg.volume import open_volume
 
 log = logging.getLogger("sparseseg.infer")
@@ -113,11 +113,9 @@ class Progress:
     """A tqdm bar on a terminal, else a log line per finished group with the rate and ETA."""
 
     def __init__(self, total_voxels: int, total_blocks: int, show):
-        from tqdm import tqdm
-
-        self.show = sys.stderr.isatty() if show is None else show
         self.total, self.blocks_total = total_voxels, total_blocks
-        self.bar = tqdm(total=total_voxels, disable=not self.show, unit="vox", unit_scale=True, desc="infer")
+        self.bar = progress_bar(total_voxels, show, unit="vox", unit_scale=True, desc="infer")
+        self.show = not self.bar.disable
         self.blocks, self.voxels, self.t0 = 0, 0, time.time()
 
     def advance(self, results):

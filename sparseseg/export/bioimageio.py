@@ -182,7 +182,7 @@ def build_rdf(ckpt, geometry, class_names, test_shape, files: dict, authors, lic
     """The rdf.yaml content (spec 0.5) for files already in the package folder."""
     import torch as _torch
 
-    from sparseseg import __version__
+    from sparseseg.version import __version__
 
     channels = ckpt.model_config.in_channels
     scale = [float(s) for s in (ckpt.voxel_size or (1.0, 1.0, 1.0))]

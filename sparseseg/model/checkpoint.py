@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from sparseseg import __version__
-from sparseseg.errors import CheckpointError, SparsesegError
+from sparseseg.errors import CheckpointError, SparsesegError, first_line
+from sparseseg.fsutil import atomic_path
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.network import SegmentationModel
+from sparseseg.version import __version__
 
 FORMAT = "sparseseg-checkpoint"
 FORMAT_VERSION = 1
@@ -66,7 +67,6 @@ def save_checkpoint(path, model: SegmentationModel, train_config, class_names,
         "state_dict": state,
         "extra": extra or {},
     }
-    from sparseseg.fsutil import atomic_path
 
     try:
         with atomic_path(path) as tmp:
@@ -83,7 +83,7 @@ def read_payload(path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, disallowed globals ...
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         raise CheckpointError(f"{path} is not a readable sparseseg checkpoint ({msg[:160]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a sparseseg checkpoint (no '{FORMAT}' marker)")
@@ -109,7 +109,7 @@ def load_checkpoint(path, device="cpu") -> Checkpoint:
             iteration=int(payload["iteration"]), voxel_size=json.loads(payload["voxel_size"]),
             sparseseg_version=str(payload["sparseseg_version"]), extra=payload.get("extra", {}))
     except (KeyError, TypeError, ValueError, RuntimeError, SparsesegError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e) or type(e).__name__
         raise CheckpointError(f"{path} is a damaged sparseseg checkpoint ({msg[:160]})") from None
     return ckpt
 

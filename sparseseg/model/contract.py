@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sparseseg import __version__
 from sparseseg.errors import SparsesegError
+from sparseseg.model.checkpoint import file_sha256, load_checkpoint
+from sparseseg.model.shapes import NetGeometry
+from sparseseg.version import __version__
 
 CONTRACT_KEY = "sparseseg.contract"
 CONTRACT_VERSION = 1
@@ -45,8 +47,6 @@ def contract_from_checkpoint(ckpt, checkpoint_sha256: str, precision: str = "fp3
 
 
 def geometry_of_contract(contract: dict):
-    from sparseseg.model.shapes import NetGeometry
-
     return NetGeometry.from_dict(contract["geometry"])
 
 
@@ -85,8 +85,6 @@ def read_contract(path) -> dict:
         except json.JSONDecodeError:
             raise SparsesegError(f"{side} is not valid JSON") from None
     if suffix in (".pt", ".pth"):
-        from sparseseg.model.checkpoint import file_sha256, load_checkpoint
-
         return contract_from_checkpoint(load_checkpoint(p), file_sha256(p))
     raise SparsesegError(f"{p}: unknown engine type (expected .plan, .onnx or .pt)")
 

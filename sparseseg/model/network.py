@@ -6,7 +6,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparseseg.model import normalization as norm
+from sparseseg.model.cheng import ChengNet
 from sparseseg.model.config import ModelConfig
+from sparseseg.model.filters import FilterBank
+from sparseseg.model.unet import UNet
 
 # plane -> order of the (Z, Y, X) axes that puts the plane's normal first (its sections along z).
 PLANES = {"xy": (0, 1, 2), "xz": (1, 0, 2), "yz": (2, 0, 1)}
@@ -15,11 +19,7 @@ PLANES = {"xy": (0, 1, 2), "xz": (1, 0, 2), "yz": (2, 0, 1)}
 def build_net(cfg: ModelConfig) -> nn.Module:
     """The bare network (N, C, ...) -> logits for a configuration."""
     if cfg.arch == "cheng":
-        from sparseseg.model.cheng import ChengNet
-
         return ChengNet(cfg)
-    from sparseseg.model.unet import UNet
-
     return UNet(cfg)
 
 
@@ -34,15 +34,11 @@ class SegmentationModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, mean=None, std=None, normalization: str = "global", percentiles=None):
-        from sparseseg.model import normalization as norm
-
         super().__init__()
         self.cfg = cfg
         self.filters = None
         if cfg.filters:
             from dataclasses import replace
-
-            from sparseseg.model.filters import FilterBank
 
             self.filters = FilterBank(cfg.in_channels, cfg.filters, cfg.padding)
             self.net = build_net(replace(cfg, in_channels=self.filters.out_channels, filters=()))
@@ -59,8 +55,6 @@ class SegmentationModel(nn.Module):
     @property
     def normalization(self) -> dict:
         """The contract field: {"mode", "in_graph", "mean", "std", "percentiles"}."""
-        from sparseseg.model import normalization as norm
-
         return norm.spec(self.normalization_mode, self.mean.tolist(), self.std.tolist(), self.percentiles,
                          self.cfg.in_channels)
 

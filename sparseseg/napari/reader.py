@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sparseseg.labels_zarr import label_colours
+from sparseseg.volume import _tiff_voxel_size
+
 log = logging.getLogger("sparseseg.napari")
 
 IGNORE_LABEL = 255
@@ -23,8 +26,6 @@ def labels_colormap(num_classes: int, ignore_label: int | None = IGNORE_LABEL, c
     """A napari colormap that shows class 0 (background) as a visible grey and the ignore value as
     transparent: in sparse labels 0 is an annotation, 'unpainted' is the ignore value."""
     from napari.utils.colormaps import DirectLabelColormap
-
-    from sparseseg.labels_zarr import label_colours
 
     rgba = colours or label_colours(max(num_classes, 2))
     table = {i: np.asarray(c, np.float32) / 255 for i, c in enumerate(rgba)}
@@ -101,8 +102,6 @@ def _read_tiff(p: Path):
     import dask.array as da
     import tifffile
     import zarr
-
-    from sparseseg.volume import _tiff_voxel_size
 
     with tifffile.TiffFile(str(p)) as tif:        # metadata only; pixels are read lazily below
         voxel = _tiff_voxel_size(tif)

@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from sparseseg.errors import SparsesegError
+from sparseseg.errors import SparsesegError, first_line, one_line
 from sparseseg.model.defaults import DEFAULTS
 from sparseseg.napari.reader import IGNORE_LABEL, labels_colormap
 
@@ -46,13 +46,9 @@ def notify_error(exc: BaseException) -> None:
     """One line in napari's notifications; the traceback of an unexpected error goes to the log."""
     from napari.utils.notifications import show_error
 
-    if isinstance(exc, SparsesegError):
-        msg = str(exc)
-    else:
+    if not isinstance(exc, SparsesegError):
         log.error("sparseseg widget: unexpected error", exc_info=exc)
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        msg = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    show_error(f"sparseseg: {msg}")
+    show_error(f"sparseseg: {one_line(exc)}")
 
 
 def default_options(**kw) -> dict:
@@ -488,7 +484,7 @@ class SparseTrainingWidget(QWidget):
 
     def _failed(self, exc):
         notify_error(exc)
-        self.status.setText(f"failed: {exc}".splitlines()[0])
+        self.status.setText(f"failed: {first_line(exc)}")
 
     def _finished(self):
         self._poll()

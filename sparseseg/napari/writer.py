@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparseseg import labels_zarr as lz
 from sparseseg.errors import SparsesegError
 
 IGNORE_LABEL = 255
@@ -19,17 +20,13 @@ IGNORE_LABEL = 255
 
 def _image_group_of(path: Path):
     """`X.zarr/labels/NAME` -> X.zarr when X.zarr is an OME-Zarr image, else None."""
-    from sparseseg.labels_zarr import is_ome_image
-
-    if path.parent.name == "labels" and is_ome_image(path.parent.parent):
+    if path.parent.name == "labels" and lz.is_ome_image(path.parent.parent):
         return path.parent.parent
     return None
 
 
 def write_labels(path: str, data, meta: dict) -> list[str]:
     """npe2 single-layer writer hook; returns the paths written."""
-    from sparseseg import labels_zarr as lz
-
     p = Path(path)
     if p.suffix.lower() not in (".zarr", ".zr3") and _image_group_of(p) is None:
         p = p.with_suffix(".zarr")
@@ -59,13 +56,11 @@ def _mark_ignore(target, names):
     """Add the ignore value to `image-label` (transparent, class 'unannotated')."""
     import zarr
 
-    from sparseseg.labels_zarr import image_label_attrs
-
     group = zarr.open_group(str(target), mode="r+")
     attrs = dict(group.attrs)
     ome = dict(attrs.get("ome", {}))
     source = (ome.get("image-label") or {}).get("source", {}).get("image")
-    il = image_label_attrs(names, source_image=source)
+    il = lz.image_label_attrs(names, source_image=source)
     il["colors"].append({"label-value": IGNORE_LABEL, "rgba": [0, 0, 0, 0]})
     il["properties"].append({"label-value": IGNORE_LABEL, "class": "unannotated (ignored in training)"})
     if "image-label" in ome:                 # standalone images carry no image-label (NGFF)

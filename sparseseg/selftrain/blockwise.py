@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sparseseg.engine.run import run_inference
 from sparseseg.selftrain.pseudo import dense_targets
 from sparseseg.trainer.data import SLAB_VOXELS, read_labels
+from sparseseg.volume import open_volume
 
 log = logging.getLogger("sparseseg.selftrain")
 
@@ -22,9 +24,6 @@ log = logging.getLogger("sparseseg.selftrain")
 def lazy_targets(vol, checkpoints: dict, workdir, ignore_label: int, threshold: float, device: str):
     """(the dense targets as a lazily read Volume, names of the predictions averaged)."""
     import zarr
-
-    from sparseseg.engine.run import run_inference
-    from sparseseg.volume import open_volume
 
     workdir = Path(workdir)
     probs, names = [], []

@@ -6,17 +6,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from sparseseg.export.onnx_export import verify_onnx
+from sparseseg.fsutil import atomic_path
+from sparseseg.model.checkpoint import Checkpoint, file_sha256
+from sparseseg.model.onnx_graph import export_onnx, write_contract
+from sparseseg.version import __version__
+
 log = logging.getLogger("sparseseg.selftrain")
 
 
 def export_composed(composed, class_names, ignore_label: int, voxel_size, meta_checkpoint, out_path, info: dict) -> str:
     import onnx
-
-    from sparseseg import __version__
-    from sparseseg.export.onnx_export import verify_onnx
-    from sparseseg.model.onnx_graph import export_onnx, write_contract
-    from sparseseg.fsutil import atomic_path
-    from sparseseg.model.checkpoint import Checkpoint, file_sha256
 
     ckpt = Checkpoint(composed, composed.cfg, None, list(class_names), ignore_label, 0, voxel_size, __version__, {})
     with atomic_path(out_path) as tmp:

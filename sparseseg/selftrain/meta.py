@@ -16,7 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sparseseg.engine.backends.select import resolve_device
 from sparseseg.errors import SparsesegError
+from sparseseg.model.network import SegmentationModel
+from sparseseg.selftrain.pseudo import dense_targets
 from sparseseg.trainer.augment import Augmenter
 from sparseseg.trainer.config import patch_output_size
 from sparseseg.trainer.data import TrainingVolume
@@ -69,10 +72,6 @@ def train_meta(vols, means, candidates, options: dict, num_classes: int, image_m
     """The meta-network (a SegmentationModel with C + K input channels), its TrainConfig, class
     names, and the training history. `means`: averaged probabilities per volume; `candidates`:
     per volume the hard pseudo-labels (uint8, one per base prediction)."""
-    from sparseseg.model.network import SegmentationModel
-    from sparseseg.selftrain.pseudo import dense_targets
-    from sparseseg.engine.backends.select import resolve_device
-
     ignore, k = options["ignore_label"], num_classes
     c = vols[0].channels
     inputs = [np.concatenate([v.image, m.astype(np.float32)]) for v, m in zip(vols, means)]

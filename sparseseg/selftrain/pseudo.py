@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from sparseseg.engine.predict import predict
 from sparseseg.selftrain.planes import from_view, to_view
 
 
 def predictions(image: np.ndarray, model3d, model2d, planes, device: str = "auto", backend: str = "auto"):
     """Yields (name, probabilities (K, Z, Y, X) float32) for "3d" and "2d-<plane>" of one
     (C, Z, Y, X) image in memory, one at a time (so a caller averaging them holds two)."""
-    from sparseseg.engine.predict import predict
-
     _, p = predict(model3d, image, probabilities="float32", device=device, backend=backend)
     yield "3d", p
     for plane in planes:

@@ -10,8 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparseseg.errors import SparsesegError
+from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.defaults import DEFAULTS
+from sparseseg.selftrain.base import train_base
+from sparseseg.selftrain.blockwise import lazy_targets
+from sparseseg.selftrain.compose import ComposedMeta
 from sparseseg.selftrain.config import SelfTrainConfig, check_options, check_output_name
+from sparseseg.selftrain.distill import train_distilled
+from sparseseg.selftrain.export import export_composed
+from sparseseg.selftrain.meta import train_meta
+from sparseseg.selftrain.planes import in_memory
+from sparseseg.selftrain.pseudo import average, average_and_candidates, dense_targets
 
 log = logging.getLogger("sparseseg.selftrain")
 
@@ -44,9 +53,6 @@ def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress
     apply to every network trained. Output at `out_path`: distill, an ordinary checkpoint;
     meta, one ONNX engine file (.onnx) of the composed module. The base checkpoints (and the
     meta-network's) go beside it (see `base_paths`)."""
-    from sparseseg.selftrain.base import train_base
-    from sparseseg.selftrain.planes import in_memory
-
     check_options(options, mode=st.mode)
     check_output_name(st, out_path)
     if st.mode == "meta" and not options.get("normalization"):
@@ -79,14 +85,9 @@ def self_train(vols, options: dict, st: SelfTrainConfig, out_path=None, progress
 
 def _distill(vols, options, st, base, k, out_path, progress, workdir=None):
     """`workdir`: volumes read lazily; pseudo-labels go block-wise through the engine there."""
-    from sparseseg.selftrain.distill import train_distilled
-    from sparseseg.selftrain.pseudo import average, dense_targets
-
     t1, ignore, targets, names = time.time(), options["ignore_label"], [], []
     for v in vols:
         if workdir is not None:
-            from sparseseg.selftrain.blockwise import lazy_targets
-
             target, names = lazy_targets(v, base.checkpoints, workdir, ignore, st.threshold, options["device"])
             targets.append(target)
             continue
@@ -103,11 +104,6 @@ def _distill(vols, options, st, base, k, out_path, progress, workdir=None):
 
 
 def _meta(vols, options, st, base, k, out_path, paths, progress):
-    from sparseseg.model.checkpoint import save_checkpoint
-    from sparseseg.selftrain.compose import ComposedMeta
-    from sparseseg.selftrain.meta import train_meta
-    from sparseseg.selftrain.pseudo import average_and_candidates
-
     t1, means, cands, names = time.time(), [], [], []
     for v in vols:
         mean, hard, names = average_and_candidates(v.image, base.model3d, base.model2d, base.planes,
@@ -128,7 +124,6 @@ def _meta(vols, options, st, base, k, out_path, paths, progress):
         spacing = tcfg.voxel_size or next((v.voxel_size for v in vols if v.voxel_size), None)
         save_checkpoint(paths["meta"], meta, tcfg, class_names, tcfg.ignore_label, tcfg.iterations, spacing,
                         {"history": history, "self_train": info})
-        from sparseseg.selftrain.export import export_composed
 
         written = export_composed(composed, class_names, tcfg.ignore_label, spacing, paths["meta"], out_path, info)
     final = history[-1]["loss"] if history else float("nan")
@@ -137,8 +132,6 @@ def _meta(vols, options, st, base, k, out_path, paths, progress):
 
 def _record(path, info: dict) -> None:
     """Note in the checkpoint how it was made (its `extra` holds "self_train")."""
-    from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
-
     ck = load_checkpoint(path)
     save_checkpoint(path, ck.model, ck.train_config, ck.class_names, ck.ignore_label, ck.iteration, ck.voxel_size,
                     {**ck.extra, "self_train": info})

@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparseseg.errors import SparsesegError
+from sparseseg.suggest.annotated import find_annotated
 from sparseseg.suggest.cover import cosine_similarity, coverage, lazy_greedy_max_cover
 from sparseseg.suggest.features import FEATURES, AutoencoderConfig, autoencoder_features, filterbank_features
 from sparseseg.suggest.planes import PLANES, check_planes, parse_planes, reduce_volume
-from sparseseg.volume import Volume, open_volume, split_store_path
+from sparseseg.suggest.template import write_template
+from sparseseg.volume import Volume, check_output, open_volume, split_store_path
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,6 @@ def suggest(image, cfg: SuggestConfig = SuggestConfig(), annotated=None, templat
     if cfg.features not in FEATURES:
         raise SparsesegError(f"unknown --features {cfg.features!r} (use {', '.join(FEATURES)})")
     if template is not None:
-        from sparseseg.volume import check_output
-
         check_output(template, overwrite)  # fail before the long part, not after
     vol = open_image(image)
     shape = vol.shape
@@ -113,8 +113,6 @@ def suggest(image, cfg: SuggestConfig = SuggestConfig(), annotated=None, templat
     check_planes(shape, planes)
     ann_vol, done = None, {p: [] for p in planes}
     if annotated is not None:
-        from sparseseg.suggest.annotated import find_annotated
-
         ann_vol = open_image(annotated)
         found = find_annotated(ann_vol, shape, cfg.ignore_label, cfg.max_block_voxels)
         done = {p: found[p] for p in planes}
@@ -151,8 +149,6 @@ def suggest(image, cfg: SuggestConfig = SuggestConfig(), annotated=None, templat
     result["seconds"] = {"read": round(t_read - t0, 2), "features": round(t_feat - t_read, 2),
                          "total": round(time.perf_counter() - t0, 2)}
     if template is not None:
-        from sparseseg.suggest.template import write_template
-
         write_template(template, shape, vol.voxel_size, suggestions, cfg.ignore_label, str(image),
                        annotated=ann_vol, overwrite=overwrite, max_block_voxels=cfg.max_block_voxels)
         result["template"] = str(template)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sparseseg.errors import SparsesegError
+from sparseseg.fsutil import atomic_path
 from sparseseg.suggest.planes import block_shape
 from sparseseg.volume import check_output, ngff_attrs
 
@@ -29,7 +30,6 @@ def write_template(path, shape, voxel_size, suggestions: list[dict], ignore: int
     import zarr
 
     path = check_output(path, overwrite)
-    from sparseseg.fsutil import atomic_path
 
     with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)

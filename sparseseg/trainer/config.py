@@ -10,6 +10,10 @@ from sparseseg.errors import SparsesegError
 from sparseseg.model.config import PRESETS, ModelConfig
 from sparseseg.model.defaults import DEFAULTS as D
 from sparseseg.model.defaults import PAPER
+from sparseseg.model.normalization import MODES
+from sparseseg.model.shapes import bank_context
+from sparseseg.trainer.losses import LOSSES
+from sparseseg.trainer.schedule import check_schedule
 
 
 def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None,
@@ -23,8 +27,6 @@ def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None,
     deeper outputs would be mostly unlabelled sections, computed for nothing. Both then take the
     preset's wider in-plane `section_input`, so a 2D and a 3D network see as many labelled voxels
     per step (a 2D network on the 3D patch's 92 pixels had 3x fewer: 52x52 outputs against 92x92)."""
-    from sparseseg.model.shapes import bank_context
-
     geom = cfg.geometry
     budget = requested or PRESETS[preset]["patch_input"]
     if (sections or cfg.ndim == 2) and not requested:
@@ -129,10 +131,6 @@ class TrainConfig:
         return cls(**{**base, **kw})
 
     def __post_init__(self):
-        from sparseseg.model.normalization import MODES
-        from sparseseg.trainer.losses import LOSSES
-        from sparseseg.trainer.schedule import check_schedule
-
         if self.loss not in LOSSES:
             raise SparsesegError(f"unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
         if self.normalization not in MODES:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparseseg.engine.tiling import reflect_index
 from sparseseg.errors import SparsesegError
+from sparseseg.model import normalization as norm
 from sparseseg.model.network import PLANES
 from sparseseg.volume import Volume, check_finite, open_volume
 
@@ -70,6 +72,15 @@ def read_labels(labels, region) -> np.ndarray:
     return np.array(out, dtype=np.uint8)
 
 
+def read_reflected(image, start, shape) -> np.ndarray:
+    """(C, *shape) input window at `start` (may reach past the border: numpy 'reflect',
+    as the engine pads at inference)."""
+    idx = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
+    region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+    crop = image[(slice(None),) + region]
+    return crop[np.ix_(range(crop.shape[0]), *[i - r.start for i, r in zip(idx, region)])]
+
+
 class ImageView:
     """Crops of one training image, float32, normalized with `stats` when given (per-volume
     modes); `image[(slice(None), zs, ys, xs)]` like an array, which is all the augmenter needs."""
@@ -83,9 +94,7 @@ class ImageView:
         if not np.isfinite(x).all():
             raise SparsesegError("a training image holds NaN or infinite values; clean it before training")
         if self.stats is not None:
-            from sparseseg.model.normalization import apply
-
-            x = apply(x, self.stats)
+            x = norm.apply(x, self.stats)
         return x
 
 

@@ -9,32 +9,17 @@ from __future__ import annotations
 import numpy as np
 
 from sparseseg.errors import SparsesegError
-from sparseseg.model.config import plan_model
+from sparseseg.model.config import ILASTIK_SIGMAS, plan_model
 from sparseseg.model.defaults import DEFAULTS
+from sparseseg.model.shapes import bank_context
 from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes, on_orthogonal_planes, on_separate_sections
-
-
-def parse_triple(value, name, cast=int):
-    """"Z,Y,X" -> a tuple of three positive numbers (None stays None)."""
-    if value is None:
-        return None
-    try:
-        parts = tuple(cast(v) for v in str(value).split(","))
-    except ValueError:
-        raise SparsesegError(f"{name} must be three comma-separated numbers Z,Y,X, got {value!r}") from None
-    if len(parts) != 3 or any(p <= 0 for p in parts):
-        raise SparsesegError(f"{name} must be three positive numbers Z,Y,X, got {value!r}")
-    return parts
 
 
 def parse_filters(value, plane_size: int | None = None) -> tuple:
     """--filters: "none" (or empty), "ilastik" (the forest's scales), "auto" (those of them whose
     margin is at most 1/8 of the smallest in-plane extent `plane_size`, so that a small volume
     keeps room for patches: all five from 184 voxels on) or comma-separated sigmas."""
-    from sparseseg.model.config import ILASTIK_SIGMAS
-    from sparseseg.model.shapes import bank_context
-
     text = str(value or "none").strip().lower()
     if text in ("none", "", "0"):
         return ()
@@ -84,7 +69,8 @@ def network_kind(vols, o: dict, ignore: int) -> tuple[int, int]:
 
 
 def build_configs(vols, o: dict):
-    """ModelConfig and TrainConfig from the parsed options and the data."""
+    """ModelConfig and TrainConfig from the parsed options and the data (`patch` and `voxel_size`:
+    Z,Y,X tuples or None, as the CLI parses them)."""
     o = {**DEFAULTS, **o}
     ignore = o["ignore_label"]
     for v in vols:
@@ -95,8 +81,7 @@ def build_configs(vols, o: dict):
     names = o["class_names"].split(",") if o["class_names"] else [f"class {i}" for i in range(k)]
     if len(names) != k:
         raise SparsesegError(f"--class-names has {len(names)} names for {k} classes")
-    voxel = parse_triple(o["voxel_size"], "--voxel-size", float) or next(
-        (v.voxel_size for v in vols if v.voxel_size), None)
+    voxel = tuple(o["voxel_size"]) if o["voxel_size"] else next((v.voxel_size for v in vols if v.voxel_size), None)
     smallest = tuple(min(v.shape[a] for v in vols) for a in range(3))
     arch = o.get("arch") or "unet"
     # "auto" means: where it applies (the U-Net); asking for a bank elsewhere is an error.
@@ -116,7 +101,8 @@ def build_configs(vols, o: dict):
     aug = AugmentConfig.mode("none" if o["no_augment"] else (o["augment"] or "full"))
     tcfg = TrainConfig(
         preset=o["preset"], iterations=int(o["iterations"] or 0), time_budget=float(budget),
-        batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], patch_output=parse_triple(o["patch"], "--patch") or (), class_weights=weights,
+        batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], patch_output=tuple(o["patch"] or ()),
+        class_weights=weights,
         dice_weight=o["dice_weight"], ignore_label=ignore, seed=o["seed"], device=o["device"],
         amp=not o["no_amp"], val_fraction=o["val_fraction"], val_every=o["val_every"],
         checkpoint_every=o["checkpoint_every"], voxel_size=tuple(voxel) if voxel else (), augment=aug,

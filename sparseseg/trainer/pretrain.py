@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparseseg.engine.tiling import reflect_index
 from sparseseg.errors import SparsesegError
+from sparseseg.trainer.data import read_reflected
 from sparseseg.trainer.schedule import lr_at, set_lr
 
 log = logging.getLogger("sparseseg.train")
@@ -64,9 +66,6 @@ def _final_conv(net: nn.Module):
 def _window(image, start, shape, rng):
     """A raw input window at `start` (reflected past the border) and its hidden-voxel mask,
     both flipped alike in-plane at random."""
-    from sparseseg.engine.tiling import reflect_index
-    from sparseseg.trainer.train import read_reflected
-
     x = read_reflected(image, start, shape)
     index = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
     hidden = hide_blocks(shape, rng, index=index)

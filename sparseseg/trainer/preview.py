@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sparseseg.trainer.train import read_reflected
+from sparseseg.trainer.data import read_reflected
 
 MAX_PLANE_VOXELS = 4 * 1024 * 1024     # above this a preview would cost the run too much time
 

@@ -9,7 +9,6 @@ function below; new features attach there, not inside the loop.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field, replace
 
@@ -18,17 +17,18 @@ import torch
 
 from sparseseg.engine.backends.select import resolve_device
 from sparseseg.errors import SparsesegError
+from sparseseg.eval.metrics import confusion, iou_from_confusion
 from sparseseg.model import normalization as norm
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.network import SegmentationModel
+from sparseseg.progress import progress_bar
 from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
 from sparseseg.trainer.budget import Budget
 from sparseseg.trainer.config import TrainConfig, patch_output_size
-from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views
+from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views, read_reflected
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
-from sparseseg.trainer.metrics import confusion, iou_from_confusion
 from sparseseg.trainer.pretrain import pretrain
 from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
 from sparseseg.trainer.sampler import PatchSampler, index_labels
@@ -107,7 +107,8 @@ def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=
         run.pretrained = pretrain(run, cfg.pretrain)
     runlog = RunLog(out_path, run.history)
     total = cfg.iterations or run.budget.total
-    bar = _progress_bar(cfg.iterations or None, start, progress)
+    # The bar's total is unknown (None) until a time budget's first plan.
+    bar = progress_bar(cfg.iterations or None, progress, initial=start, desc="train", unit="it")
     # The clock includes the self-supervised phase: it is part of what training costs.
     t0, offset = time.time(), (run.history[-1].get("seconds", 0.0) if run.history else
                                (run.pretrained or {}).get("seconds", 0.0))
@@ -387,17 +388,6 @@ def _validation_due(run: Run, done: int, total: int) -> bool:
     return bool(run.val_tiles) and (done % run.cfg.val_every == 0 or done == total)
 
 
-def read_reflected(image, start, shape) -> np.ndarray:
-    """(C, *shape) input window at `start` (may reach past the border: numpy 'reflect',
-    as the engine pads at inference)."""
-    from sparseseg.engine.tiling import reflect_index
-
-    idx = [reflect_index(np.arange(s, s + n), size) for s, n, size in zip(start, shape, image.shape[1:])]
-    region = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
-    crop = image[(slice(None),) + region]
-    return crop[np.ix_(range(crop.shape[0]), *[i - r.start for i, r in zip(idx, region)])]
-
-
 def _validate(run: Run) -> dict:
     """IoU per class on the held-out slices (annotated voxels only)."""
     k = run.model_cfg.num_classes
@@ -513,14 +503,6 @@ def _resume(run: Run, path) -> int:
 
 
 # ------------------------------------------------------------------ progress
-
-def _progress_bar(total: int | None, start: int, progress):
-    """The bar's total is unknown (None) until a time budget's first plan."""
-    from tqdm import tqdm
-
-    show = sys.stderr.isatty() if progress is None else progress
-    return tqdm(total=total, initial=start, disable=not show, desc="train", unit="it")
-
 
 def _report(bar, entry: dict, total: int, seconds: float, planned: bool = True) -> None:
     if bar.total != total and planned:

@@ -4,28 +4,21 @@
   classes in per-class colours (the same colours the OME-Zarr label images and napari use), and
   true positives, false negatives and false positives of the foreground classes on annotated
   voxels only.
-* `write_report`: one self-contained HTML page for a run: IoU per class, that figure, the
-  annotated slices beside the prediction, and the training curve when a checkpoint's history
-  is given.
+* `draw_annotated_slices`: the annotated slices beside the prediction.
 * `draw_curve`: loss and validation IoU against iterations (PNG).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import json
-
 import numpy as np
+
+from sparseseg.labels_zarr import label_colours
 
 COLOURS = {"true positive": (0.1, 0.8, 0.2), "false negative": (0.2, 0.4, 1.0), "false positive": (1.0, 0.15, 0.1)}
 
 
 def class_colours(num_classes: int) -> np.ndarray:
     """(K, 4) RGBA in 0..1, as in sparseseg.labels_zarr (background transparent)."""
-    from sparseseg.labels_zarr import label_colours
-
     return np.asarray(label_colours(max(num_classes, 2)), np.float64) / 255
 
 
@@ -73,7 +66,8 @@ def _views(labels, ignore_label):
     return [("xy (z=%d)" % z, np.s_[z, :, :]), ("xz (y=%d)" % y, np.s_[:, y, :]), ("yz (x=%d)" % x, np.s_[:, :, x])]
 
 
-def _num_classes(pred, labels, ignore_label, class_names):
+def class_count(pred, labels, ignore_label, class_names) -> int:
+    """Classes to draw: every value present, every name given, at least two."""
     top = max(int(pred.max(initial=0)), int(labels[labels != ignore_label].max(initial=0)))
     return max(len(class_names or []), top + 1, 2)
 
@@ -94,7 +88,7 @@ def draw_figure(path, pred, labels, ignore_label=255, image=None, title=None, cl
     from matplotlib.patches import Patch
 
     gray = image[0] if image is not None else np.zeros(pred.shape, np.float32)
-    k = _num_classes(pred, labels, ignore_label, class_names)
+    k = class_count(pred, labels, ignore_label, class_names)
     views = _views(labels, ignore_label)
     fig, axes = plt.subplots(2, 3, figsize=(13, 8.6))
     for col, (name, sl) in enumerate(views):
@@ -125,7 +119,7 @@ def draw_annotated_slices(path, pred, labels, ignore_label=255, image=None, clas
     import matplotlib.pyplot as plt
 
     gray = image[0] if image is not None else np.zeros(pred.shape, np.float32)
-    k = _num_classes(pred, labels, ignore_label, class_names)
+    k = class_count(pred, labels, ignore_label, class_names)
     annotated = labels != ignore_label
     rows = []
     for axis, name in enumerate(("z", "y", "x")):
@@ -174,71 +168,3 @@ def draw_curve(path, history):
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
-
-
-def _png(draw, *args, **kw) -> str | None:
-    buf = io.BytesIO()
-    if draw(buf, *args, **kw) is None:
-        return None
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def write_report(path, pred, labels, result: dict, ignore_label=255, image=None, class_names=None, history=None,
-                 sources: dict | None = None):
-    """One self-contained HTML page (images inline) for a run's evaluation."""
-    k = _num_classes(pred, labels, ignore_label, class_names)
-    names = list(class_names or []) + [f"class {i}" for i in range(len(class_names or []), k)]
-    colours = class_colours(k)
-    mf = result.get("mean_foreground_iou")
-    rows = []
-    for c, v in enumerate(result["iou"]):
-        swatch = "transparent" if c == 0 else "rgb(%d,%d,%d)" % tuple(int(255 * x) for x in colours[c][:3])
-        rows.append(f"<tr><td><span class='sw' style='background:{swatch}'></span>{html.escape(names[c])}</td>"
-                    f"<td>{'n/a' if v is None else f'{v:.4f}'}</td></tr>")
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>sparseseg evaluation</title><style>",
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-        "table{border-collapse:collapse}td,th{padding:4px 12px;border-bottom:1px solid #ddd}"
-        ".sw{display:inline-block;width:12px;height:12px;margin-right:6px;border:1px solid #999}"
-        "img{max-width:100%}</style></head><body>",
-        "<h1>sparseseg evaluation</h1>",
-        "<p>IoU = TP / (TP + FP + FN) over annotated voxels "
-        f"({result.get('voxels', 'n/a')} voxels; value {ignore_label} = not annotated).</p>",
-        "<table><tr><th>class</th><th>IoU</th></tr>" + "".join(rows)
-        + f"<tr><th>mean foreground</th><th>{'n/a' if mf is None else f'{mf:.4f}'}</th></tr></table>",
-    ]
-    if sources:
-        parts.append("<p>" + "<br>".join(f"{html.escape(k_)}: <code>{html.escape(str(v))}</code>"
-                                         for k_, v in sources.items()) + "</p>")
-    fig = _png(draw_figure, pred, labels, ignore_label, image, None, names)
-    parts.append(f"<h2>Orthogonal views</h2><img src='data:image/png;base64,{fig}'>")
-    sl = _png(draw_annotated_slices, pred, labels, ignore_label, image, names)
-    if sl:
-        parts.append(f"<h2>Annotated slices</h2><img src='data:image/png;base64,{sl}'>")
-    if history:
-        parts.append(f"<h2>Training</h2><img src='data:image/png;base64,{_png(draw_curve, history)}'>")
-    parts.append("<details><summary>raw result (JSON)</summary><pre>"
-                 + html.escape(json.dumps(result, indent=1)) + "</pre></details></body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-    return path
-
-
-def class_names_of(pred_path, model_path=None):
-    """(class names, training history) from a checkpoint, else the names a sparseseg output
-    records in its attributes; (None, None) when neither says."""
-    if model_path:
-        from sparseseg.model.checkpoint import load_checkpoint
-
-        ck = load_checkpoint(model_path)
-        return list(ck.class_names), ck.extra.get("history")
-    try:
-        import zarr
-
-        from sparseseg.volume import split_store_path
-
-        attrs = dict(zarr.open_group(split_store_path(str(pred_path))[0], mode="r").attrs)
-    except Exception:  # not a zarr group (TIFF, .npy, a bare array): no names recorded
-        return None, None
-    names = (attrs.get("sparseseg_run") or {}).get("class_names") or (attrs.get("sparseseg") or {}).get("class_names")
-    return (list(names) if names else None), None

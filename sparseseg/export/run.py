@@ -1,5 +1,7 @@
-"""The export command's logic: check everything cheap first, write to temporary files, verify,
-then rename into place, so a failed or interrupted export leaves nothing half-written.
+"""One export run: the ONNX model, and a TensorRT plan built from it.
+
+Everything cheap is checked first; outputs are written to temporary files, verified, then
+renamed into place, so a failed or interrupted export leaves nothing half-written.
 
 The ONNX file is the graph a plan is built from: it carries the precision (fp16/bf16 tensors,
 or int8 Q/DQ nodes calibrated on --calibration), because TensorRT builds strongly typed networks.
