@@ -256,12 +256,13 @@ def run_forest(tr_img, tr_lab, te_img, te_lab, names):
     return {**r, **r.pop("scores")[key]}
 
 
-def forest_scores(tr_img, tr_lab, tests, names):
-    """One forest fit on the training volume, applied to every test volume."""
+def forest_scores(tr_img, tr_lab, tests, names, two_d=None):
+    """One forest fit on the training volume, applied to every test volume. `two_d`: filter per
+    xy section (True) or in 3D (False); None: the forest's own rule (thin stacks in 2D)."""
     from benchmarks.baselines.forest import fit_predict
 
     others = [k for k in tests if tests[k][0] is not tr_img]
-    preds, info = fit_predict(tr_img, tr_lab, 255, predict_images=[tests[k][0] for k in others])
+    preds, info = fit_predict(tr_img, tr_lab, 255, predict_images=[tests[k][0] for k in others], two_d=two_d)
     out = {k: p for k, p in zip(others, preds[1:])}
     out.update({k: preds[0] for k in tests if k not in others})
     return {**info, "scores": score(out, tests, names)}
@@ -300,6 +301,8 @@ def main():
     ap.add_argument("--protocol", choices=["auto", "semi"], default=None,
                     help="nuclei: the headline score (both are recorded); default auto")
     ap.add_argument("--method", choices=["forest", "net", "nnunet", "interpolation"], required=True)
+    ap.add_argument("--forest-features", choices=["auto", "2d", "3d"], default="auto",
+                    help="forest: filter per xy section or in 3D (auto: 2D for thin stacks, as ilastik users do)")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="net: the trainer's time_budget (default DEFAULTS'); nnunet: training wall clock (default the same)")
     ap.add_argument("--iterations", type=int, default=None, help="net: pin the iteration count (else planned)")
@@ -326,7 +329,7 @@ def main():
     headline = a.protocol or ("auto" if a.dataset == "nuclei" and a.method != "interpolation" else next(iter(tests)))
     t0 = time.time()
     if a.method == "forest":
-        r = forest_scores(tr_img, tr_lab, tests, names)
+        r = forest_scores(tr_img, tr_lab, tests, names, {"auto": None, "2d": True, "3d": False}[a.forest_features])
     elif a.method == "interpolation":
         r = interpolation_scores(tr_img, tr_lab, tests, names)
     elif a.method == "nnunet":

@@ -43,8 +43,10 @@ def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None,
                 raise SparsesegError(f"volume too small for one valid patch without padding: axis z has {size} "
                                      f"voxels, the network needs at least {rule.min_input}")
             continue
+        # A volume smaller than the smallest valid input stays an error: reflected into one, it
+        # would be mostly mirror images.
         target = min(int(want) + (2 * bank if axis else 0) - 2 * rule.context, int(size))
-        m = rule.output_at_most(target)
+        m = rule.output_at_most(target) if rule.min_input <= size else None
         if m is None:
             raise SparsesegError(
                 f"volume too small for one valid patch without padding: axis {'zyx'[axis]} has {size} voxels, "
