@@ -34,8 +34,7 @@ t = time.time()
 res = train([vol], mcfg, tcfg, ["bg", "interior", "boundary"], progress=False)
 tt = time.time() - t
 _, prob = sparseseg.predict(res.model.eval(), ia, device="cpu", backend="torch", probabilities=True)
-prob = np.asarray(prob, np.float32)
-if prob.shape[0] != 3: prob = np.moveaxis(prob, -1, 0)
+prob = np.asarray(prob, np.float32)          # (K, Z, Y, X)
 target = la.copy(); target[annotated_mask(la, sl)] = 255
 interp = nearest_label(sp)
 onehot = np.stack([(interp == c) for c in range(3)]).astype(np.float32)

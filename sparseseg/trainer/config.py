@@ -20,9 +20,8 @@ def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None,
                       sections: bool = False) -> tuple[int, int, int]:
     """Training patch output size (Z, Y, X): the largest valid size whose input fits the preset's
     patch budget and whose output fits the volume (the input may reach past the border, reflected
-    as at inference: on a 75-voxel plane an input capped at the volume left a 28-voxel output, and
-    a dense fit of the nuclei crop reached interior IoU 0.56 against 0.66 with a 68-voxel one,
-    results/nuclei_levers.jsonl); a 2D network takes one slice at a time, and so does
+    as at inference, so that a small volume still trains on outputs as large as it is; measured in
+    docs/history.md); a 2D network takes one slice at a time, and so does
     a 3D one, in its smallest valid depth, when the labels lie on separate sections (`sections`):
     deeper outputs would be mostly unlabelled sections, computed for nothing. Both then take the
     preset's wider in-plane `section_input`, so a 2D and a 3D network see as many labelled voxels

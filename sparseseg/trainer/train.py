@@ -244,8 +244,8 @@ def _prediction_reserve(run: Run, shapes) -> float:
     if not shapes:
         return 0.0
     geometry = run.model.cfg.geometry       # what predicts: for all three planes, not the training patch's
-    # For all three planes a cube of (at most) 20-voxel output: the cube of a 72-voxel training
-    # output (126^3 input, three passes) took a minute of a 5-minute budget to time.
+    # For all three planes a cube of (at most) 20-voxel output: a training output's cube, three
+    # passes, would cost a short budget a large share of its time just to be timed.
     out = (min(run.out_shape[1], RESERVE_CUBE),) * 3 if run.model.cfg.planes == 3 else run.out_shape
     in_shape = geometry.input_for_output(out)
     x = torch.zeros((1, run.model_cfg.in_channels, *in_shape), device=run.device)
