@@ -5,7 +5,10 @@ the default time budget (time_budget=M to change it), keeping time to predict cr
 THREADS 0: torch's default (every core). dense=1 trains on every voxel of crop a (a fit check: how
 well the network can learn these labels at all; semi then scores voxels it was trained on).
 
-    python benchmarks/nuclei_levers.py THREADS [iterations=300] [option=value ...] [slices=5] [dense=1]
+features=3d feeds the network the forest's 3D filter responses (benchmarks/baselines/forest.py) instead
+of the image, with its own filter bank off.
+
+    python benchmarks/nuclei_levers.py THREADS [iterations=300] [option=value ...] [slices=5] [dense=1] [features=3d]
 """
 import json, os, sys, time
 from pathlib import Path
@@ -36,14 +39,27 @@ for a in sys.argv[2:]:
     over[k] = v
 counts = over.pop("slices", 5)
 dense = bool(over.pop("dense", 0))
+features = over.pop("features", None)
 ia, la = load("a"); ib, lb = load("b")
+if features == "3d":
+    # The forest's 3D filter responses as the network's input channels (its own bank off): does
+    # 3D context at the input close the gap to the 3D forest? Computed once per crop, untimed.
+    from benchmarks.baselines.forest import _features
+    t = time.time()
+    ia, ib = _features(ia), _features(ib)
+    over["features_s"] = round(time.time() - t, 1)
+    over.setdefault("filters", "none")
+elif features is not None:
+    raise SystemExit(f"features must be 3d, got {features!r}")
+else:
+    ia, ib = ia[None], ib[None]
 sl = orthogonal_slices(la.shape, (counts,) * 3)
-vol = TrainingVolume(ia[None], la if dense else sparsify(la, sl), "a")
+vol = TrainingVolume(ia, la if dense else sparsify(la, sl), "a")
 o = {"checkpoint_every": 0, "device": "cpu", **over}
 mcfg, tcfg, names = build_configs([vol], o)
 t = time.time()
 res = train([vol], mcfg, tcfg, ["bg", "interior", "boundary"], progress=False,
-            predict_shapes=[] if tcfg.iterations else [ia.shape])
+            predict_shapes=[] if tcfg.iterations else [ia.shape[1:]])
 tt = time.time() - t
 model = res.model.eval()
 t = time.time()
