@@ -6,7 +6,7 @@ THREADS 0: torch's default (every core). dense=1 trains on every voxel of crop a
 well the network can learn these labels at all; semi then scores voxels it was trained on).
 
 features=3d feeds the network the forest's 3D filter responses (benchmarks/baselines/forest.py) instead
-of the image, with its own filter bank off.
+of the image, with its own filter bank off (feature_sigmas=0.7,1.0,1.6: other scales than the forest's).
 
     python benchmarks/nuclei_levers.py THREADS [iterations=300] [option=value ...] [slices=5] [dense=1] [features=3d]
 """
@@ -40,14 +40,16 @@ for a in sys.argv[2:]:
 counts = over.pop("slices", 5)
 dense = bool(over.pop("dense", 0))
 features = over.pop("features", None)
+sigmas = over.pop("feature_sigmas", None)
 ia, la = load("a"); ib, lb = load("b")
 if features == "3d":
     # The forest's 3D filter responses as the network's input channels (its own bank off): does
     # 3D context at the input close the gap to the 3D forest? Computed once per crop, untimed.
-    from benchmarks.baselines.forest import _features
+    from benchmarks.baselines.forest import SIGMAS, _features
+    sig = tuple(float(v) for v in str(sigmas).split(",")) if sigmas is not None else SIGMAS
     t = time.time()
-    ia, ib = _features(ia), _features(ib)
-    over["features_s"] = round(time.time() - t, 1)
+    ia, ib = _features(ia, sig), _features(ib, sig)
+    over["features_s"], over["feature_sigmas"] = round(time.time() - t, 1), list(sig)
     over.setdefault("filters", "none")
 elif features is not None:
     raise SystemExit(f"features must be 3d, got {features!r}")

@@ -50,12 +50,22 @@ def test_plan_fits_the_budget_from_the_measured_step_time():
 
 def test_replans_when_steps_slow_down_and_keeps_the_reserve():
     clock = Clock()
-    b = Budget(2.0, 30.0, clock=clock, began=0.0)           # 120 s, 30 s kept for prediction
-    done = drive(b, clock, lambda i: 1.0 if i < 20 else 3.0)
-    first_guess = 1 + int((90 - 1 - 6) / 1.0)               # what the plan after the probe steps said
+    b = Budget(10.0, 60.0, clock=clock, began=0.0)          # 600 s, 60 s kept for prediction
+    done = drive(b, clock, lambda i: 1.0 if i < 20 else 1.5)
+    first_guess = 1 + int((540 - 1 - 6) / 1.0)              # what the plan after the probe steps said
     assert done < first_guess                                # the slower steps moved the plan down
-    assert clock.t <= 90.0                                   # the prediction's time is kept
-    assert b.finish(done).stopped_at_budget or clock.t > 80
+    plan = b.finish(done)
+    # Steps 1.5x slower (load): the prediction after them is kept 1.5x as long, 90 s.
+    assert plan.reserve_timed_seconds == 60.0 and plan.reserve_seconds == pytest.approx(90.0)
+    assert 600.0 - 90.0 - 1.5 <= clock.t <= 600.0 - 90.0
+
+
+def test_reserve_never_shrinks_below_its_timing():
+    clock = Clock()
+    b = Budget(2.0, 30.0, clock=clock, began=0.0)
+    done = drive(b, clock, lambda i: 2.0 if i < 20 else 1.0)  # slow first steps (warm-up), then faster
+    plan = b.finish(done)
+    assert plan.reserve_seconds == 30.0 and 88.0 <= clock.t <= 90.0
 
 
 def test_budget_too_small_for_one_step_is_an_error():

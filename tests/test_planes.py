@@ -158,3 +158,20 @@ def test_cli_refuses_all_planes_for_a_3d_network(tmp_path):
                         "--planes", "all", "--iterations", "1", "--out", tmp_path / "m.pt")
     assert code != 0 and out.strip().splitlines()[-1].startswith("error: --planes all applies to 2D")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_prediction_reserve_counts_the_sections_each_plane_computes(monkeypatch):
+    """The reserve scales a timed pass by forward_work: for all three planes, the input area of
+    every section the passes compute, which is what all_planes feeds its 2D network."""
+    from sparseseg.trainer.train import forward_work
+
+    model = _model()
+    g = model.cfg.geometry
+    out = (8, 12, 16)
+    seen = []
+    sections = model.sections
+    monkeypatch.setattr(model, "sections", lambda v: seen.append(v.shape[2:]) or sections(v))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, *g.input_for_output(out)))
+    assert forward_work(g, 3, out) == sum(float(np.prod(s)) for s in seen)
+    assert forward_work(g, 1, out) == float(np.prod(g.input_for_output(out)))

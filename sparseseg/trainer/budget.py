@@ -3,8 +3,10 @@
 The trainer measures its own step time over the first steps (the first one, which pays for
 oneDNN/cuDNN kernel selection, is left out), plans the count so that the whole run fits, and
 re-plans as it goes, so validations, a slower machine or a busy one move the plan rather than
-the end time. The learning-rate schedule follows the planned count. Nothing here touches torch:
-the loop hands in step numbers and clock readings.
+the end time. The time kept for prediction (timed once, before training) grows by the factor
+the steps have slowed since their fastest measure: load that arrives while training slows the
+prediction after it too. The learning-rate schedule follows the planned count. Nothing here
+touches torch: the loop hands in step numbers and clock readings.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ PROVISIONAL = 10_000     # the count the schedule assumes until the first plan (
 class Plan:
     """What the budget bought; recorded in the checkpoint and the run's result."""
     minutes: float
-    reserve_seconds: float       # kept for what follows training (densify's prediction)
+    reserve_seconds: float       # kept for what follows training (densify's prediction), as last scaled
     planned: int                 # iterations the run aims at (final once the run ends)
     step_seconds: float          # measured seconds per iteration, validations included
     ran: int = 0
     seconds: float = 0.0         # training seconds spent when the run ended
     stopped_at_budget: bool = False
+    reserve_timed_seconds: float = 0.0   # the reserve as timed before training, unscaled
 
     def to_dict(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -43,17 +46,25 @@ class Budget:
 
     def __init__(self, minutes: float, reserve_seconds: float = 0.0, start: int = 0,
                  clock=time.monotonic, began: float | None = None):
-        self.deadline_s = float(minutes) * 60.0 - float(reserve_seconds)
-        if self.deadline_s <= 0:
+        self.budget_s = float(minutes) * 60.0
+        self.reserve_timed = float(reserve_seconds)
+        if self.budget_s - self.reserve_timed <= 0:
             raise SparsesegError(f"--time-budget {minutes:g} min leaves no time to train: prediction alone "
                                  f"needs ~{reserve_seconds:.0f} s; give more minutes")
         self.clock = clock
         self.began = clock() if began is None else began
         self.start = start
-        self.plan = Plan(float(minutes), float(reserve_seconds), PROVISIONAL, 0.0)
+        self.plan = Plan(float(minutes), float(reserve_seconds), PROVISIONAL, 0.0,
+                         reserve_timed_seconds=float(reserve_seconds))
         self.planned_once = False
+        self._fastest = None      # the lowest step rate measured at a plan: the unloaded reference
         self._marks: list[tuple[int, float]] = []    # (iterations done, clock) after each step
         self._next_plan = start + 1 + PROBE_STEPS
+
+    @property
+    def deadline_s(self) -> float:
+        """Training seconds the budget allows: all of it less the (scaled) prediction reserve."""
+        return self.budget_s - self.plan.reserve_seconds
 
     @property
     def total(self) -> int:
@@ -103,8 +114,21 @@ class Budget:
         (d0, t0), (d1, t1) = self._marks[max(0, len(self._marks) - 201)], self._marks[-1]
         return (t1 - t0) / (d1 - d0)
 
+    def _scale_reserve(self, rate: float) -> None:
+        """Scale the timed reserve by how much slower the steps now are than their fastest
+        measure (never below the timed figure)."""
+        if rate <= 0 or not self.reserve_timed:
+            return
+        self._fastest = rate if self._fastest is None else min(self._fastest, rate)
+        self.plan.reserve_seconds = round(self.reserve_timed * max(1.0, rate / self._fastest), 2)
+
     def _replan(self, done: int, now: float) -> None:
         rate = self._rate()
+        before = self.plan.reserve_seconds
+        self._scale_reserve(rate)
+        if self.plan.reserve_seconds > 1.5 * before:
+            log.info("steps slowed to %.2f s: keeping %.0f s for prediction (timed %.0f s)", rate,
+                     self.plan.reserve_seconds, self.reserve_timed)
         left = self.deadline_s - (now - self.began)
         planned = max(done, done + int(left / rate)) if rate > 0 else done
         first = not self.planned_once

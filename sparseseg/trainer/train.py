@@ -238,15 +238,17 @@ RESERVE_CUBE = 20   # output side of the block timed for the prediction reserve 
 
 def _prediction_reserve(run: Run, shapes) -> float:
     """Seconds to keep for predicting volumes of `shapes` after training (densify): the
-    engine's start (export and backend compilation, ENGINE_START_SECONDS) plus the input voxels it
-    will read (each volume with its halo, at least 1.6 per output voxel as large-tile blocks
-    read, PERF.md) at the speed of a timed forward pass over a training patch's input."""
+    engine's start (export and backend compilation, ENGINE_START_SECONDS) plus the voxels its
+    first layer will read (`forward_work`; each volume as one tile with its halo, at least 1.6
+    input per output voxel as large-tile blocks read, PERF.md) at the speed of a timed forward
+    pass. The budget scales it further if the steps slow down (trainer.budget)."""
     if not shapes:
         return 0.0
-    geometry = run.model.cfg.geometry       # what predicts: for all three planes, not the training patch's
+    cfg = run.model.cfg
+    geometry = cfg.geometry       # what predicts: for all three planes, not the training patch's
     # For all three planes a cube of (at most) 20-voxel output: a training output's cube, three
     # passes, would cost a short budget a large share of its time just to be timed.
-    out = (min(run.out_shape[1], RESERVE_CUBE),) * 3 if run.model.cfg.planes == 3 else run.out_shape
+    out = (min(run.out_shape[1], RESERVE_CUBE),) * 3 if cfg.planes == 3 else run.out_shape
     in_shape = geometry.input_for_output(out)
     x = torch.zeros((1, run.model_cfg.in_channels, *in_shape), device=run.device)
     run.model.eval()
@@ -259,9 +261,24 @@ def _prediction_reserve(run: Run, shapes) -> float:
                 torch.cuda.synchronize()
             times.append(time.monotonic() - t)
     run.model.train()
-    context = geometry.context
-    inputs = sum(max(np.prod([n + 2 * c for n, c in zip(shape, context)]), 1.6 * np.prod(shape)) for shape in shapes)
-    return ENGINE_START_SECONDS + min(times[1:]) * float(inputs) / float(np.prod(in_shape))
+    passes = 3 if cfg.planes == 3 else 1
+    work = 0.0
+    for shape in shapes:
+        whole = tuple(rule.output_at_least(int(n)) for rule, n in zip(geometry.axes, shape))
+        work += max(forward_work(geometry, cfg.planes, whole), 1.6 * passes * float(np.prod(shape)))
+    return ENGINE_START_SECONDS + min(times[1:]) * work / forward_work(geometry, cfg.planes, out)
+
+
+def forward_work(geometry, planes: int, out) -> float:
+    """Input voxels a forward pass reads for an output block `out` (Z, Y, X): its input block;
+    for a 2D network on all three planes, per plane the sections it computes (the output along
+    the plane's normal, SegmentationModel.all_planes) times their in-plane input area. A timed
+    pass scales to a whole volume by this ratio, not by input voxels: a small cube's halo is
+    most of its input, while each plane computes only its output's sections."""
+    ins = [int(o) + 2 * c for o, c in zip(out, geometry.context)]
+    if planes != 3:
+        return float(np.prod(ins))
+    return float(sum(int(out[n]) * np.prod([ins[a] for a in range(3) if a != n]) for n in range(3)))
 
 
 def _optimizer(model, cfg: TrainConfig):
