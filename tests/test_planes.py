@@ -163,7 +163,7 @@ def test_cli_refuses_all_planes_for_a_3d_network(tmp_path):
 def test_prediction_reserve_counts_the_sections_each_plane_computes(monkeypatch):
     """The reserve scales a timed pass by forward_work: for all three planes, the input area of
     every section the passes compute, which is what all_planes feeds its 2D network."""
-    from sparseseg.trainer.train import forward_work
+    from sparseseg.model.shapes import forward_work
 
     model = _model()
     g = model.cfg.geometry

@@ -47,8 +47,7 @@ class Budget:
     def __init__(self, minutes: float, reserve_seconds: float = 0.0, start: int = 0,
                  clock=time.monotonic, began: float | None = None):
         self.budget_s = float(minutes) * 60.0
-        self.reserve_timed = float(reserve_seconds)
-        if self.budget_s - self.reserve_timed <= 0:
+        if self.budget_s - float(reserve_seconds) <= 0:
             raise SparsesegError(f"--time-budget {minutes:g} min leaves no time to train: prediction alone "
                                  f"needs ~{reserve_seconds:.0f} s; give more minutes")
         self.clock = clock
@@ -117,10 +116,11 @@ class Budget:
     def _scale_reserve(self, rate: float) -> None:
         """Scale the timed reserve by how much slower the steps now are than their fastest
         measure (never below the timed figure)."""
-        if rate <= 0 or not self.reserve_timed:
+        timed = self.plan.reserve_timed_seconds
+        if rate <= 0 or not timed:
             return
         self._fastest = rate if self._fastest is None else min(self._fastest, rate)
-        self.plan.reserve_seconds = round(self.reserve_timed * max(1.0, rate / self._fastest), 2)
+        self.plan.reserve_seconds = round(timed * max(1.0, rate / self._fastest), 2)
 
     def _replan(self, done: int, now: float) -> None:
         rate = self._rate()
@@ -128,7 +128,7 @@ class Budget:
         self._scale_reserve(rate)
         if self.plan.reserve_seconds > 1.5 * before:
             log.info("steps slowed to %.2f s: keeping %.0f s for prediction (timed %.0f s)", rate,
-                     self.plan.reserve_seconds, self.reserve_timed)
+                     self.plan.reserve_seconds, self.plan.reserve_timed_seconds)
         left = self.deadline_s - (now - self.began)
         planned = max(done, done + int(left / rate)) if rate > 0 else done
         first = not self.planned_once

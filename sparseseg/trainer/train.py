@@ -22,6 +22,7 @@ from sparseseg.model import normalization as norm
 from sparseseg.model.checkpoint import load_checkpoint, save_checkpoint
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.network import SegmentationModel
+from sparseseg.model.shapes import forward_work
 from sparseseg.progress import progress_bar
 from sparseseg.trainer import holdout
 from sparseseg.trainer.augment import Augmenter
@@ -267,18 +268,6 @@ def _prediction_reserve(run: Run, shapes) -> float:
         whole = tuple(rule.output_at_least(int(n)) for rule, n in zip(geometry.axes, shape))
         work += max(forward_work(geometry, cfg.planes, whole), 1.6 * passes * float(np.prod(shape)))
     return ENGINE_START_SECONDS + min(times[1:]) * work / forward_work(geometry, cfg.planes, out)
-
-
-def forward_work(geometry, planes: int, out) -> float:
-    """Input voxels a forward pass reads for an output block `out` (Z, Y, X): its input block;
-    for a 2D network on all three planes, per plane the sections it computes (the output along
-    the plane's normal, SegmentationModel.all_planes) times their in-plane input area. A timed
-    pass scales to a whole volume by this ratio, not by input voxels: a small cube's halo is
-    most of its input, while each plane computes only its output's sections."""
-    ins = [int(o) + 2 * c for o, c in zip(out, geometry.context)]
-    if planes != 3:
-        return float(np.prod(ins))
-    return float(sum(int(out[n]) * np.prod([ins[a] for a in range(3) if a != n]) for n in range(3)))
 
 
 def _optimizer(model, cfg: TrainConfig):
