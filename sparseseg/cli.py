@@ -109,6 +109,10 @@ TRAINING_HELP = {
     "filters": dict(help="fixed filter bank in front of the network, per section: ilastik (its 40 features: "
                          "scales 0.7,1,1.6,3.5,5), auto (those scales whose margin fits the volume), "
                          "comma-separated scales, or none"),
+    "filter_dims": dict(type=click.Choice(["auto", "2", "3"]),
+                        help="3: the bank filters the volume in 3D (10 responses per scale; 2D networks on all "
+                             "planes, which share them); 2: each section; auto: 3 on all planes when the "
+                             "responses fit in memory"),
     "batchnorm": dict(decls=("--batchnorm/--no-batchnorm",), help="default: the preset's"),
     "num_classes": dict(type=click.IntRange(2, 255), help="default: largest label + 1"),
     "class_names": dict(help="comma-separated, one per class"),

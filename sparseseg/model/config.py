@@ -61,6 +61,9 @@ class ModelConfig:
     # Scales (sigmas, voxels) of the fixed in-plane filter bank in front of the network
     # (sparseseg.model.filters); () for none: the network sees the normalized image.
     filters: tuple = ()
+    # 2: the bank filters each section (in-plane); 3: the whole volume (sparseseg.model.
+    # volume_filters), for a 2D network on all three planes, which then share its responses.
+    filter_dims: int = 2
     # 2D networks: 1 = applied to every xy section; 3 = applied to the xy, xz and yz sections and
     # their probabilities averaged (labels on orthogonal planes; sparseseg.model.network).
     planes: int = 1
@@ -91,6 +94,9 @@ class ModelConfig:
         if self.planes == 3 and any(len(set(k)) > 1 for k in self.kernel_sizes + self.pool_sizes):
             raise SparsesegError("a 2D network applied in three planes needs the same kernels and pooling on both "
                                  "of its axes (isotropic voxels)")
+        if self.filter_dims not in (2, 3) or (self.filter_dims == 3 and self.planes != 3):
+            raise SparsesegError(f"3D filters (--filter-dims 3) apply to a 2D network on all three planes "
+                                 f"(--planes all), got --filter-dims {self.filter_dims} with planes {self.planes}")
         if self.in_channels < 1 or self.num_classes < 2:
             raise SparsesegError("need at least 1 input channel and 2 classes")
         self._check_arch()
@@ -179,7 +185,7 @@ def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3
                batchnorm: bool | None = None, base_width: int | None = None, depth: int | None = None,
                voxel_size=None, shape=None, arch: str = "unet", factorized: bool = False,
                feature_augment: bool = False, feature_augment_t: int = 4, filters=(),
-               sections: bool = False, planes: int = 1) -> ModelConfig:
+               sections: bool = False, planes: int = 1, filter_dims: int = 2) -> ModelConfig:
     """A ModelConfig for a preset, adapted to the data's voxel size and/or shape (Z, Y, X).
 
     `sections`: the labels lie on separate xy sections (sparseseg.trainer.data.on_separate_sections),
@@ -211,4 +217,4 @@ def plan_model(preset: str, in_channels: int, num_classes: int, *, ndim: int = 3
         kernel_sizes=tuple(map(tuple, kernels)), pool_sizes=tuple(map(tuple, pools)),
         padding=padding, batchnorm=p["batchnorm"] if batchnorm is None else batchnorm, arch=arch,
         factorized=factorized, feature_augment=feature_augment, feature_augment_t=feature_augment_t,
-        filters=tuple(filters or ()), planes=planes)
+        filters=tuple(filters or ()), planes=planes, filter_dims=filter_dims if filters else 2)

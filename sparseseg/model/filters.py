@@ -76,6 +76,8 @@ class FilterBank(nn.Module):
     """(N, C, Z, Y, X) -> (N, C * 8 * len(sigmas), Z, Y - 2r, X - 2r) z-scored responses (valid),
     r = bank_context(sigmas); with `same` the input is reflected by r first (same size out)."""
 
+    dims = 2          # filters each section (sparseseg.model.volume_filters: the 3D bank)
+
     def __init__(self, in_channels: int, sigmas, padding: str = "valid"):
         super().__init__()
         self.sigmas = tuple(float(s) for s in sigmas)

@@ -11,6 +11,7 @@ from sparseseg.model.cheng import ChengNet
 from sparseseg.model.config import ModelConfig
 from sparseseg.model.filters import FilterBank
 from sparseseg.model.unet import UNet
+from sparseseg.model.volume_filters import VolumeFilterBank
 
 # plane -> order of the (Z, Y, X) axes that puts the plane's normal first (its sections along z).
 PLANES = {"xy": (0, 1, 2), "xz": (1, 0, 2), "yz": (2, 0, 1)}
@@ -30,7 +31,9 @@ class SegmentationModel(nn.Module):
     2D network is applied to every z-slice (z folded into the batch), so callers always speak
     5D and the engine treats 2D and 3D networks alike. With `cfg.planes` 3 the 2D network runs
     on the sections of all three planes and the output is the log of their mean probability
-    (`forward`); `sections` is the xy pass alone, which is what training patches need.
+    (`forward`); `sections` is the xy pass alone, which is what training patches need. A 3D
+    filter bank (`cfg.filter_dims` 3) runs once on the block and the planes share its responses;
+    `apply_net` is the network after it, which trains on responses computed once per volume.
     """
 
     def __init__(self, cfg: ModelConfig, mean=None, std=None, normalization: str = "global", percentiles=None):
@@ -40,8 +43,9 @@ class SegmentationModel(nn.Module):
         if cfg.filters:
             from dataclasses import replace
 
-            self.filters = FilterBank(cfg.in_channels, cfg.filters, cfg.padding)
-            self.net = build_net(replace(cfg, in_channels=self.filters.out_channels, filters=()))
+            bank = VolumeFilterBank if cfg.filter_dims == 3 else FilterBank
+            self.filters = bank(cfg.in_channels, cfg.filters, cfg.padding)
+            self.net = build_net(replace(cfg, in_channels=self.filters.out_channels, filters=(), filter_dims=2))
         else:
             self.net = build_net(cfg)
         c = cfg.in_channels
@@ -72,12 +76,17 @@ class SegmentationModel(nn.Module):
         Each pass first drops the sections along its normal that only the other passes need, so
         no section is computed for nothing; log-probabilities keep argmax and softmax exact."""
         context = self.cfg.geometry.context
+        shared = self.filters is not None and self.filters.dims == 3
+        if shared:       # the 3D bank's responses, computed once for the three planes
+            x = self.prepare(x)
+            used = 0 if self.filters.same else self.filters.context
+            context = tuple(c - used for c in context)
         mean = None
         for order in PLANES.values():
             view = x.permute(0, 1, *(2 + a for a in order))
             c = context[order[0]]
             view = view[:, :, c:view.shape[2] - c] if c else view
-            y = self.sections(view)
+            y = self.apply_net(view) if shared else self.sections(view)
             back = [order.index(a) for a in range(3)]
             p = torch.softmax(y.float(), dim=1).permute(0, 1, *(2 + a for a in back))
             mean = p if mean is None else mean + p

@@ -160,7 +160,8 @@ def geometry_of(cfg) -> NetGeometry:
         rules.append(axis_rule(kernels, pools, valid))
     if cfg.ndim == 2:
         rules.insert(0, AxisRule(step=1, c_in=0, c_out=0, b_min=1))
-    # A filter bank in front (valid) widens the input in y and x only: same step and outputs.
+    # A filter bank in front (valid) widens the input in y and x only (in 3D: on every axis,
+    # which all-planes networks have anyway): same step and outputs.
     bank = bank_context(getattr(cfg, "filters", ())) if valid else 0
     if bank:
         rules[1:] = [AxisRule(r.step, r.c_in + 2 * bank, r.c_out, r.b_min) for r in rules[1:]]

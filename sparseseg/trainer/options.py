@@ -13,7 +13,9 @@ from sparseseg.model.config import ILASTIK_SIGMAS, plan_model
 from sparseseg.model.defaults import DEFAULTS
 from sparseseg.model.shapes import bank_context
 from sparseseg.trainer.config import AugmentConfig, TrainConfig
+from sparseseg.model.volume_filters import FILTERS_PER_SIGMA_3D
 from sparseseg.trainer.data import check_pair, infer_num_classes, on_orthogonal_planes, on_separate_sections
+from sparseseg.trainer.responses import RESPONSE_BYTES, check_fits, response_bytes
 
 
 def parse_filters(value, plane_size: int | None = None) -> tuple:
@@ -33,6 +35,31 @@ def parse_filters(value, plane_size: int | None = None) -> tuple:
     except ValueError:
         raise SparsesegError(f"--filters must be auto, ilastik, none or comma-separated scales, got {value!r}") \
             from None
+
+
+def bank_kind(o: dict, vols, planes: int, plane_size: int) -> tuple[tuple, int]:
+    """(scales, filter_dims) from --filters and --filter-dims. A 3D bank trains on responses
+    computed once per volume (trainer.responses), so "auto" scales need no patch room there: all
+    of ilastik's that fit in memory, from the smallest; auto dims: 3 on all planes where one fits."""
+    dims = str(o.get("filter_dims") or "auto")
+    if dims not in ("auto", "2", "3"):
+        raise SparsesegError(f"--filter-dims must be auto, 2 or 3, got {dims}")
+    if dims == "3" and planes != 3:
+        raise SparsesegError("--filter-dims 3 applies to 2D networks on all three planes (--planes all)")
+    auto = str(o["filters"]).strip().lower() == "auto"
+    if planes == 3 and dims != "2":
+        shapes = [v.shape for v in vols]
+        scales = parse_filters("ilastik" if auto else o["filters"])
+        if auto:
+            per_scale = response_bytes(shapes, vols[0].channels * FILTERS_PER_SIGMA_3D)
+            scales = scales[:RESPONSE_BYTES // per_scale]
+        if scales:
+            if dims == "3":
+                check_fits(shapes, vols[0].channels * FILTERS_PER_SIGMA_3D * len(scales))
+                return scales, 3
+            if response_bytes(shapes, vols[0].channels * FILTERS_PER_SIGMA_3D * len(scales)) <= RESPONSE_BYTES:
+                return scales, 3
+    return parse_filters(o["filters"], plane_size), 2
 
 
 def parse_class_weights(value, num_classes: int) -> tuple:
@@ -85,9 +112,9 @@ def build_configs(vols, o: dict):
     smallest = tuple(min(v.shape[a] for v in vols) for a in range(3))
     arch = o.get("arch") or "unet"
     # "auto" means: where it applies (the U-Net); asking for a bank elsewhere is an error.
-    filters = () if arch != "unet" and str(o["filters"]).lower() == "auto" else \
-        parse_filters(o["filters"], min(smallest[1:]))
     ndim, planes = network_kind(vols, o, ignore)
+    filters, filter_dims = ((), 2) if arch != "unet" and str(o["filters"]).lower() == "auto" else \
+        bank_kind(o, vols, planes, min(smallest[1:]))
     if planes == 3:                      # every axis is in-plane for two of the planes
         smallest = (min(smallest),) * 3
     mcfg = plan_model(o["preset"], vols[0].channels, k, ndim=ndim, planes=planes, padding=o["padding"],
@@ -95,7 +122,7 @@ def build_configs(vols, o: dict):
                       voxel_size=voxel, shape=smallest, arch=arch,
                       factorized=bool(o.get("factorized")), feature_augment=bool(o.get("feature_augment")),
                       feature_augment_t=int(o.get("feature_augment_t") or 4), filters=filters,
-                      sections=on_separate_sections(vols, ignore))
+                      filter_dims=filter_dims, sections=on_separate_sections(vols, ignore))
     weights = parse_class_weights(o["class_weights"], k)
     budget = DEFAULTS["time_budget"] if o["time_budget"] is None else o["time_budget"]
     aug = AugmentConfig.mode("none" if o["no_augment"] else (o["augment"] or "full"))

@@ -79,6 +79,9 @@ def pretrain(run, iterations: int) -> dict:
     """Inpainting steps on `run.model` (weights changed in place; the class head left as it was).
     Returns {"iterations", "first_loss" and "loss" (means of the first and last 10% of the
     steps' inpainting losses), "seconds"}."""
+    if run.on_responses:
+        raise SparsesegError("--pretrain inpaints the raw image, but this network trains on its 3D filter "
+                             "bank's responses: give --filter-dims 2 or --pretrain 0")
     model, device, geom = run.model, run.device, run.model_cfg.geometry
     owner, name = _final_conv(model.net)
     class_head = getattr(owner, name)

@@ -31,6 +31,7 @@ from sparseseg.trainer.config import TrainConfig, patch_output_size
 from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views, read_reflected
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
 from sparseseg.trainer.pretrain import pretrain
+from sparseseg.trainer.responses import volume_responses
 from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
 from sparseseg.trainer.sampler import PatchSampler, index_labels
 from sparseseg.trainer.schedule import lr_at, set_lr
@@ -84,6 +85,11 @@ class Run:
     history: list = field(default_factory=list)
     pretrained: dict | None = None    # the self-supervised phase's summary, kept in checkpoints
     budget: Budget | None = None      # the time budget's planner; None with a pinned --iterations
+    on_responses: bool = False        # images are the 3D bank's responses (trainer.responses)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on training patches: after the bank when they are its responses."""
+        return self.model.apply_net(x) if self.on_responses else self.model.sections(x)
 
 
 def train(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names, out_path=None, resume: str | None = None,
@@ -283,11 +289,18 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     rng = np.random.default_rng(cfg.seed)
     k = model_cfg.num_classes
     net_cfg = model_cfg
+    on_responses = bool(model_cfg.filters) and model_cfg.filter_dims == 3
+    model = None
+    if on_responses:      # the network trains on the 3D bank's responses, computed here once
+        mean, std, stats = _normalization(vols, cfg)
+        model = SegmentationModel(net_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
+        vols = volume_responses(model, vols, stats, device)
     if model_cfg.planes == 3:
         # A 2D network for all three planes trains on sections of each painted plane, rotated
-        # into xy: the run's shapes are the one-plane network's (model_cfg is what it predicts with).
+        # into xy: the run's shapes are the one-plane network's (model_cfg is what it predicts
+        # with), without the bank when the patches are its responses.
         vols = plane_views(vols, cfg.ignore_label)
-        model_cfg = replace(model_cfg, planes=1)
+        model_cfg = replace(model_cfg, planes=1, filter_dims=2, filters=() if on_responses else model_cfg.filters)
     in_shape, out_shape = _patch_shapes(vols, model_cfg, cfg)
 
     # Held-out slices are masked out of everything training sees: sampler, augmentation reads,
@@ -309,15 +322,23 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     log.info("patch in %s out %s, training voxels per class %s, weights %s", in_shape, out_shape, counts.tolist(),
              np.round(weights, 3).tolist())
 
-    mean, std, stats = _normalization(vols, cfg)
-    images = [ImageView(v.image, s) for v, s in zip(vols, stats)]
     spacing = cfg.voxel_size or next((v.voxel_size for v in vols if v.voxel_size), None)
-    gray_mean, gray_std = (mean, std) if mean is not None else ([0.0] * model_cfg.in_channels,
-                                                                [1.0] * model_cfg.in_channels)
-    augmenter = Augmenter(cfg.augment, spacing, model_cfg.ndim == 2, gray_mean, gray_std, cfg.seed, device)
-    model = SegmentationModel(net_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
-    if model.filters is not None:
-        model.calibrate_filters(_calibration_sample(images, model.filters.context, device))
+    if on_responses:
+        # Responses are z-scored already; gray-value changes of them are no image's responses
+        # (measured: they wrecked training, docs/history.md), flips and turns commute with them.
+        images = [ImageView(v.image) for v in vols]
+        gray = [0.0] * model.filters.out_channels
+        augmenter = Augmenter(replace(cfg.augment, gray=False), spacing, model_cfg.ndim == 2, gray, [1.0] * len(gray), cfg.seed,
+                              device)
+    else:
+        mean, std, stats = _normalization(vols, cfg)
+        images = [ImageView(v.image, s) for v, s in zip(vols, stats)]
+        gray_mean, gray_std = (mean, std) if mean is not None else ([0.0] * model_cfg.in_channels,
+                                                                    [1.0] * model_cfg.in_channels)
+        augmenter = Augmenter(cfg.augment, spacing, model_cfg.ndim == 2, gray_mean, gray_std, cfg.seed, device)
+        model = SegmentationModel(net_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
+        if model.filters is not None:
+            model.calibrate_filters(_calibration_sample(images, model.filters.context, device))
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     if not use_amp:
@@ -325,7 +346,8 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     return Run(cfg, model_cfg, list(class_names), device, in_shape, out_shape, images, train_labels, val_labels,
                held, val_tiles, sampler, augmenter, model, _optimizer(model, cfg), scaler, amp_dtype,
-               torch.as_tensor(weights, device=device), jaccard_classes(counts), rng, spacing)
+               torch.as_tensor(weights, device=device), jaccard_classes(counts), rng, spacing,
+               on_responses=on_responses)
 
 
 # ------------------------------------------------------------------ the step
@@ -350,7 +372,7 @@ def _step(run: Run, it: int, total: int) -> dict:
     x, y = _batch(run)
     run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32):
-        logits = run.model.sections(x)
+        logits = run.forward(x)
     loss = segmentation_loss(logits, y, run.weights, cfg.ignore_label, cfg.dice_weight, cfg.loss,
                              run.jaccard_classes)
     run.scaler.scale(loss).backward()
@@ -382,7 +404,7 @@ def recalibrate_batchnorm(run: Run, patches: int) -> None:
         for _ in range(patches):
             vi, out_start = run.sampler.sample()
             x = read_reflected(run.images[vi], [s - c for s, c in zip(out_start, context)], run.in_shape)
-            run.model.sections(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))
+            run.forward(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))
     run.rng.bit_generator.state = state
     for m, mom in zip(bns, saved):
         m.momentum = mom
@@ -403,7 +425,7 @@ def _validate(run: Run) -> dict:
     with torch.inference_mode():
         for vi, start in run.val_tiles:
             x = read_reflected(run.images[vi], [s - c for s, c in zip(start, context)], run.in_shape)
-            pred = run.model.sections(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))[0].argmax(0)
+            pred = run.forward(torch.from_numpy(np.ascontiguousarray(x))[None].to(run.device))[0].argmax(0)
             lab = run.val_labels[vi][_window(start, run.out_shape)]
             cm += confusion(pred.cpu().numpy(), lab, k, run.cfg.ignore_label)[:k, :k]
     run.model.train()
