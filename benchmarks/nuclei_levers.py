@@ -6,7 +6,8 @@ THREADS 0: torch's default (every core). dense=1 trains on every voxel of crop a
 well the network can learn these labels at all; semi then scores voxels it was trained on).
 
 features=3d feeds the network the forest's 3D filter responses (benchmarks/baselines/forest.py) instead
-of the image, with its own filter bank off (feature_sigmas=0.7,1.0,1.6: other scales than the forest's).
+of the image, with its own filter bank off (feature_sigmas=0.7,1.0,1.6: other scales than the forest's;
+feature_truncate=3 and feature_mode=mirror: scipy.ndimage's kernel truncation and border mode).
 
     python benchmarks/nuclei_levers.py THREADS [iterations=300] [option=value ...] [slices=5] [dense=1] [features=3d]
 """
@@ -41,6 +42,7 @@ counts = over.pop("slices", 5)
 dense = bool(over.pop("dense", 0))
 features = over.pop("features", None)
 sigmas = over.pop("feature_sigmas", None)
+feature_kw = {k: over.pop("feature_" + k) for k in ("truncate", "mode") if "feature_" + k in over}
 ia, la = load("a"); ib, lb = load("b")
 if features == "3d":
     # The forest's 3D filter responses as the network's input channels (its own bank off): does
@@ -48,8 +50,9 @@ if features == "3d":
     from benchmarks.baselines.forest import SIGMAS, _features
     sig = tuple(float(v) for v in str(sigmas).split(",")) if sigmas is not None else SIGMAS
     t = time.time()
-    ia, ib = _features(ia, sig), _features(ib, sig)
+    ia, ib = _features(ia, sig, **feature_kw), _features(ib, sig, **feature_kw)
     over["features_s"], over["feature_sigmas"] = round(time.time() - t, 1), list(sig)
+    over.update({"feature_" + k: v for k, v in feature_kw.items()})
     over.setdefault("filters", "none")
 elif features is not None:
     raise SystemExit(f"features must be 3d, got {features!r}")

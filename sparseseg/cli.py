@@ -88,6 +88,7 @@ TRAINING_HELP = {
     "batch_size": dict(type=click.IntRange(1)),
     "lr": dict(type=float),
     "optimizer": dict(type=click.Choice(["adam", "sgd"])),
+    "weight_decay": dict(type=click.FloatRange(0), help="weight decay (decoupled, AdamW, with adam)"),
     "schedule": dict(help="learning rate: poly (nnU-Net), step (x0.1 at 50% and 75%) or constant; "
                           "it follows the planned iteration count"),
     "warmup": dict(type=click.IntRange(0), help="linear learning-rate warm-up iterations"),

@@ -35,20 +35,23 @@ def _sym_eigvals(mats: list[list[np.ndarray]]) -> list[np.ndarray]:
     return [ev[..., i].astype(np.float32) for i in range(n)]
 
 
-def _features(img: np.ndarray, sigmas=SIGMAS) -> np.ndarray:
-    """(n_features, *img.shape) float32 filter responses of a 2D or 3D image."""
+def _features(img: np.ndarray, sigmas=SIGMAS, truncate: float = 4.0, mode: str = "reflect") -> np.ndarray:
+    """(n_features, *img.shape) float32 filter responses of a 2D or 3D image (scipy.ndimage's
+    kernel truncation and border mode; the network's bank uses 3 and numpy's reflect, "mirror")."""
     img = img.astype(np.float32)
+    kw = dict(truncate=truncate, mode=mode)
     nd = img.ndim
     out = []
     for s in sigmas:
-        g = ndi.gaussian_filter(img, s)
+        g = ndi.gaussian_filter(img, s, **kw)
         out.append(g)
-        out.append(ndi.gaussian_laplace(img, s))
-        out.append(ndi.gaussian_gradient_magnitude(img, s))
-        out.append(g - ndi.gaussian_filter(img, 0.66 * s))
+        out.append(ndi.gaussian_laplace(img, s, **kw))
+        out.append(ndi.gaussian_gradient_magnitude(img, s, **kw))
+        out.append(g - ndi.gaussian_filter(img, 0.66 * s, **kw))
         # Structure tensor: gradients at the inner scale, their products smoothed at the outer.
-        grads = [ndi.gaussian_filter(img, 0.5 * s, order=tuple(int(i == a) for i in range(nd))) for a in range(nd)]
-        st = [[ndi.gaussian_filter(grads[a] * grads[b], s) for b in range(nd)] for a in range(nd)]
+        grads = [ndi.gaussian_filter(img, 0.5 * s, order=tuple(int(i == a) for i in range(nd)), **kw)
+                 for a in range(nd)]
+        st = [[ndi.gaussian_filter(grads[a] * grads[b], s, **kw) for b in range(nd)] for a in range(nd)]
         out.extend(_sym_eigvals(st))
         hess = [[None] * nd for _ in range(nd)]
         for a in range(nd):
@@ -56,7 +59,7 @@ def _features(img: np.ndarray, sigmas=SIGMAS) -> np.ndarray:
                 order = [0] * nd
                 order[a] += 1
                 order[b] += 1
-                hess[a][b] = hess[b][a] = ndi.gaussian_filter(img, s, order=tuple(order))
+                hess[a][b] = hess[b][a] = ndi.gaussian_filter(img, s, order=tuple(order), **kw)
         out.extend(_sym_eigvals(hess))
     return np.stack(out).astype(np.float32)
 

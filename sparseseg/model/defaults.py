@@ -15,7 +15,7 @@ TIME_BUDGET_MINUTES = 10.0
 DEFAULTS = {
     "arch": "unet", "factorized": False, "feature_augment": False, "feature_augment_t": 4,
     "preset": "small", "iterations": None, "time_budget": TIME_BUDGET_MINUTES, "batch_size": 1, "lr": 1e-3,
-    "optimizer": "adam", "patch": None, "padding": "valid", "ndim": "auto", "planes": "auto",
+    "optimizer": "adam", "weight_decay": 0.0, "patch": None, "padding": "valid", "ndim": "auto", "planes": "auto",
     "base_width": None, "depth": None,
     "batchnorm": None, "num_classes": None, "class_names": None, "class_weights": "uniform", "dice_weight": 0.0,
     "ignore_label": 255, "voxel_size": None, "augment": "lossless", "no_augment": False,

@@ -101,7 +101,7 @@ class TrainConfig:
     schedule: str = D["schedule"]   # poly | step | constant (sparseseg.trainer.schedule)
     warmup: int = D["warmup"]       # linear warm-up iterations
     momentum: float = 0.99          # SGD only (the paper's value)
-    weight_decay: float = 0.0
+    weight_decay: float = D["weight_decay"]   # decoupled (AdamW) with adam, L2 with sgd
     patch_output: tuple = ()        # (Z, Y, X); empty: chosen from the preset and the volume
     class_weights: tuple | str = D["class_weights"]   # "uniform", "balanced" (or empty) or one per class
     max_weight_ratio: float = D["max_weight_ratio"]   # bound on balanced weights (largest / smallest); 0: unbounded

@@ -128,7 +128,8 @@ def build_configs(vols, o: dict):
     aug = AugmentConfig.mode("none" if o["no_augment"] else (o["augment"] or "full"))
     tcfg = TrainConfig(
         preset=o["preset"], iterations=int(o["iterations"] or 0), time_budget=float(budget),
-        batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], patch_output=tuple(o["patch"] or ()),
+        batch_size=o["batch_size"], optimizer=o["optimizer"], lr=o["lr"], weight_decay=float(o["weight_decay"]),
+        patch_output=tuple(o["patch"] or ()),
         class_weights=weights,
         dice_weight=o["dice_weight"], ignore_label=ignore, seed=o["seed"], device=o["device"],
         amp=not o["no_amp"], val_fraction=o["val_fraction"], val_every=o["val_every"],

@@ -278,7 +278,10 @@ def _prediction_reserve(run: Run, shapes) -> float:
 
 def _optimizer(model, cfg: TrainConfig):
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # Decoupled decay (Loshchilov & Hutter): Adam's L2 term is rescaled per weight and barely acts.
+        if cfg.weight_decay:
+            return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     raise SparsesegError(f"unknown optimizer {cfg.optimizer!r} (adam or sgd)")
