@@ -133,7 +133,7 @@ TRAINING_HELP = {
     "ignore_label": dict(type=click.IntRange(0, 255)),
     "voxel_size": dict(help="Z,Y,X voxel size (default: from file metadata, else from shape)"),
     "augment": dict(help="full (elastic, any rotation, scaling, flips, gray values), lossless (flips, "
-                         "right-angle rotations, gray values: no resampling) or none"),
+                         "right-angle rotations, gray values: no resampling), flips (flips, gray values) or none"),
     "no_augment": dict(is_flag=True, help="switch off all augmentation (= --augment none)"),
     "val_slices": dict(type=click.IntRange(0), help="annotated slices held out per plane orientation for "
                                                     "validation IoU (and best.pt)"),

@@ -54,7 +54,7 @@ def patch_output_size(cfg: ModelConfig, preset: str, shape, requested=None,
     return tuple(out)
 
 
-AUGMENT_MODES = ("full", "lossless", "none")
+AUGMENT_MODES = ("full", "lossless", "flips", "none")
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,14 @@ class AugmentConfig:
         """full: the paper's elastic deformation, any rotation and scaling (all resample the
         image); lossless: flips, right-angle rotations and gray values only, so every voxel is
         read at an integer position and thin structures (2-voxel membranes) are not blurred;
-        none: the patch as stored."""
+        flips: flips and gray values only (no turn swaps a coarse axis for a fine one, as right
+        angles do in the xz and yz planes of a confocal stack); none: the patch as stored."""
         if name == "full":
             return cls()
         if name == "lossless":
             return cls(elastic=False, right_angles=True, scale=())
+        if name == "flips":
+            return cls(elastic=False, rotate=False, scale=())
         if name == "none":
             return cls(elastic=False, rotate=False, scale=(), flip=False, gray=False, probability=0.0)
         raise SparsesegError(f"unknown --augment {name!r} (choose from {', '.join(AUGMENT_MODES)})")
