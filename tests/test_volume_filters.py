@@ -195,3 +195,32 @@ def test_pretraining_on_responses_is_refused(tmp_path):
                         "--depth", "2", "--pretrain", "5", "--iterations", "2", "--out", tmp_path / "m.pt")
     assert code != 0 and out.strip().splitlines()[-1].startswith("error: --pretrain inpaints the raw image")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_all_planes_training_is_not_turned_and_responses_get_no_gray_values():
+    from sparseseg.trainer.config import AugmentConfig
+    from sparseseg.trainer.train import _prepare
+
+    vol, _ = _orthogonal()
+    lossless = fast_train_config(augment=AugmentConfig.mode("lossless"))
+    for filters, gray in (("0.7", False), ("none", True)):
+        mcfg, _, names = build_configs([vol], {"iterations": 1, "filters": filters, "base_width": 4, "depth": 2})
+        run = _prepare([vol], mcfg, lossless, names)
+        assert run.on_responses == (filters != "none") and mcfg.planes == 3
+        assert (run.augmenter.cfg.rotate, run.augmenter.cfg.flip, run.augmenter.cfg.gray) == (False, True, gray)
+    mcfg, _, names = build_configs([vol], {"iterations": 1, "ndim": "3", "depth": 2, "base_width": 4})
+    assert _prepare([vol], mcfg, lossless, names).augmenter.cfg.rotate          # 3D networks still turn
+
+
+def test_prediction_work_counts_the_sections_behind_the_shared_bank(monkeypatch):
+    """forward_work with the bank's context: the in-plane input of every section the planes'
+    passes compute from the shared responses, which is what all_planes feeds its 2D network."""
+    from sparseseg.model.shapes import forward_work
+
+    model = _model()
+    g, out, seen = model.cfg.geometry, (8, 12, 16), []
+    apply_net = model.apply_net
+    monkeypatch.setattr(model, "apply_net", lambda v: seen.append(v.shape[2:]) or apply_net(v))
+    with torch.no_grad():
+        model(torch.zeros(1, 1, *g.input_for_output(out)))
+    assert forward_work(g, 3, out, model.filters.context) == sum(float(np.prod(s)) for s in seen)

@@ -171,15 +171,17 @@ def geometry_of(cfg) -> NetGeometry:
     return NetGeometry(*rules, padding=cfg.padding)
 
 
-def forward_work(geometry, planes: int, out) -> float:
+def forward_work(geometry, planes: int, out, shared_bank: int = 0) -> float:
     """Input voxels a forward pass reads for an output block `out` (Z, Y, X): its input block;
     for a 2D network on all three planes, per plane the sections it computes (the output along
     the plane's normal, as SegmentationModel.all_planes crops them) times their in-plane input
-    area. A timed pass scales to a whole volume by this ratio, not by input voxels: a small
-    cube's halo is most of its input, while each plane computes only its output's sections."""
+    area, which a 3D bank shared by the planes (`shared_bank`: its context) has already cropped.
+    A timed pass scales to a whole volume by this ratio, not by input voxels: a small cube's
+    halo is most of its input, while each plane computes only its output's sections."""
     ins = [int(o) + 2 * c for o, c in zip(out, geometry.context)]
     if planes != 3:
         return float(np.prod(ins))
+    ins = [n - 2 * shared_bank for n in ins]
     return float(sum(int(out[n]) * np.prod([ins[a] for a in range(3) if a != n]) for n in range(3)))
 
 

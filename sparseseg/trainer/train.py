@@ -269,11 +269,14 @@ def _prediction_reserve(run: Run, shapes) -> float:
             times.append(time.monotonic() - t)
     run.model.train()
     passes = 3 if cfg.planes == 3 else 1
+    # Behind a 3D bank the planes' passes read its responses, without its margin; counting the
+    # margin kept 31 s for a 40 s prediction of a 75^3 crop (docs/history.md).
+    bank = run.model.filters.context if run.on_responses and not run.model.filters.same else 0
     work = 0.0
     for shape in shapes:
         whole = tuple(rule.output_at_least(int(n)) for rule, n in zip(geometry.axes, shape))
-        work += max(forward_work(geometry, cfg.planes, whole), 1.6 * passes * float(np.prod(shape)))
-    return ENGINE_START_SECONDS + min(times[1:]) * work / forward_work(geometry, cfg.planes, out)
+        work += max(forward_work(geometry, cfg.planes, whole, bank), 1.6 * passes * float(np.prod(shape)))
+    return ENGINE_START_SECONDS + min(times[1:]) * work / forward_work(geometry, cfg.planes, out, bank)
 
 
 def _optimizer(model, cfg: TrainConfig):
@@ -326,19 +329,25 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
              np.round(weights, 3).tolist())
 
     spacing = cfg.voxel_size or next((v.voxel_size for v in vols if v.voxel_size), None)
+    augment = cfg.augment
+    if net_cfg.planes == 3:
+        # No turns: in the xz and yz views they swap z, which light microscopy resolves coarser,
+        # for an in-plane axis (nuclei, fully automated IoU 0.287 with flips only against 0.252
+        # with right-angle turns too; docs/history.md).
+        augment = replace(augment, rotate=False)
     if on_responses:
         # Responses are z-scored already; gray-value changes of them are no image's responses
-        # (measured: they wrecked training, docs/history.md), flips and turns commute with them.
+        # (measured: they wrecked training, docs/history.md), flips commute with them.
         images = [ImageView(v.image) for v in vols]
         gray = [0.0] * model.filters.out_channels
-        augmenter = Augmenter(replace(cfg.augment, gray=False), spacing, model_cfg.ndim == 2, gray, [1.0] * len(gray), cfg.seed,
-                              device)
+        augmenter = Augmenter(replace(augment, gray=False), spacing, model_cfg.ndim == 2, gray, [1.0] * len(gray),
+                              cfg.seed, device)
     else:
         mean, std, stats = _normalization(vols, cfg)
         images = [ImageView(v.image, s) for v, s in zip(vols, stats)]
         gray_mean, gray_std = (mean, std) if mean is not None else ([0.0] * model_cfg.in_channels,
                                                                     [1.0] * model_cfg.in_channels)
-        augmenter = Augmenter(cfg.augment, spacing, model_cfg.ndim == 2, gray_mean, gray_std, cfg.seed, device)
+        augmenter = Augmenter(augment, spacing, model_cfg.ndim == 2, gray_mean, gray_std, cfg.seed, device)
         model = SegmentationModel(net_cfg, mean, std, cfg.normalization, cfg.percentiles).to(device)
         if model.filters is not None:
             model.calibrate_filters(_calibration_sample(images, model.filters.context, device))
