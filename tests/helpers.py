@@ -43,6 +43,16 @@ def run_cli(*args):
     return r.exit_code, r.output
 
 
+def train_cli(tmp_path, vol, *options):
+    """`sparseseg train` on a TrainingVolume written as i.tif / l.tif into tmp_path, to m.pt."""
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "i.tif", vol.image[0])
+    tifffile.imwrite(tmp_path / "l.tif", vol.labels)
+    return run_cli("train", "--image", tmp_path / "i.tif", "--labels", tmp_path / "l.tif", *options,
+                   "--out", tmp_path / "m.pt")
+
+
 def tiny_engine_and_volume(d, shape=(16, 48, 48), chunks=(8, 16, 16)):
     """A depth-1 valid-padding engine (a 2-voxel halo, 3 classes) and a random uint8 OME-Zarr input:
     (engine path, input path, the input's data)."""

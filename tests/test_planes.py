@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import blobs, fast_train_config, run_cli
+from helpers import blobs, fast_train_config, train_cli
 from sparseseg.errors import SparsesegError
 from sparseseg.model.config import plan_model
 from sparseseg.model.network import PLANES, SegmentationModel
@@ -149,13 +149,8 @@ def test_training_on_all_planes_learns_and_keeps_its_config(tmp_path):
 
 
 def test_cli_refuses_all_planes_for_a_3d_network(tmp_path):
-    import tifffile
-
     vol, _ = _orthogonal()
-    tifffile.imwrite(tmp_path / "i.tif", vol.image[0])
-    tifffile.imwrite(tmp_path / "l.tif", vol.labels)
-    code, out = run_cli("train", "--image", tmp_path / "i.tif", "--labels", tmp_path / "l.tif", "--ndim", "3",
-                        "--planes", "all", "--iterations", "1", "--out", tmp_path / "m.pt")
+    code, out = train_cli(tmp_path, vol, "--ndim", "3", "--planes", "all", "--iterations", "1")
     assert code != 0 and out.strip().splitlines()[-1].startswith("error: --planes all applies to 2D")
     assert not (tmp_path / "m.pt").exists()
 

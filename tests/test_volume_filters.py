@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from helpers import blobs, fast_train_config, run_cli
+from helpers import blobs, fast_train_config, train_cli
 from sparseseg.errors import SparsesegError
 from sparseseg.model.config import plan_model
 from sparseseg.model.network import SegmentationModel
@@ -186,13 +186,8 @@ def test_training_on_responses_learns_and_its_checkpoint_keeps_the_bank(tmp_path
 
 
 def test_pretraining_on_responses_is_refused(tmp_path):
-    import tifffile
-
     vol, _ = _orthogonal()
-    tifffile.imwrite(tmp_path / "i.tif", vol.image[0])
-    tifffile.imwrite(tmp_path / "l.tif", vol.labels)
-    code, out = run_cli("train", "--image", tmp_path / "i.tif", "--labels", tmp_path / "l.tif", "--filters", "1.0",
-                        "--depth", "2", "--pretrain", "5", "--iterations", "2", "--out", tmp_path / "m.pt")
+    code, out = train_cli(tmp_path, vol, "--filters", "1.0", "--depth", "2", "--pretrain", "5", "--iterations", "2")
     assert code != 0 and out.strip().splitlines()[-1].startswith("error: --pretrain inpaints the raw image")
     assert not (tmp_path / "m.pt").exists()
 
@@ -224,3 +219,21 @@ def test_prediction_work_counts_the_sections_behind_the_shared_bank(monkeypatch)
     with torch.no_grad():
         model(torch.zeros(1, 1, *g.input_for_output(out)))
     assert forward_work(g, 3, out, model.filters.context) == sum(float(np.prod(s)) for s in seen)
+
+
+def test_input_dropout_zeroes_whole_channels_of_training_patches_only():
+    from sparseseg.trainer.config import TrainConfig
+    from sparseseg.trainer.train import _prepare, _step
+
+    vol, _ = _orthogonal()
+    mcfg, _, names = build_configs([vol], {"iterations": 1, "filters": "0.7,1.0", "base_width": 4, "depth": 2})
+    run = _prepare([vol], mcfg, fast_train_config(input_dropout=0.5, batch_size=2), names)
+    seen = []
+    forward = run.forward
+    run.forward = lambda x: seen.append(x) or forward(x)
+    torch.manual_seed(0)
+    _step(run, 0, 10)
+    zero = (seen[0].flatten(2) == 0).all(-1)                   # (patch, channel)
+    assert seen[0].shape[1] == 20 and 0.2 < zero.float().mean() < 0.8
+    with pytest.raises(SparsesegError, match="--input-dropout must be in"):
+        TrainConfig(input_dropout=1.0)

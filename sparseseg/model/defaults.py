@@ -23,6 +23,7 @@ DEFAULTS = {
     "no_amp": False, "schedule": "poly", "warmup": 0, "loss": "ce+jaccard", "normalization": "volume",
     "val_slices": 0, "early_stop": 0, "max_weight_ratio": 10.0, "bn_recalibrate": 0,
     "filters": "auto", "filter_dims": "auto", "class_sampling": 0.33, "pretrain": 0,
+    "input_dropout": 0.0,
 }
 
 # normalization "volume" (nnU-Net's per-image z-score): a volume imaged brighter than the training

@@ -138,5 +138,6 @@ def build_configs(vols, o: dict):
         normalization=o["normalization"] or DEFAULTS["normalization"],
         val_slices=o["val_slices"], early_stop=o["early_stop"], max_weight_ratio=o["max_weight_ratio"],
         bn_recalibrate=o["bn_recalibrate"], class_sampling=o["class_sampling"],
+        input_dropout=float(o["input_dropout"]),
         pretrain=o["pretrain"])
     return mcfg, tcfg, names

@@ -382,6 +382,8 @@ def _step(run: Run, it: int, total: int) -> dict:
     lr = lr_at(it, total, cfg.lr, cfg.schedule, cfg.warmup)
     set_lr(run.optimizer, lr)
     x, y = _batch(run)
+    if cfg.input_dropout:          # whole channels of each patch (dropout3d): z-scored inputs drop to their mean
+        x = torch.nn.functional.dropout3d(x, cfg.input_dropout)
     run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32):
         logits = run.forward(x)
