@@ -122,9 +122,9 @@ TRAINING_HELP = {
     "dice_weight": dict(type=float, help="weight of the Jaccard term (ce+jaccard: 1 when 0)"),
     "max_weight_ratio": dict(type=click.FloatRange(0), help="bound on balanced class weights, largest/smallest "
                                                              "(0: unbounded)"),
-    "input_dropout": dict(type=click.FloatRange(0, 1, max_open=True),
-                          help="chance that each input channel of a training patch is zeroed (the rest "
-                               "scaled up): against overfitting a few slices' filter responses"),
+    "input_dropout": dict(help="chance that each input channel of a training patch is zeroed (the rest scaled "
+                               "up), against overfitting a few slices' filter responses; auto: 0.2 on a 3D "
+                               "filter bank's responses, else 0"),
     "class_sampling": dict(type=click.FloatRange(0, 1), help="share of patches placed around a voxel of a class "
                                                               "drawn uniformly (rare classes seen more often, "
                                                               "without reweighting voxels)"),

@@ -237,3 +237,11 @@ def test_input_dropout_zeroes_whole_channels_of_training_patches_only():
     assert seen[0].shape[1] == 20 and 0.2 < zero.float().mean() < 0.8
     with pytest.raises(SparsesegError, match="--input-dropout must be in"):
         TrainConfig(input_dropout=1.0)
+    with pytest.raises(SparsesegError, match="--input-dropout must be auto or a number"):
+        build_configs([vol], {"iterations": 1, "input_dropout": "some"})
+    # auto: on responses only
+    _, tcfg, _ = build_configs([vol], {"iterations": 1})
+    assert tcfg.input_dropout is None
+    for filters, want in (("0.7", 0.2), ("none", 0.0)):
+        mcfg, _, names = build_configs([vol], {"iterations": 1, "filters": filters, "base_width": 4, "depth": 2})
+        assert _prepare([vol], mcfg, fast_train_config(input_dropout=None), names).input_dropout == want

@@ -23,8 +23,11 @@ DEFAULTS = {
     "no_amp": False, "schedule": "poly", "warmup": 0, "loss": "ce+jaccard", "normalization": "volume",
     "val_slices": 0, "early_stop": 0, "max_weight_ratio": 10.0, "bn_recalibrate": 0,
     "filters": "auto", "filter_dims": "auto", "class_sampling": 0.33, "pretrain": 0,
-    "input_dropout": 0.0,
+    "input_dropout": "auto",
 }
+
+# input_dropout "auto": 0.2 for a network trained on a 3D bank's responses, else 0 (an image's one
+# channel has nothing to spare).
 
 # normalization "volume" (nnU-Net's per-image z-score): a volume imaged brighter than the training
 # one is read on the same scale (nuclei crop b is ~4x brighter than a: fully automated mean

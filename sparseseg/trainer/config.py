@@ -109,7 +109,9 @@ class TrainConfig:
     class_weights: tuple | str = D["class_weights"]   # "uniform", "balanced" (or empty) or one per class
     max_weight_ratio: float = D["max_weight_ratio"]   # bound on balanced weights (largest / smallest); 0: unbounded
     class_sampling: float = D["class_sampling"]       # share of patches anchored on a voxel of a uniformly drawn class
-    input_dropout: float = D["input_dropout"]         # chance that a training patch loses an input channel (zeroed)
+    # Chance that a training patch loses an input channel (zeroed); None: RESPONSE_DROPOUT for a
+    # network trained on a 3D bank's responses (sparseseg.trainer.responses), else 0.
+    input_dropout: float | None = None if D["input_dropout"] == "auto" else D["input_dropout"]
     loss: str = D["loss"]           # ce | jaccard | ce+jaccard
     dice_weight: float = D["dice_weight"]             # weight of the soft Jaccard term
     normalization: str = D["normalization"]           # global | volume | percentile (sparseseg.model.normalization)
@@ -141,7 +143,7 @@ class TrainConfig:
         if self.normalization not in MODES:
             raise SparsesegError(f"unknown normalization {self.normalization!r} (choose from {', '.join(MODES)})")
         check_schedule(self.schedule)
-        if not 0.0 <= self.input_dropout < 1.0:
+        if self.input_dropout is not None and not 0.0 <= self.input_dropout < 1.0:
             raise SparsesegError(f"--input-dropout must be in [0, 1), got {self.input_dropout}")
         if not 0.0 <= self.class_sampling <= 1.0:
             raise SparsesegError(f"--class-sampling must be between 0 and 1, got {self.class_sampling}")

@@ -62,6 +62,19 @@ def bank_kind(o: dict, vols, planes: int, plane_size: int) -> tuple[tuple, int]:
     return parse_filters(o["filters"], plane_size), 2
 
 
+def parse_input_dropout(value) -> float | None:
+    """--input-dropout: "auto" (None: the trainer's choice for the network) or a share in [0, 1)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        p = float(value)
+    except ValueError:
+        raise SparsesegError(f"--input-dropout must be auto or a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise SparsesegError(f"--input-dropout must be in [0, 1), got {p}")
+    return p
+
+
 def parse_class_weights(value, num_classes: int) -> tuple:
     """--class-weights: "balanced" (inverse frequency, bounded by --max-weight-ratio; returned
     as () so the trainer computes it from the training voxels), "uniform" (1 per class), or
@@ -138,6 +151,6 @@ def build_configs(vols, o: dict):
         normalization=o["normalization"] or DEFAULTS["normalization"],
         val_slices=o["val_slices"], early_stop=o["early_stop"], max_weight_ratio=o["max_weight_ratio"],
         bn_recalibrate=o["bn_recalibrate"], class_sampling=o["class_sampling"],
-        input_dropout=float(o["input_dropout"]),
+        input_dropout=parse_input_dropout(o["input_dropout"]),
         pretrain=o["pretrain"])
     return mcfg, tcfg, names

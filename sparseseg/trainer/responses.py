@@ -17,6 +17,9 @@ import torch
 from sparseseg.errors import SparsesegError
 from sparseseg.trainer.data import ImageView, TrainingVolume, read_reflected
 
+# --input-dropout "auto" on responses: fifty z-scored responses are redundant enough to lose a fifth
+# of them per patch, which keeps a few slices from being learnt by heart (docs/history.md).
+RESPONSE_DROPOUT = 0.2
 RESPONSE_BYTES = 4 << 30          # float32 responses of all training volumes held in memory
 SLAB_VOXELS = 1 << 22             # input voxels filtered at a time (bounds the bank's buffers)
 STAT_VOXELS = 1 << 21             # voxels per volume the z-scores are fitted on (an even grid)

@@ -31,7 +31,7 @@ from sparseseg.trainer.config import TrainConfig, patch_output_size
 from sparseseg.trainer.data import ImageView, LabelView, on_separate_sections, plane_views, read_reflected
 from sparseseg.trainer.losses import balanced_class_weights, jaccard_classes, segmentation_loss
 from sparseseg.trainer.pretrain import pretrain
-from sparseseg.trainer.responses import volume_responses
+from sparseseg.trainer.responses import RESPONSE_DROPOUT, volume_responses
 from sparseseg.trainer.runlog import RunLog, draw_curve, sibling
 from sparseseg.trainer.sampler import PatchSampler, index_labels
 from sparseseg.trainer.schedule import lr_at, set_lr
@@ -86,6 +86,7 @@ class Run:
     pretrained: dict | None = None    # the self-supervised phase's summary, kept in checkpoints
     budget: Budget | None = None      # the time budget's planner; None with a pinned --iterations
     on_responses: bool = False        # images are the 3D bank's responses (trainer.responses)
+    input_dropout: float = 0.0        # cfg.input_dropout, "auto" resolved for this network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The network on training patches: after the bank when they are its responses."""
@@ -359,7 +360,9 @@ def _prepare(vols, model_cfg: ModelConfig, cfg: TrainConfig, class_names) -> Run
     return Run(cfg, model_cfg, list(class_names), device, in_shape, out_shape, images, train_labels, val_labels,
                held, val_tiles, sampler, augmenter, model, _optimizer(model, cfg), scaler, amp_dtype,
                torch.as_tensor(weights, device=device), jaccard_classes(counts), rng, spacing,
-               on_responses=on_responses)
+               on_responses=on_responses,
+               input_dropout=cfg.input_dropout if cfg.input_dropout is not None else
+               RESPONSE_DROPOUT * on_responses)
 
 
 # ------------------------------------------------------------------ the step
@@ -382,8 +385,8 @@ def _step(run: Run, it: int, total: int) -> dict:
     lr = lr_at(it, total, cfg.lr, cfg.schedule, cfg.warmup)
     set_lr(run.optimizer, lr)
     x, y = _batch(run)
-    if cfg.input_dropout:          # whole channels of each patch (dropout3d): z-scored inputs drop to their mean
-        x = torch.nn.functional.dropout3d(x, cfg.input_dropout)
+    if run.input_dropout:          # whole channels of each patch (dropout3d): z-scored inputs drop to their mean
+        x = torch.nn.functional.dropout3d(x, run.input_dropout)
     run.optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype != torch.float32):
         logits = run.forward(x)
