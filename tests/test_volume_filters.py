@@ -245,3 +245,22 @@ def test_input_dropout_zeroes_whole_channels_of_training_patches_only():
     for filters, want in (("0.7", 0.2), ("none", 0.0)):
         mcfg, _, names = build_configs([vol], {"iterations": 1, "filters": filters, "base_width": 4, "depth": 2})
         assert _prepare([vol], mcfg, fast_train_config(input_dropout=None), names).input_dropout == want
+
+
+@pytest.mark.parametrize("filters", ["0.7,1.6", "none"])
+def test_reduced_precision_exports_keep_the_three_planes(tmp_path, filters):
+    """fp16 and bf16 graphs of an all-planes network run its three passes (they once ran the xy
+    pass alone), within the export's parity bounds of the fp32 model."""
+    from sparseseg.export.onnx_export import verify_onnx
+    from sparseseg.model.checkpoint import load_checkpoint
+    from sparseseg.model.onnx_graph import export_onnx
+    from sparseseg.trainer.train import train
+
+    vol, _ = _orthogonal()
+    mcfg, _, names = build_configs([vol], {"iterations": 1, "filters": filters, "base_width": 8, "depth": 2})
+    res = train([vol], mcfg, fast_train_config(iterations=40), names, out_path=tmp_path / "m.pt", progress=False)
+    ck = load_checkpoint(res.checkpoint)
+    for precision in ("fp16", "bf16"):
+        path, _, _ = export_onnx(ck, "sha", tmp_path / f"{precision}.onnx", precision, simplify=False)
+        _, agree, _ = verify_onnx(path, ck, precision)          # raises beyond the bounds
+        assert agree >= 0.99

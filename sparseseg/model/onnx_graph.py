@@ -83,7 +83,8 @@ class ReducedPrecision(nn.Module):
         model.net.down[0][0] = _FirstLayerFloat(first, dtype)
 
     def forward(self, x):
-        return self.model.apply_net(self.model.prepare(x.float())).float()
+        # The model's own forward, so a 2D network on all three planes keeps its three passes.
+        return self.model(x.float()).float()
 
 
 def export_module(ckpt, precision: str) -> nn.Module:
