@@ -77,13 +77,14 @@ class FilterBank(nn.Module):
     r = bank_context(sigmas); with `same` the input is reflected by r first (same size out)."""
 
     dims = 2          # filters each section (sparseseg.model.volume_filters: the 3D bank)
+    per_sigma = FILTERS_PER_SIGMA
 
     def __init__(self, in_channels: int, sigmas, padding: str = "valid"):
         super().__init__()
         self.sigmas = tuple(float(s) for s in sigmas)
         self.context = bank_context(self.sigmas)
         self.same = padding == "same"
-        self.out_channels = in_channels * FILTERS_PER_SIGMA * len(self.sigmas)
+        self.out_channels = in_channels * self.per_sigma * len(self.sigmas)
         for i, s in enumerate(self.sigmas):
             # Orders 0, 1, 2 at sigma; order 0 at 0.66 sigma (DoG); order 1 at 0.5 sigma (the
             # structure tensor's inner scale). Stored reversed: torch convolutions correlate.

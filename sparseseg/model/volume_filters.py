@@ -79,12 +79,7 @@ class VolumeFilterBank(FilterBank):
     responses, r = bank_context(sigmas) on every axis; with `same` the input is reflected by r."""
 
     dims = 3
-
-    def __init__(self, in_channels: int, sigmas, padding: str = "valid"):
-        super().__init__(in_channels, sigmas, padding)
-        self.out_channels = in_channels * FILTERS_PER_SIGMA_3D * len(self.sigmas)
-        self.register_buffer("mean", torch.zeros(self.out_channels))
-        self.register_buffer("std", torch.ones(self.out_channels))
+    per_sigma = FILTERS_PER_SIGMA_3D
 
     def responses(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (not z-scored) responses, float32."""

@@ -12,8 +12,8 @@ from sparseseg.errors import SparsesegError
 from sparseseg.model.config import ILASTIK_SIGMAS, plan_model
 from sparseseg.model.defaults import DEFAULTS
 from sparseseg.model.shapes import bank_context
-from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.model.volume_filters import FILTERS_PER_SIGMA_3D
+from sparseseg.trainer.config import AugmentConfig, TrainConfig
 from sparseseg.trainer.data import check_pair, infer_num_classes, on_orthogonal_planes, on_separate_sections
 from sparseseg.trainer.responses import RESPONSE_BYTES, check_fits, response_bytes
 
@@ -48,17 +48,14 @@ def bank_kind(o: dict, vols, planes: int, plane_size: int) -> tuple[tuple, int]:
         raise SparsesegError("--filter-dims 3 applies to 2D networks on all three planes (--planes all)")
     auto = str(o["filters"]).strip().lower() == "auto"
     if planes == 3 and dims != "2":
-        shapes = [v.shape for v in vols]
+        shapes, per_scale = [v.shape for v in vols], vols[0].channels * FILTERS_PER_SIGMA_3D
         scales = parse_filters("ilastik" if auto else o["filters"])
         if auto:
-            per_scale = response_bytes(shapes, vols[0].channels * FILTERS_PER_SIGMA_3D)
-            scales = scales[:RESPONSE_BYTES // per_scale]
-        if scales:
-            if dims == "3":
-                check_fits(shapes, vols[0].channels * FILTERS_PER_SIGMA_3D * len(scales))
-                return scales, 3
-            if response_bytes(shapes, vols[0].channels * FILTERS_PER_SIGMA_3D * len(scales)) <= RESPONSE_BYTES:
-                return scales, 3
+            scales = scales[:RESPONSE_BYTES // response_bytes(shapes, per_scale)]
+        if dims == "3" and scales:
+            check_fits(shapes, per_scale * len(scales))
+        if scales and response_bytes(shapes, per_scale * len(scales)) <= RESPONSE_BYTES:
+            return scales, 3
     return parse_filters(o["filters"], plane_size), 2
 
 
